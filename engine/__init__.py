@@ -1,0 +1,134 @@
+"""A native LLM inference engine: DeepSeek-R1 distills (Qwen2 and Llama) on the CPU.
+
+    import engine
+    llm = engine.load("deepseek-r1:1.5b")          # or a directory, or a Hugging Face repo id
+    print(llm.generate("Why is the sky blue?", max_tokens=200))
+    for piece in llm.generate("Tell me a story", stream=True):
+        print(piece, end="", flush=True)
+
+`load` resolves the name to files, reads the config and the memory-mapped weights, checks them,
+and builds the Transformer with its KV cache. `LLM` ties model, tokenizer and sampler together.
+"""
+import time
+
+import numpy as np
+
+from .config import ModelConfig, load_config
+from .errors import EngineError
+from .generate import Stats, check_request, generate_text
+from .model import Transformer
+from .resolve import resolve_model
+from .sampler import Sampler, SamplerSettings
+from .tokenizer import Tokenizer
+from .weights import load_weights, read_checkpoint
+
+__all__ = ["load", "load_tokenizer", "LLM", "EngineError", "ModelConfig", "SamplerSettings"]
+
+DEFAULT_CONTEXT = 4096
+
+
+def set_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    import numba
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
+        raise EngineError(f"threads must be an integer from 1 to {numba.config.NUMBA_NUM_THREADS}, got {threads!r}")
+    numba.set_num_threads(threads)
+
+
+def load_tokenizer(model: str) -> Tokenizer:
+    """Only the tokenizer (and chat template) of a model: no weights are read or downloaded."""
+    return Tokenizer.from_dir(resolve_model(str(model), tokenizer_only=True))
+
+
+def load(model: str, *, context_length: int | None = None, threads: int | None = None) -> "LLM":
+    """Load a model by directory, alias (deepseek-r1:7b) or Hugging Face repo id.
+
+    context_length: positions in the KV cache (default: the model's maximum, capped at 4096).
+    threads: worker threads for the kernels (default: all cores).
+    """
+    started = time.perf_counter()
+    set_threads(threads)
+    model_dir = resolve_model(str(model))
+    config = load_config(model_dir)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    weights = load_weights(config, read_checkpoint(model_dir))
+    if context_length is None:
+        context_length = min(config.max_position_embeddings, DEFAULT_CONTEXT)
+    if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 2:
+        raise EngineError(f"context_length must be an integer of at least 2, got {context_length!r}")
+    transformer = Transformer(config, weights, context_length)
+    return LLM(config, tokenizer, transformer, load_seconds=time.perf_counter() - started)
+
+
+class LLM:
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer, model: Transformer, load_seconds: float = 0.0):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.model = model
+        self.load_seconds = load_seconds
+        self.sampler_defaults = SamplerSettings().updated(**config.generation_defaults)
+        eos = set(config.eos_token_ids)
+        eos_token = tokenizer.token_id(tokenizer.special_tokens.get("eos_token"))
+        if eos_token is not None:
+            eos.add(eos_token)
+        self.eos_ids = sorted(eos)
+        self.last_stats = Stats()
+
+    # --- tokens ---------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of plain text, with the special tokens the tokenizer adds (e.g. BOS)."""
+        return self.tokenizer.encode(text)
+
+    def detokenize(self, ids) -> str:
+        return self.tokenizer.decode(ids)
+
+    def _check_ids(self, ids) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.ndim != 1 or len(ids) == 0:
+            raise EngineError("token ids must be a non-empty list of integers")
+        bad = ids[(ids < 0) | (ids >= self.config.vocab_size)]
+        if len(bad):
+            raise EngineError(f"token id {int(bad[0])} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        if len(ids) > self.model.context_length:
+            raise EngineError(f"{len(ids)} tokens do not fit in the context of {self.model.context_length}")
+        return ids
+
+    def logits(self, ids) -> np.ndarray:
+        """Logits of every position, shape (len(ids), vocab), computed in a fresh context."""
+        ids = self._check_ids(ids)
+        return self.model.prefill(ids, 0, all_logits=True)
+
+    # --- text -----------------------------------------------------------------------------
+    def prompt_ids(self, prompt: str | list, raw: bool = False) -> list[int]:
+        """Ids for a prompt: plain text (raw), one user message, or a list of chat messages."""
+        if raw:
+            if not isinstance(prompt, str):
+                raise EngineError("a raw prompt must be a string")
+            return self.tokenizer.encode(prompt)
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return self.tokenizer.encode_chat(messages)
+
+    def generate(self, prompt: str | list, *, max_tokens: int = 512, stop: list[str] = (), raw: bool = False,
+                 stream: bool = False, **sampler_options):
+        """Generate a reply to a prompt (text as one user message, or a list of chat messages).
+
+        sampler_options: temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
+        presence_penalty, frequency_penalty, seed (None values keep the model's defaults).
+        Returns the text, or with stream=True an iterator of text pieces.
+        """
+        sampler = Sampler(self.sampler_defaults.updated(**sampler_options))
+        ids = self.prompt_ids(prompt, raw)
+        check_request(len(ids), self.model.context_length, max_tokens)   # now, not at the first next()
+        ids = [int(i) for i in self._check_ids(ids)]
+        # Reuse the cached prefix (a chat's earlier turns); the last prompt token is always rerun.
+        common = 0
+        for a, b in zip(self.model.cached_ids, ids[:-1]):
+            if a != b:
+                break
+            common += 1
+        self.last_stats = Stats(load_seconds=self.load_seconds)
+        self.load_seconds = 0.0   # reported once, with the first generation
+        pieces = generate_text(self.model, self.tokenizer, ids, sampler, max_tokens=max_tokens,
+                               eos_ids=self.eos_ids, stop=list(stop), stats=self.last_stats, start_pos=common)
+        return pieces if stream else "".join(pieces)

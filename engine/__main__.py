@@ -1,0 +1,4 @@
+"""`python -m engine <command>`: see engine/cli.py."""
+from .cli import main
+
+raise SystemExit(main())

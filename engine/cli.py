@@ -1,0 +1,79 @@
+"""The command line: `python -m engine generate | tokenize`.
+
+generate streams only the generated text to stdout; statistics and errors go to stderr.
+"""
+import argparse
+import json
+import sys
+import time
+
+from .errors import EngineError
+
+
+def _add_model(p):
+    p.add_argument("--model", "-m", required=True,
+                   help="a model directory, a Hugging Face repo id, or an alias such as deepseek-r1:7b")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine", description="Run LLMs locally on the CPU.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout")
+    _add_model(g)
+    g.add_argument("--prompt", "-p", required=True, help="the prompt ('-' reads it from stdin)")
+    g.add_argument("--raw", action="store_true", help="feed the prompt as plain text, without the chat template")
+    g.add_argument("--max-tokens", "-n", type=int, default=512, help="at most this many new tokens (default 512)")
+    g.add_argument("--temperature", type=float, help="0 is greedy; default: the model's generation_config")
+    g.add_argument("--top-k", type=int, help="keep the k most likely tokens (0: off)")
+    g.add_argument("--top-p", type=float, help="keep the smallest set with this much probability (1: off)")
+    g.add_argument("--min-p", type=float, help="drop tokens less likely than min-p times the best (0: off)")
+    g.add_argument("--repeat-penalty", type=float, help="penalise tokens of the last --repeat-last-n (1: off)")
+    g.add_argument("--repeat-last-n", type=int, help="window of the repeat penalty (default 64)")
+    g.add_argument("--presence-penalty", type=float, help="subtracted from seen tokens' logits")
+    g.add_argument("--frequency-penalty", type=float, help="subtracted once per occurrence")
+    g.add_argument("--seed", type=int, help="random seed: the same seed gives the same text")
+    g.add_argument("--stop", action="append", default=[], help="stop when this text is generated (repeatable)")
+    g.add_argument("--ctx", type=int, help="context length (default: the model's, at most 4096)")
+    g.add_argument("--threads", "-t", type=int, help="worker threads (default: all cores)")
+    g.add_argument("--verbose", "-v", action="store_true", help="print timings and tokens/s to stderr")
+
+    t = sub.add_parser("tokenize", help="print the token ids of a text as JSON (loads only the tokenizer)")
+    _add_model(t)
+    t.add_argument("text")
+    return parser
+
+
+def cmd_generate(args) -> int:
+    from . import load
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    llm = load(args.model, context_length=args.ctx, threads=args.threads)
+    pieces = llm.generate(
+        prompt, raw=args.raw, max_tokens=args.max_tokens, stop=args.stop, stream=True,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, seed=args.seed)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if args.verbose:
+        print(llm.last_stats.report(), file=sys.stderr)
+    return 0
+
+
+def cmd_tokenize(args) -> int:
+    from . import load_tokenizer
+    print(json.dumps(load_tokenizer(args.model).encode(args.text)))
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"generate": cmd_generate, "tokenize": cmd_tokenize}[args.command](args)
+    except EngineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

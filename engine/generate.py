@@ -1,0 +1,131 @@
+"""The generation loop: a generator of text pieces, with stop conditions and statistics.
+
+Prefill runs the prompt through the model in chunks (with a progress bar for long prompts),
+then each step samples a token, streams its text and decodes it through the KV cache. It stops
+at an end-of-sequence token, a stop string, max_tokens, or when the context is full.
+"""
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from .errors import EngineError
+from .sampler import Sampler
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Stats:
+    """Timings of one generation, reported like Ollama's --verbose."""
+    load_seconds: float = 0.0
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generated_ids: list = field(default_factory=list)
+    generate_seconds: float = 0.0
+    stop_reason: str = ""
+
+    @property
+    def generated_tokens(self) -> int:
+        return len(self.generated_ids)
+
+    def report(self) -> str:
+        def rate(n, s):
+            return f"{n / s:.2f} tokens/s" if s > 0 else "n/a"
+        total = self.load_seconds + self.prompt_seconds + self.generate_seconds
+        return "\n".join([
+            f"total duration:       {total:.3f}s",
+            f"load duration:        {self.load_seconds:.3f}s",
+            f"prompt eval count:    {self.prompt_tokens} token(s)",
+            f"prompt eval duration: {self.prompt_seconds:.3f}s",
+            f"prompt eval rate:     {rate(self.prompt_tokens, self.prompt_seconds)}",
+            f"eval count:           {self.generated_tokens} token(s)",
+            f"eval duration:        {self.generate_seconds:.3f}s",
+            f"eval rate:            {rate(self.generated_tokens, self.generate_seconds)}",
+            f"stop reason:          {self.stop_reason}",
+        ])
+
+
+class StopStrings:
+    """Holds back text that might be the start of a stop string, and cuts at the first match."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        if not self.stops:
+            return text
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self.pending = self.pending[:min(hits)], ""
+            return out
+        # keep the longest tail that is a prefix of some stop string
+        hold = max((n for s in self.stops for n in range(1, len(s)) if self.pending.endswith(s[:n])), default=0)
+        out = self.pending[:len(self.pending) - hold]
+        self.pending = self.pending[len(out):]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+def check_request(prompt_tokens: int, context: int, max_tokens: int) -> None:
+    if prompt_tokens == 0:
+        raise EngineError("the prompt is empty")
+    if prompt_tokens >= context:
+        raise EngineError(f"the prompt has {prompt_tokens} tokens, but the context holds {context}: "
+                          f"shorten it or load the model with a larger context length")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+        raise EngineError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
+
+
+def generate_text(model, tokenizer: Tokenizer, prompt_ids: list[int], sampler: Sampler, *, max_tokens: int,
+                  eos_ids, stop: list[str] = (), stats: Stats | None = None, start_pos: int = 0):
+    """Yield text pieces as tokens arrive. `model` is a Transformer whose KV cache already holds
+    prompt_ids[:start_pos] (the caller may reuse a cached prefix); the rest is prefilled here."""
+    stats = stats if stats is not None else Stats()
+    context = model.context_length
+    check_request(len(prompt_ids), context, max_tokens)
+
+    started = time.perf_counter()
+    todo = np.asarray(prompt_ids[start_pos:], dtype=np.int64)
+    with tqdm(total=len(todo), desc="prompt", unit="tok", leave=False,
+              disable=len(todo) <= 4 * model.batch_size or None) as bar:
+        logits = model.prefill(todo, start_pos, progress=bar.update)
+    stats.prompt_tokens = len(todo)
+    stats.prompt_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    history = list(prompt_ids)
+    decoder = tokenizer.stream_decoder()
+    stops = StopStrings(list(stop))
+    eos = set(eos_ids)
+    stats.stop_reason = "max_tokens"
+    while len(stats.generated_ids) < max_tokens:
+        token = sampler(logits, history)
+        if token in eos:
+            stats.stop_reason = "eos"
+            break
+        history.append(token)
+        stats.generated_ids.append(token)
+        piece = stops.feed(decoder.add(token))
+        if piece:
+            yield piece
+        if stops.stopped:
+            stats.stop_reason = "stop string"
+            break
+        if len(history) >= context:
+            stats.stop_reason = "context full"
+            break
+        if len(stats.generated_ids) < max_tokens:   # the last token needs no forward pass
+            logits = model.forward(np.asarray([token], dtype=np.int64), len(history) - 1)
+    if not stops.stopped:
+        tail = stops.feed(decoder.flush()) + stops.flush()
+        if tail:
+            yield tail
+    stats.generate_seconds = time.perf_counter() - started

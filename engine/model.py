@@ -1,0 +1,168 @@
+"""The forward pass: one implementation for every supported architecture, driven by ModelConfig.
+
+Differences between Qwen2 and Llama are config, not code: q/k/v (and o) biases, rope scaling,
+tied embeddings. All buffers and the KV cache are allocated once, in `Transformer.__init__`;
+`forward` only fills them. Every matrix product goes through `kernels.formats.matmul`, so a
+new weight format never touches this file.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from kernels.attention import attention, store_kv
+from kernels.formats import Weight, embedding_rows, matmul
+from kernels.ops import rmsnorm, rope, swiglu
+
+from .config import ModelConfig
+
+
+@dataclass
+class Layer:
+    attn_norm: np.ndarray
+    q: Weight
+    k: Weight
+    v: Weight
+    o: Weight
+    q_bias: np.ndarray | None
+    k_bias: np.ndarray | None
+    v_bias: np.ndarray | None
+    o_bias: np.ndarray | None
+    mlp_norm: np.ndarray
+    gate: Weight
+    up: Weight
+    down: Weight
+
+
+def rope_frequencies(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies per rotary pair, with Llama 3 scaling if the config asks for it.
+
+    Computed in float32 like the reference, so that positions far into the context agree.
+    """
+    dim = config.head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    inv_freq = (np.float32(1.0) / np.power(np.float32(config.rope_theta), exponents)).astype(np.float32)
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    # Llama 3: keep high frequencies, divide low frequencies by `factor`, blend in between.
+    old_len = s.original_max_position_embeddings
+    low_freq_wavelen = old_len / s.low_freq_factor
+    high_freq_wavelen = old_len / s.high_freq_factor
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (old_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(is_medium, blended, scaled).astype(np.float32)
+
+
+def rope_tables(config: ModelConfig, positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of shape (positions, head_dim/2)."""
+    angles = np.arange(positions, dtype=np.float32)[:, None] * rope_frequencies(config)[None, :]
+    angles = angles.astype(np.float64)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+class Transformer:
+    """A decoder-only transformer with its KV cache and activation buffers.
+
+    `forward(ids, start_pos)` runs tokens at positions start_pos... and returns logits; the
+    caller (generation loop) owns the position bookkeeping.
+    """
+
+    def __init__(self, config: ModelConfig, weights: dict, context_length: int, batch_size: int = 128):
+        c = config
+        self.config = c
+        self.context_length = context_length
+        self.batch_size = batch_size
+        self.embed = weights["model.embed_tokens.weight"]
+        self.final_norm = weights["model.norm.weight"]
+        self.lm_head = self.embed if c.tie_word_embeddings else weights["lm_head.weight"]
+        self.layers = []
+        for i in range(c.num_layers):
+            w = {name.removeprefix(f"model.layers.{i}."): value for name, value in weights.items()
+                 if name.startswith(f"model.layers.{i}.")}
+            self.layers.append(Layer(
+                attn_norm=w["input_layernorm.weight"],
+                q=w["self_attn.q_proj.weight"], k=w["self_attn.k_proj.weight"],
+                v=w["self_attn.v_proj.weight"], o=w["self_attn.o_proj.weight"],
+                q_bias=w.get("self_attn.q_proj.bias"), k_bias=w.get("self_attn.k_proj.bias"),
+                v_bias=w.get("self_attn.v_proj.bias"), o_bias=w.get("self_attn.o_proj.bias"),
+                mlp_norm=w["post_attention_layernorm.weight"],
+                gate=w["mlp.gate_proj.weight"], up=w["mlp.up_proj.weight"], down=w["mlp.down_proj.weight"],
+            ))
+        self.cos, self.sin = rope_tables(c, context_length)
+
+        cache_shape = (c.num_layers, c.num_kv_heads, context_length, c.head_dim)
+        self.k_cache = np.zeros(cache_shape, np.float32)
+        self.v_cache = np.zeros(cache_shape, np.float32)
+
+        def buffer(width):
+            return np.zeros((batch_size, width), np.float32)
+        q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.x, self.h, self.tmp = buffer(c.hidden_size), buffer(c.hidden_size), buffer(c.hidden_size)
+        self.q, self.att = buffer(q_dim), buffer(q_dim)
+        self.k, self.v = buffer(kv_dim), buffer(kv_dim)
+        self.gate, self.up, self.act = (buffer(c.intermediate_size) for _ in range(3))
+        self.logits = buffer(c.vocab_size)
+        self.cached_ids = []   # the tokens whose keys and values are in the cache, in order
+
+    def forward(self, ids: np.ndarray, start_pos: int, all_logits: bool = False) -> np.ndarray:
+        """Run ids (at most batch_size of them) at positions start_pos...; return logits.
+
+        Returns the last token's logits (vocab,) or, with all_logits, every token's (n, vocab).
+        The returned array is a view of an internal buffer, valid until the next call.
+        """
+        c = self.config
+        n = len(ids)
+        assert 0 < n <= self.batch_size and start_pos + n <= self.context_length
+        x, h, tmp = self.x[:n], self.h[:n], self.tmp[:n]
+        q, k, v, att = self.q[:n], self.k[:n], self.v[:n], self.att[:n]
+        gate, up, act = self.gate[:n], self.up[:n], self.act[:n]
+        heads = (n, c.num_heads, c.head_dim)
+        kv_heads = (n, c.num_kv_heads, c.head_dim)
+
+        self.cached_ids = self.cached_ids[:start_pos] + [int(t) for t in ids]
+        embedding_rows(self.embed, ids, x)
+        for i, layer in enumerate(self.layers):
+            # attention block
+            rmsnorm(x, layer.attn_norm, c.rms_norm_eps, h)
+            matmul(layer.q, h, q)
+            matmul(layer.k, h, k)
+            matmul(layer.v, h, v)
+            if c.qkv_bias:
+                q += layer.q_bias
+                k += layer.k_bias
+                v += layer.v_bias
+            rope(q.reshape(heads), self.cos, self.sin, start_pos)
+            rope(k.reshape(kv_heads), self.cos, self.sin, start_pos)
+            store_kv(k.reshape(kv_heads), v.reshape(kv_heads), self.k_cache[i], self.v_cache[i], start_pos)
+            attention(q.reshape(heads), self.k_cache[i], self.v_cache[i], start_pos, att.reshape(heads))
+            matmul(layer.o, att, tmp)
+            if c.o_bias:
+                tmp += layer.o_bias
+            x += tmp
+            # feed-forward block: down(silu(gate(h)) * up(h))
+            rmsnorm(x, layer.mlp_norm, c.rms_norm_eps, h)
+            matmul(layer.gate, h, gate)
+            matmul(layer.up, h, up)
+            swiglu(gate, up, act)
+            matmul(layer.down, act, tmp)
+            x += tmp
+
+        rows = slice(0, n) if all_logits else slice(n - 1, n)
+        rmsnorm(x[rows], self.final_norm, c.rms_norm_eps, h[rows])
+        logits = self.logits[rows]
+        matmul(self.lm_head, h[rows], logits)
+        return logits if all_logits else logits[0]
+
+    def prefill(self, ids: np.ndarray, start_pos: int = 0, progress=None, all_logits: bool = False) -> np.ndarray:
+        """Run any number of tokens in chunks of batch_size; returns the last (or all) logits."""
+        outputs = []
+        for begin in range(0, len(ids), self.batch_size):
+            chunk = ids[begin:begin + self.batch_size]
+            logits = self.forward(chunk, start_pos + begin, all_logits)
+            outputs.append(logits.copy() if all_logits else logits)
+            if progress is not None:
+                progress(len(chunk))
+        return np.concatenate(outputs) if all_logits else outputs[-1]

@@ -1,0 +1,132 @@
+"""The sampler: penalties, then temperature, top-k, top-p and min-p, then a draw from its own RNG.
+
+The order follows transformers' logits processors: penalties on the raw logits, temperature,
+then the three filters on the tempered distribution. Temperature 0 is greedy (argmax). The
+sampler owns a seeded numpy Generator, so the same seed gives the same tokens.
+"""
+import math
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
+
+from .errors import EngineError
+
+# Candidates examined before falling back to a full sort for top-p: the nucleus of a trained
+# model's distribution is almost always far smaller.
+TOP_P_CANDIDATES = 1024
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """Neutral defaults (plain sampling at temperature 1); a model's generation_config.json
+    and the user's options override them."""
+    temperature: float = 1.0
+    top_k: int = 0                 # 0: off
+    top_p: float = 1.0             # 1: off
+    min_p: float = 0.0             # 0: off
+    repeat_penalty: float = 1.0    # 1: off; >1 discourages tokens seen in the last repeat_last_n
+    repeat_last_n: int = 64
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+
+    def updated(self, **options) -> "SamplerSettings":
+        """A copy with the options that are not None, validated."""
+        known = {f.name for f in fields(self)}
+        unknown = set(options) - known
+        if unknown:
+            raise EngineError(f"unknown sampler option(s): {', '.join(sorted(unknown))}")
+        settings = replace(self, **{k: v for k, v in options.items() if v is not None})
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        def number(name, low, high, low_open=False):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise EngineError(f"{name} must be a finite number, got {value!r}")
+            if value < low or value > high or (low_open and value == low):
+                bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+                raise EngineError(f"{name} must be in {bound}, got {value}")
+
+        def integer(name, allow_none=False):
+            value = getattr(self, name)
+            if allow_none and value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise EngineError(f"{name} must be a non-negative integer, got {value!r}")
+
+        number("temperature", 0.0, math.inf)
+        number("top_p", 0.0, 1.0, low_open=True)
+        number("min_p", 0.0, 1.0)
+        number("repeat_penalty", 0.0, math.inf, low_open=True)
+        number("presence_penalty", -math.inf, math.inf)
+        number("frequency_penalty", -math.inf, math.inf)
+        integer("top_k")
+        integer("repeat_last_n")
+        integer("seed", allow_none=True)
+
+
+def apply_penalties(logits: np.ndarray, recent: np.ndarray, s: SamplerSettings) -> np.ndarray:
+    """Repeat (multiplicative, as in llama.cpp and transformers), presence and frequency penalties."""
+    if len(recent) == 0 or (s.repeat_penalty == 1.0 and s.presence_penalty == 0 and s.frequency_penalty == 0):
+        return logits
+    logits = logits.copy()
+    tokens, counts = np.unique(recent, return_counts=True)
+    seen = logits[tokens]
+    if s.repeat_penalty != 1.0:
+        seen = np.where(seen > 0, seen / s.repeat_penalty, seen * s.repeat_penalty)
+    logits[tokens] = seen - s.presence_penalty - s.frequency_penalty * counts
+    return logits
+
+
+def filter_candidates(logits: np.ndarray, s: SamplerSettings) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids kept by top-k, top-p and min-p (temperature applied), and their probabilities.
+
+    Sorting 150k logits per token would cost milliseconds, so only a shortlist is sorted:
+    the top-k, or for top-p alone the best TOP_P_CANDIDATES (widened to the whole vocabulary
+    in the rare case that their mass does not reach top_p).
+    """
+    scaled = logits.astype(np.float64) / s.temperature
+    vocab = len(scaled)
+    candidates = np.arange(vocab)
+    k = s.top_k if 0 < s.top_k < vocab else 0
+    shortlist = k or (TOP_P_CANDIDATES if s.top_p < 1.0 and vocab > TOP_P_CANDIDATES else 0)
+    if shortlist:
+        candidates = np.argpartition(-scaled, shortlist - 1)[:shortlist]
+    # Probabilities of the whole vocabulary's softmax, so top-p and min-p see true values.
+    best = scaled.max()
+    total = np.exp(scaled - best).sum()
+    probs = np.exp(scaled[candidates] - best) / total
+    if k:
+        probs /= probs.sum()   # renormalised after top-k, as transformers does
+    if s.top_p < 1.0:
+        if not k and probs.sum() < s.top_p:   # the nucleus is wider than the shortlist
+            candidates = np.arange(vocab)
+            probs = np.exp(scaled - best) / total
+        order = np.argsort(-probs, kind="stable")
+        candidates, probs = candidates[order], probs[order]
+        # keep the smallest prefix whose mass reaches top_p
+        keep = int(np.searchsorted(np.cumsum(probs), s.top_p)) + 1
+        candidates, probs = candidates[:keep], probs[:keep]
+    if s.min_p > 0.0:
+        keep = probs >= s.min_p * probs.max()
+        candidates, probs = candidates[keep], probs[keep]
+    return candidates, probs / probs.sum()
+
+
+class Sampler:
+    def __init__(self, settings: SamplerSettings):
+        settings.validate()
+        self.settings = settings
+        self.seed = settings.seed if settings.seed is not None else int(np.random.SeedSequence().entropy % 2**63)
+        self.rng = np.random.default_rng(self.seed)
+
+    def __call__(self, logits: np.ndarray, history: list[int]) -> int:
+        s = self.settings
+        recent = np.asarray(history[-s.repeat_last_n:] if s.repeat_last_n else [], dtype=np.int64)
+        logits = apply_penalties(logits, recent, s)
+        if s.temperature == 0.0:
+            return int(np.argmax(logits))
+        candidates, probs = filter_candidates(logits, s)
+        return int(candidates[self.rng.choice(len(candidates), p=probs)])

@@ -1,0 +1,141 @@
+"""Text <-> token ids: the `tokenizers` library on tokenizer.json, chat templates, streaming decode.
+
+Chat templates are rendered with jinja2 the way transformers' `apply_chat_template` does it
+(sandboxed environment, trim_blocks and lstrip_blocks, the special tokens as variables), so the
+same messages give the same string. Rendered chat text already contains the BOS token, so it is
+encoded without adding special tokens again: no double BOS.
+"""
+import json
+from datetime import datetime
+from pathlib import Path
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HFTokenizer
+
+from .errors import EngineError
+
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                   "special_tokens_map.json", "generation_config.json", "config.json"]
+
+
+def _token_text(value) -> str | None:
+    """tokenizer_config.json stores special tokens as strings or as {"content": ...} objects."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def compile_chat_template(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise EngineError(f"the chat template is not valid jinja2: {e}") from None
+
+
+class Tokenizer:
+    def __init__(self, backend: HFTokenizer, chat_template: str | None = None, special_tokens: dict | None = None):
+        self.backend = backend
+        self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
+        self.chat_template_source = chat_template
+        self._template = compile_chat_template(chat_template) if chat_template else None
+
+    @classmethod
+    def from_dir(cls, model_dir: Path) -> "Tokenizer":
+        model_dir = Path(model_dir)
+        path = model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise EngineError(f"no tokenizer.json in {model_dir}")
+        try:
+            backend = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the Rust library raises its own exception type
+            raise EngineError(f"tokenizer.json could not be loaded: {e}") from None
+        config = {}
+        config_path = model_dir / "tokenizer_config.json"
+        if config_path.is_file():
+            try:
+                config = json.loads(config_path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise EngineError(f"tokenizer_config.json is not valid JSON: {e}") from None
+        template = config.get("chat_template")
+        template_path = model_dir / "chat_template.jinja"
+        if template_path.is_file():
+            template = template_path.read_text(encoding="utf-8")
+        if isinstance(template, list):  # the multi-template form: [{"name": "default", "template": ...}]
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        specials = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        return cls(backend, template, specials)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, text: str | None) -> int | None:
+        return self.backend.token_to_id(text) if text else None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        if self._template is None:
+            raise EngineError("this model has no chat template; use raw mode (--raw) to feed plain text")
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         **self.special_tokens)
+        except jinja2.TemplateError as e:
+            raise EngineError(f"the chat template failed on these messages: {e}") from None
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+
+    def stream_decoder(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Turns a growing list of token ids into text pieces without ever emitting broken UTF-8.
+
+    A character can span several byte-level tokens; until its last byte arrives, decoding ends
+    in U+FFFD. So each step decodes a short window (a few tokens already emitted, for the
+    context that decoders like SentencePiece's need, plus the new ones) and emits only the
+    new part, once it no longer ends in U+FFFD.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids = []
+        self.prefix_offset = 0   # start of the window of already emitted tokens
+        self.read_offset = 0     # first token not yet emitted
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.ids)
+            return text[len(prefix):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end)."""
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
+        text = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return text[len(prefix):]

@@ -1,0 +1,153 @@
+"""Weights: tensors of a checkpoint as memory-mapped views, checked against the config.
+
+Safetensors files are read with our own small header parser rather than `safetensors.numpy`,
+because that loader copies every tensor into memory and cannot represent bf16. Here each file
+is memory-mapped once and each tensor is a numpy view into it: bf16 and f16 stay as uint16
+bit patterns and the kernels decode them on the fly, so no second full copy of the model exists.
+"""
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from kernels.formats import FORMATS, Weight
+
+from .config import ModelConfig
+from .errors import EngineError
+
+# safetensors dtype -> (numpy storage dtype, our format name for 2-D weights)
+SAFETENSORS_DTYPES = {
+    "F32": (np.float32, "f32"),
+    "F16": (np.uint16, "f16"),
+    "BF16": (np.uint16, "bf16"),
+    "U8": (np.uint8, None),
+    "I8": (np.int8, None),
+    "I32": (np.int32, None),
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def read_safetensors(path: Path) -> dict[str, tuple[str, np.ndarray]]:
+    """Map a .safetensors file and return {name: (dtype name, array view)} after checking every offset."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise EngineError(f"{path.name}: not a safetensors file (shorter than its 8-byte header length)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(MAX_HEADER_BYTES, size - 8):
+            raise EngineError(f"{path.name}: header length {header_len} does not fit in a file of {size} bytes")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise EngineError(f"{path.name}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise EngineError(f"{path.name}: header is not a JSON object")
+    data_start = 8 + header_len
+    data_size = size - data_start
+    mapped = np.memmap(path, dtype=np.uint8, mode="r") if size > 0 else None
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise EngineError(f"{path.name}: tensor '{name}' has a malformed header entry") from None
+        if dtype_name not in SAFETENSORS_DTYPES:
+            raise EngineError(f"{path.name}: tensor '{name}' has unsupported dtype {dtype_name!r}; "
+                              f"supported: {', '.join(SAFETENSORS_DTYPES)}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise EngineError(f"{path.name}: tensor '{name}' has an invalid shape {shape!r}")
+        dtype = np.dtype(SAFETENSORS_DTYPES[dtype_name][0])
+        nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_size
+                and end - begin == nbytes):
+            raise EngineError(f"{path.name}: tensor '{name}' has data offsets [{begin}, {end}] that do not match "
+                              f"its shape {shape} x {dtype_name} within {data_size} data bytes")
+        raw = mapped[data_start + begin:data_start + end] if nbytes else np.empty(0, np.uint8)
+        tensors[name] = (dtype_name, raw.view(dtype).reshape(shape))
+    return tensors
+
+
+def read_checkpoint(model_dir: Path) -> dict[str, tuple[str, np.ndarray]]:
+    """All tensors of a model directory: one file, or many listed by model.safetensors.index.json."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise EngineError(f"{index.name} is not a valid safetensors index (needs a 'weight_map' object)") from None
+        for name in files:
+            if not (model_dir / name).is_file():
+                raise EngineError(f"{index.name} lists {name}, which is not in {model_dir}")
+    else:
+        files = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    if not files:
+        raise EngineError(f"no *.safetensors files in {model_dir}")
+    tensors = {}
+    for name in files:
+        tensors.update(read_safetensors(model_dir / name))
+    return tensors
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple]:
+    """Every tensor the forward pass reads, with the shape the config implies (HF names)."""
+    d, hd = config.hidden_size, config.head_dim
+    q_dim, kv_dim = config.num_heads * hd, config.num_kv_heads * hd
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, d), "model.norm.weight": (d,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, d)
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (d,),
+            p + "self_attn.q_proj.weight": (q_dim, d),
+            p + "self_attn.k_proj.weight": (kv_dim, d),
+            p + "self_attn.v_proj.weight": (kv_dim, d),
+            p + "self_attn.o_proj.weight": (d, q_dim),
+            p + "post_attention_layernorm.weight": (d,),
+            p + "mlp.gate_proj.weight": (config.intermediate_size, d),
+            p + "mlp.up_proj.weight": (config.intermediate_size, d),
+            p + "mlp.down_proj.weight": (d, config.intermediate_size),
+        })
+        if config.qkv_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (q_dim,), p + "self_attn.k_proj.bias": (kv_dim,),
+                           p + "self_attn.v_proj.bias": (kv_dim,)})
+        if config.o_bias:
+            shapes[p + "self_attn.o_proj.bias"] = (d,)
+    return shapes
+
+
+def _as_vector(dtype_name: str, array: np.ndarray) -> np.ndarray:
+    """A 1-D tensor (norm weight, bias) as float32: small, so decoded once at load."""
+    fmt = SAFETENSORS_DTYPES[dtype_name][1]
+    if fmt is None:
+        raise EngineError(f"a {dtype_name} vector cannot be used as float weights")
+    return Weight(FORMATS[fmt], (1, array.shape[0]), array.reshape(1, -1)).dequantize()[0]
+
+
+def load_weights(config: ModelConfig, tensors: dict) -> dict:
+    """Check presence and shape of every tensor against the config; return {name: Weight or float32 vector}."""
+    shapes = expected_shapes(config)
+    missing = [name for name in shapes if name not in tensors]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise EngineError(f"checkpoint lacks tensor(s) {', '.join(missing[:3])}{more}")
+    weights = {}
+    for name, shape in shapes.items():
+        dtype_name, array = tensors[name]
+        if tuple(array.shape) != shape:
+            raise EngineError(f"tensor '{name}' has shape {tuple(array.shape)}, but the config implies {shape}")
+        if len(shape) == 1:
+            weights[name] = _as_vector(dtype_name, array)
+            continue
+        fmt = SAFETENSORS_DTYPES[dtype_name][1]
+        if fmt is None:
+            raise EngineError(f"tensor '{name}' has dtype {dtype_name}; float weights must be F32, F16 or BF16")
+        weights[name] = Weight(FORMATS[fmt], shape, array)
+    return weights

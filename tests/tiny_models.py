@@ -1,0 +1,131 @@
+"""Tiny random-weight Qwen2 and Llama checkpoints in Hugging Face format, built for the tests.
+
+Each is saved by transformers itself (safetensors + config.json) with a small byte-level BPE
+tokenizer trained on the spot, DeepSeek's special tokens and chat template, so the engine sees
+the same files as a real DeepSeek-R1-Distill repo, only smaller. Weights are N(0, 1/fan_in)
+(q and k larger), so attention is far from uniform and logits have clear winners.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path(__file__).parent / "data"
+BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+SPECIAL_TOKENS = [EOS, "<｜User｜>", "<｜Assistant｜>", BOS]
+ADDED_TOKENS = ["<think>", "</think>"]   # added but not special, as in DeepSeek's tokenizer
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. " * 3,
+    "Why is the sky blue? Because air scatters short wavelengths of sunlight more than long ones.",
+    "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "In 1905 Einstein published four papers; 3.14159 and 2.71828 are constants.",
+    "Hello world! How are you today? I am fine, thank you very much.",
+    "Once upon a time there was a little model that wanted to think before it answered.",
+]
+
+
+def train_tokenizer(vocab_size: int = 384):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.add_tokens(ADDED_TOKENS)
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, tok.token_to_id(BOS))])
+    return tok
+
+
+def save_tokenizer(tok, out: Path) -> None:
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": BOS, "eos_token": EOS, "model_max_length": 4096,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "chat_template": (DATA / "deepseek_chat_template.jinja").read_text(encoding="utf-8"),
+    }, ensure_ascii=False, indent=1), encoding="utf-8")
+
+
+def randomize(model, seed: int) -> None:
+    """N(0, 1/fan_in) weights, q/k twice that scale, norms near 1, biases small."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                scale = (2.0 if ("q_proj" in name or "k_proj" in name) else 1.0) / p.shape[1] ** 0.5
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+
+
+def make_model(out: Path, arch: str, dtype: str = "float32", legacy_config: bool = False, seed: int = 0) -> Path:
+    """Save a tiny model of `arch` ("qwen2" or "llama") in `dtype` to `out`; return `out`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer()
+    save_tokenizer(tok, out)
+    common = dict(vocab_size=tok.get_vocab_size(), num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, bos_token_id=tok.token_to_id(BOS), eos_token_id=tok.token_to_id(EOS),
+                  rms_norm_eps=1e-6)
+    if arch == "qwen2":
+        # DeepSeek-R1-Distill-Qwen: q/k/v biases, untied embeddings, plain rope
+        config = Qwen2Config(hidden_size=64, intermediate_size=160, max_position_embeddings=512,
+                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                             tie_word_embeddings=False, **common)
+        model = Qwen2ForCausalLM(config)
+    else:
+        # DeepSeek-R1-Distill-Llama: llama3 rope scaling; here with a small original context
+        # (prompts longer than it are tested), tied embeddings and head_dim != hidden/heads
+        config = LlamaConfig(hidden_size=64, intermediate_size=160, head_dim=24, max_position_embeddings=512,
+                             rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                              "original_max_position_embeddings": 32},
+                             tie_word_embeddings=True, **common)
+        model = LlamaForCausalLM(config)
+    randomize(model, seed)
+    if dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(out)
+    (out / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+        "do_sample": True, "temperature": 0.6, "top_p": 0.95}))
+    if legacy_config:
+        to_legacy_config(out / "config.json")
+    return out
+
+
+def to_legacy_config(path: Path) -> None:
+    """Rewrite a transformers-5 config.json in the legacy layout of the DeepSeek repos."""
+    raw = json.loads(path.read_text())
+    params = raw.pop("rope_parameters")
+    raw["rope_theta"] = params.pop("rope_theta")
+    raw["rope_scaling"] = None if params.get("rope_type") == "default" else params
+    raw["torch_dtype"] = raw.pop("dtype", "float32")
+    path.write_text(json.dumps(raw, indent=2))
+
+
+def reference_logits(model_dir: Path, ids) -> np.ndarray:
+    """transformers' float32 logits for ids (bf16 weights upcast), shape (len(ids), vocab)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        return model(torch.tensor([list(ids)])).logits[0].numpy()
+
+
+def reference_greedy(model_dir: Path, ids, n: int) -> list[int]:
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([list(ids)]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
