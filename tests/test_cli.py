@@ -1,0 +1,92 @@
+"""`python -m engine` end to end, and model resolution from an offline Hugging Face cache."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import engine
+
+
+def run(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def test_generate_streams_only_the_text(model_dirs, loaded):
+    model = str(model_dirs("qwen2-f32"))
+    result = run("generate", "--model", model, "--prompt", "Why is the sky blue?", "--temperature", "0",
+                 "--max-tokens", "12", "--verbose", "--threads", "1")
+    assert result.returncode == 0, result.stderr
+    expected = loaded("qwen2-f32").generate("Why is the sky blue?", temperature=0, max_tokens=12)
+    assert result.stdout == expected + "\n"
+    for field in ("load duration:", "prompt eval count:", "prompt eval rate:", "eval count:    ", "eval rate:"):
+        assert field in result.stderr
+
+
+def test_raw_and_seeded_sampling(model_dirs, loaded):
+    model = str(model_dirs("llama-f32"))
+    args = ["generate", "--model", model, "--prompt", "Once upon", "--raw", "--max-tokens", "10", "--seed", "3",
+            "--top-k", "20", "--top-p", "0.9", "--min-p", "0.01", "--repeat-penalty", "1.1", "--temperature", "0.8"]
+    result = run(*args)
+    assert result.returncode == 0, result.stderr
+    expected = loaded("llama-f32").generate("Once upon", raw=True, max_tokens=10, seed=3, top_k=20, top_p=0.9,
+                                            min_p=0.01, repeat_penalty=1.1, temperature=0.8)
+    assert result.stdout == expected + "\n"
+
+
+def test_tokenize_prints_json_ids(model_dirs, loaded):
+    result = run("tokenize", "--model", str(model_dirs("qwen2-f32")), "Hello world, 你好")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == loaded("qwen2-f32").tokenize("Hello world, 你好")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--top-p", "2"], r"error: top_p must be in (0.0, 1.0]"),
+    (["--temperature", "-1"], "error: temperature must be in"),
+    (["--ctx", "8"], "error: the prompt has"),
+])
+def test_bad_options_are_clear_errors(model_dirs, args, message):
+    result = run("generate", "--model", str(model_dirs("qwen2-f32")), "--prompt", "Why is the sky blue?", *args)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unknown_model_name():
+    result = run("tokenize", "--model", "not a model", "hi")
+    assert result.returncode == 2
+    assert "is not a directory, a known alias (deepseek-r1:1.5b" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def hf_cache(tmp_path_factory, model_dirs):
+    """A Hugging Face hub cache laid out as snapshot_download leaves it, holding the tiny Qwen2
+    under the name of DeepSeek-R1-Distill-Qwen-1.5B."""
+    cache = tmp_path_factory.mktemp("hf") / "hub"
+    repo = cache / "models--deepseek-ai--DeepSeek-R1-Distill-Qwen-1.5B"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(model_dirs("qwen2-f32"), repo / "snapshots" / commit)
+    return cache
+
+
+def test_alias_resolves_from_offline_cache(hf_cache, loaded):
+    env = {"HF_HUB_CACHE": str(hf_cache), "HF_HUB_OFFLINE": "1"}
+    result = run("generate", "--model", "deepseek-r1:1.5b", "--prompt", "Hi", "--temperature", "0",
+                 "--max-tokens", "5", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == loaded("qwen2-f32").generate("Hi", temperature=0, max_tokens=5) + "\n"
+    result = run("tokenize", "--model", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "Hello", env=env)
+    assert json.loads(result.stdout) == loaded("qwen2-f32").tokenize("Hello")
+    result = run("tokenize", "--model", "deepseek-r1:7b", "Hello", env=env)
+    assert result.returncode == 2
+    assert "'deepseek-ai/DeepSeek-R1-Distill-Qwen-7B' is not in the Hugging Face cache" in result.stderr
+
+
+def test_aliases_cover_every_distill():
+    from engine.resolve import ALIASES
+    assert ALIASES["deepseek-r1:8b"] == "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"
+    assert ALIASES["deepseek-r1:70b"] == "deepseek-ai/DeepSeek-R1-Distill-Llama-70B"
+    assert {k.split(":")[1] for k in ALIASES} == {"1.5b", "7b", "8b", "14b", "32b", "70b"}
