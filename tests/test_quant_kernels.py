@@ -1,0 +1,137 @@
+"""Q8_0 / Q4_0: bit-exact with the gguf package, kernels against numpy references, and the
+machine code of the hot kernels checked for the SIMD instructions the speed relies on."""
+import re
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, quants
+
+from kernels import quant
+from kernels.formats import FORMATS, Weight, matmul
+
+GGML_TYPES = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}
+# |w - dequant(quant(w))| <= bound * max|block|: half a step for q8_0 (max -> 127); for q4_0 the
+# signed extreme maps to -8, so the opposite extreme clips at +7: up to a whole step there
+ROUND_TRIP_BOUND = {"q8_0": 0.5 / 127, "q4_0": 1 / 8}
+
+
+def random_weights(rows, cols, seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((rows, cols)).astype(np.float32) * np.exp(rng.standard_normal((rows, 1))).astype(np.float32)
+    w[0, :32] = 0.0               # an all-zero block (scale 0)
+    w[1, :32] = 3.0               # a constant block
+    w[2, 5] = 1e4                 # an outlier
+    return w
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_quantizer_is_bit_exact_with_gguf(fmt):
+    w = random_weights(64, 256)
+    ours = FORMATS[fmt].quantize(w)
+    ref = quants.quantize(w, GGML_TYPES[fmt])
+    assert ours.shape == ref.shape and np.array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_dequantize_is_bit_exact_with_gguf(fmt):
+    w = random_weights(48, 320, seed=1)
+    blocks = quants.quantize(w, GGML_TYPES[fmt])
+    ours = Weight(FORMATS[fmt], w.shape, blocks).dequantize()
+    assert np.array_equal(ours, quants.dequantize(blocks, GGML_TYPES[fmt]))
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_round_trip_error_bound(fmt):
+    w = random_weights(64, 512, seed=2)
+    back = Weight.quantize(w, fmt).dequantize()
+    block_max = np.abs(w).reshape(64, -1, 32).max(-1, keepdims=True)
+    err = np.abs(back - w).reshape(64, -1, 32) / np.maximum(block_max, 1e-30)
+    # the fp16 rounding of the scale adds at most 2^-11 relative
+    # plus the fp16 rounding of the scale: at most 2^-11 relative, times the largest level
+    assert err.max() <= ROUND_TRIP_BOUND[fmt] + 2 ** -11
+
+
+def reference_matmul(weight: Weight, x: np.ndarray) -> np.ndarray:
+    """What the kernels compute, in float64: dequantized weights times quantize-dequantized activations."""
+    xq = np.empty(x.shape, np.int8)
+    xd = np.empty((x.shape[0], x.shape[1] // 32), np.float32)
+    quant.quantize_activations(x, xq, xd)
+    x_back = xq.astype(np.float64).reshape(len(x), -1, 32) * xd[:, :, None]
+    return x_back.reshape(x.shape) @ weight.dequantize().astype(np.float64).T
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_kernels_equal_dequantize_then_matmul(fmt, tokens):
+    rows, cols = 200, 640   # rows not a multiple of the task size
+    w = Weight.quantize(random_weights(rows, cols, seed=3), fmt)
+    x = np.random.default_rng(4).standard_normal((tokens, cols)).astype(np.float32)
+    out = np.empty((tokens, rows), np.float32)
+    matmul(w, x, out)
+    ref = reference_matmul(w, x)
+    # same arithmetic; float32 accumulation over 20 blocks is the only difference
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+    # and the int8 activations keep close to the float product (rows 0-2 hold a zero block,
+    # a constant block and a 1e4 outlier that amplifies activation rounding: left out here)
+    exact = x.astype(np.float64) @ w.dequantize().astype(np.float64).T
+    assert np.abs(out - exact)[:, 3:].max() <= 0.02 * np.abs(exact[:, 3:]).max()
+
+
+def test_activation_quantization():
+    x = np.random.default_rng(5).standard_normal((3, 96)).astype(np.float32)
+    x[1, :32] = 0
+    xq = np.empty(x.shape, np.int8)
+    xd = np.empty((3, 3), np.float32)
+    quant.quantize_activations(x, xq, xd)
+    assert np.all(xd[1, 0] == 0) and np.all(xq[1, :32] == 0)
+    back = xq.reshape(3, 3, 32) * xd[:, :, None]
+    assert np.abs(back.reshape(3, 96) - x).max() <= 0.5 * xd.max() * 1.0001
+    assert np.abs(xq).max() == 127
+
+
+def test_float_formats_round_trip():
+    w = random_weights(16, 64)
+    assert np.array_equal(Weight.quantize(w, "f32").dequantize(), w)
+    assert np.array_equal(Weight.quantize(w, "f16").dequantize(), w.astype(np.float16).astype(np.float32))
+    bf = Weight.quantize(w, "bf16").dequantize()
+    assert np.abs(bf - w).max() <= np.abs(w).max() * 2 ** -8
+
+
+def test_weight_storage_is_validated():
+    with pytest.raises(ValueError, match="q4_0 storage for shape"):
+        Weight(FORMATS["q4_0"], (4, 64), np.zeros((4, 35), np.uint8))
+    with pytest.raises(ValueError, match="multiple of 32 columns"):
+        Weight(FORMATS["q8_0"], (4, 40), np.zeros((4, 34), np.uint8))
+
+
+# --- machine code --------------------------------------------------------------------------
+
+INT8_DOT = r"\b(vpmaddwd|vpdpwssd|vpdpbusd|vpmaddubsw)\b"   # 16-bit multiply-add (or its VNNI forms)
+
+
+def fresh_asm(kernel, *args) -> str:
+    """Machine code of a kernel compiled anew with its own options (cached code cannot be inspected)."""
+    import numba
+    options = {k: v for k, v in kernel.targetoptions.items() if k != "cache"}
+    fresh = numba.njit(**options)(kernel.py_func)
+    fresh(*args)
+    return fresh.inspect_asm(fresh.signatures[0])
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_hot_kernels_use_simd_integer_dot_products(fmt):
+    w = Weight.quantize(random_weights(32, 64), fmt)
+    xq, xd = np.ones((1, 64), np.int8), np.ones((1, 2), np.float32)
+    kernel = {"q8_0": quant.matmul_q8_0, "q4_0": quant.matmul_q4_0}[fmt]
+    asm = fresh_asm(kernel, w.data, xq, xd, np.empty((1, 32), np.float32))
+    assert re.search(INT8_DOT, asm), f"{fmt} kernel lost its vectorized int8 dot product"
+    assert re.search(r"%[yz]mm\d+", asm), f"{fmt} kernel uses no 256/512-bit registers"
+    # numba's default int64 arithmetic would show up as 64-bit lane multiplies
+    assert not re.search(r"\bvpmuldq\b|\bvpmullq\b", asm)
+
+
+def test_float_kernel_uses_fma():
+    from kernels.formats import decode_bf16_row, matmul_decoded
+    w = Weight.quantize(random_weights(32, 64), "bf16")
+    asm = fresh_asm(matmul_decoded, decode_bf16_row, w.data, np.ones((1, 64), np.float32), np.empty((1, 32), np.float32))
+    assert re.search(r"\bvfmadd\w*ps\b", asm)
