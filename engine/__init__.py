@@ -13,10 +13,13 @@ import time
 
 import numpy as np
 
+from kernels.attention import KV_KINDS
+
 from .config import ModelConfig, load_config
 from .errors import EngineError
 from .generate import Stats, check_request, generate_text
 from .model import Transformer
+from .quantize import check_quant, quantize_weights
 from .resolve import resolve_model
 from .sampler import Sampler, SamplerSettings
 from .tokenizer import Tokenizer
@@ -41,23 +44,35 @@ def load_tokenizer(model: str) -> Tokenizer:
     return Tokenizer.from_dir(resolve_model(str(model), tokenizer_only=True))
 
 
-def load(model: str, *, context_length: int | None = None, threads: int | None = None) -> "LLM":
+def load(model: str, *, context_length: int | None = None, threads: int | None = None, quant: str | None = None,
+         kv_cache: str = "f16") -> "LLM":
     """Load a model by directory, alias (deepseek-r1:7b) or Hugging Face repo id.
 
     context_length: positions in the KV cache (default: the model's maximum, capped at 4096).
     threads: worker threads for the kernels (default: all cores).
+    quant: "q8_0" or "q4_0" to quantize a float checkpoint while loading.
+    kv_cache: "f16" (default), "q8_0" or "f32" storage for the KV cache.
     """
     started = time.perf_counter()
     set_threads(threads)
+    if quant is not None:
+        check_quant(quant)
+    if kv_cache not in KV_KINDS:
+        raise EngineError(f"unknown KV cache type {kv_cache!r}; supported: {', '.join(KV_KINDS)}")
+    if context_length is not None and (isinstance(context_length, bool) or not isinstance(context_length, int)
+                                       or context_length < 2):
+        raise EngineError(f"context_length must be an integer of at least 2, got {context_length!r}")
     model_dir = resolve_model(str(model))
     config = load_config(model_dir)
+    if kv_cache == "q8_0" and config.head_dim % 32:
+        raise EngineError(f"a q8_0 KV cache needs head_dim to be a multiple of 32; this model's is {config.head_dim}")
     tokenizer = Tokenizer.from_dir(model_dir)
-    weights = load_weights(config, read_checkpoint(model_dir))
+    weights = load_weights(config, *read_checkpoint(model_dir))
+    if quant is not None:
+        weights = quantize_weights(weights, quant)
     if context_length is None:
         context_length = min(config.max_position_embeddings, DEFAULT_CONTEXT)
-    if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 2:
-        raise EngineError(f"context_length must be an integer of at least 2, got {context_length!r}")
-    transformer = Transformer(config, weights, context_length)
+    transformer = Transformer(config, weights, context_length, kv_cache=kv_cache)
     return LLM(config, tokenizer, transformer, load_seconds=time.perf_counter() - started)
 
 

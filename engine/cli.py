@@ -1,4 +1,4 @@
-"""The command line: `python -m engine generate | tokenize`.
+"""The command line: `python -m engine generate | quantize | tokenize`.
 
 generate streams only the generated text to stdout; statistics and errors go to stderr.
 """
@@ -7,12 +7,22 @@ import json
 import sys
 import time
 
+from kernels.attention import KV_KINDS
+
 from .errors import EngineError
+from .quantize import QUANT_TYPES
 
 
 def _add_model(p):
     p.add_argument("--model", "-m", required=True,
                    help="a model directory, a Hugging Face repo id, or an alias such as deepseek-r1:7b")
+
+
+def _add_load_options(p):
+    p.add_argument("--ctx", type=int, help="context length (default: the model's, at most 4096)")
+    p.add_argument("--threads", "-t", type=int, help="worker threads (default: all cores)")
+    p.add_argument("--quant", choices=QUANT_TYPES, help="quantize a float checkpoint while loading")
+    p.add_argument("--kv-cache", choices=KV_KINDS, default="f16", help="KV cache storage (default f16)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,9 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--frequency-penalty", type=float, help="subtracted once per occurrence")
     g.add_argument("--seed", type=int, help="random seed: the same seed gives the same text")
     g.add_argument("--stop", action="append", default=[], help="stop when this text is generated (repeatable)")
-    g.add_argument("--ctx", type=int, help="context length (default: the model's, at most 4096)")
-    g.add_argument("--threads", "-t", type=int, help="worker threads (default: all cores)")
+    _add_load_options(g)
     g.add_argument("--verbose", "-v", action="store_true", help="print timings and tokens/s to stderr")
+
+    q = sub.add_parser("quantize", help="write a quantized copy of a float checkpoint to a directory")
+    _add_model(q)
+    q.add_argument("--type", required=True, choices=QUANT_TYPES, help="weight format")
+    q.add_argument("--output", "-o", required=True, help="the directory to write")
 
     t = sub.add_parser("tokenize", help="print the token ids of a text as JSON (loads only the tokenizer)")
     _add_model(t)
@@ -47,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_generate(args) -> int:
     from . import load
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    llm = load(args.model, context_length=args.ctx, threads=args.threads)
+    llm = load(args.model, context_length=args.ctx, threads=args.threads, quant=args.quant, kv_cache=args.kv_cache)
     pieces = llm.generate(
         prompt, raw=args.raw, max_tokens=args.max_tokens, stop=args.stop, stream=True,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
@@ -62,6 +76,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from .quantize import save_quantized
+    started = time.perf_counter()
+    out = save_quantized(args.model, args.output, args.type)
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    print(f"wrote {out} ({size / 1e6:.1f} MB of {args.type} weights) in {time.perf_counter() - started:.1f}s",
+          file=sys.stderr)
+    return 0
+
+
 def cmd_tokenize(args) -> int:
     from . import load_tokenizer
     print(json.dumps(load_tokenizer(args.model).encode(args.text)))
@@ -71,7 +95,8 @@ def cmd_tokenize(args) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "tokenize": cmd_tokenize}[args.command](args)
+        commands = {"generate": cmd_generate, "quantize": cmd_quantize, "tokenize": cmd_tokenize}
+        return commands[args.command](args)
     except EngineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.attention import attention, store_kv
+from kernels.attention import KVCache
 from kernels.formats import Weight, embedding_rows, matmul
 from kernels.ops import rmsnorm, rope, swiglu
 
@@ -70,7 +70,8 @@ class Transformer:
     caller (generation loop) owns the position bookkeeping.
     """
 
-    def __init__(self, config: ModelConfig, weights: dict, context_length: int, batch_size: int = 128):
+    def __init__(self, config: ModelConfig, weights: dict, context_length: int, batch_size: int = 128,
+                 kv_cache: str = "f16"):
         c = config
         self.config = c
         self.context_length = context_length
@@ -93,9 +94,7 @@ class Transformer:
             ))
         self.cos, self.sin = rope_tables(c, context_length)
 
-        cache_shape = (c.num_layers, c.num_kv_heads, context_length, c.head_dim)
-        self.k_cache = np.zeros(cache_shape, np.float32)
-        self.v_cache = np.zeros(cache_shape, np.float32)
+        self.cache = KVCache(kv_cache, c.num_layers, c.num_kv_heads, context_length, c.head_dim)
 
         def buffer(width):
             return np.zeros((batch_size, width), np.float32)
@@ -136,8 +135,8 @@ class Transformer:
                 v += layer.v_bias
             rope(q.reshape(heads), self.cos, self.sin, start_pos)
             rope(k.reshape(kv_heads), self.cos, self.sin, start_pos)
-            store_kv(k.reshape(kv_heads), v.reshape(kv_heads), self.k_cache[i], self.v_cache[i], start_pos)
-            attention(q.reshape(heads), self.k_cache[i], self.v_cache[i], start_pos, att.reshape(heads))
+            self.cache.store(i, k.reshape(kv_heads), v.reshape(kv_heads), start_pos)
+            self.cache.attend(i, q.reshape(heads), start_pos, att.reshape(heads))
             matmul(layer.o, att, tmp)
             if c.o_bias:
                 tmp += layer.o_bias

@@ -26,10 +26,13 @@ SAFETENSORS_DTYPES = {
     "I32": (np.int32, None),
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# what `python -m engine quantize` writes into the safetensors metadata
+QUANTIZED_FORMAT = "engine-quantized"
+QUANTIZED_FORMAT_VERSION = 1
 
 
-def read_safetensors(path: Path) -> dict[str, tuple[str, np.ndarray]]:
-    """Map a .safetensors file and return {name: (dtype name, array view)} after checking every offset."""
+def read_safetensors(path: Path) -> tuple[dict[str, tuple[str, np.ndarray]], dict]:
+    """Map a .safetensors file; return ({name: (dtype name, array view)}, metadata) after checking every offset."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -48,6 +51,9 @@ def read_safetensors(path: Path) -> dict[str, tuple[str, np.ndarray]]:
     data_start = 8 + header_len
     data_size = size - data_start
     mapped = np.memmap(path, dtype=np.uint8, mode="r") if size > 0 else None
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise EngineError(f"{path.name}: __metadata__ is not a JSON object")
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -69,11 +75,12 @@ def read_safetensors(path: Path) -> dict[str, tuple[str, np.ndarray]]:
                               f"its shape {shape} x {dtype_name} within {data_size} data bytes")
         raw = mapped[data_start + begin:data_start + end] if nbytes else np.empty(0, np.uint8)
         tensors[name] = (dtype_name, raw.view(dtype).reshape(shape))
-    return tensors
+    return tensors, metadata
 
 
-def read_checkpoint(model_dir: Path) -> dict[str, tuple[str, np.ndarray]]:
-    """All tensors of a model directory: one file, or many listed by model.safetensors.index.json."""
+def read_checkpoint(model_dir: Path) -> tuple[dict[str, tuple[str, np.ndarray]], dict]:
+    """All tensors of a model directory (one file, or many listed by model.safetensors.index.json),
+    and the files' metadata merged."""
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
@@ -89,10 +96,12 @@ def read_checkpoint(model_dir: Path) -> dict[str, tuple[str, np.ndarray]]:
         files = sorted(p.name for p in model_dir.glob("*.safetensors"))
     if not files:
         raise EngineError(f"no *.safetensors files in {model_dir}")
-    tensors = {}
+    tensors, metadata = {}, {}
     for name in files:
-        tensors.update(read_safetensors(model_dir / name))
-    return tensors
+        file_tensors, file_metadata = read_safetensors(model_dir / name)
+        tensors.update(file_tensors)
+        metadata.update(file_metadata)
+    return tensors, metadata
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple]:
@@ -131,9 +140,31 @@ def _as_vector(dtype_name: str, array: np.ndarray) -> np.ndarray:
     return Weight(FORMATS[fmt], (1, array.shape[0]), array.reshape(1, -1)).dequantize()[0]
 
 
-def load_weights(config: ModelConfig, tensors: dict) -> dict:
-    """Check presence and shape of every tensor against the config; return {name: Weight or float32 vector}."""
+def stored_formats(metadata: dict) -> dict:
+    """{tensor name: format} for a directory written by `python -m engine quantize`, else {}."""
+    if metadata.get("format") != QUANTIZED_FORMAT:
+        return {}
+    version = metadata.get("format_version")
+    if version != str(QUANTIZED_FORMAT_VERSION):
+        raise EngineError(f"quantized model format version {version!r} is not supported "
+                          f"(this engine reads version {QUANTIZED_FORMAT_VERSION}); quantize the model again")
+    try:
+        formats = json.loads(metadata["tensor_formats"])
+        assert isinstance(formats, dict)
+    except (KeyError, ValueError, AssertionError):
+        raise EngineError("quantized model metadata lacks a valid 'tensor_formats' table") from None
+    unknown = {f for f in formats.values() if f not in FORMATS}
+    if unknown:
+        raise EngineError(f"quantized model uses unknown format(s) {', '.join(map(str, unknown))}; "
+                          f"known: {', '.join(FORMATS)}")
+    return formats
+
+
+def load_weights(config: ModelConfig, tensors: dict, metadata: dict | None = None) -> dict:
+    """Check presence, format and shape of every tensor against the config before any kernel
+    runs; return {name: Weight (matrices) or float32 vector}."""
     shapes = expected_shapes(config)
+    formats = stored_formats(metadata or {})
     missing = [name for name in shapes if name not in tensors]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -141,6 +172,12 @@ def load_weights(config: ModelConfig, tensors: dict) -> dict:
     weights = {}
     for name, shape in shapes.items():
         dtype_name, array = tensors[name]
+        if name in formats:
+            try:
+                weights[name] = Weight(FORMATS[formats[name]], shape, array)
+            except ValueError as e:
+                raise EngineError(f"tensor '{name}' does not match the config: {e}") from None
+            continue
         if tuple(array.shape) != shape:
             raise EngineError(f"tensor '{name}' has shape {tuple(array.shape)}, but the config implies {shape}")
         if len(shape) == 1:

@@ -1,44 +1,97 @@
 """The KV cache and causal grouped-query attention over it.
 
-Cache layout per layer: (kv_heads, positions, head_dim), so one head's keys are contiguous
-and a query streams through them in order. Query head h reads KV head h // (heads / kv_heads):
+Layout per layer: (kv_heads, positions, head_dim), so one head's keys are contiguous and a
+query streams through them in order. Query head h reads KV head h // (heads / kv_heads):
 grouped-query heads share the cache without copies.
+
+Three storage kinds, one attention kernel: the kernel takes two small functions that read a
+cached key (dot product with the query) and a cached value (accumulate with a weight).
+- f32: exact; used to check the forward pass against the reference to float32 precision.
+- f16: half the memory; the default (as in llama.cpp).
+- q8_0: int8 per block of 32 with a float32 scale per block: a quarter of f32.
 """
 import math
 
 import numpy as np
 from numba import njit, prange
 
+from .bits import f16_to_f32, f32_to_f16
+from .quant import QK, quantize_activations
 
-def store_kv(k, v, k_cache, v_cache, start_pos):
-    """Write k, v of shape (tokens, kv_heads, head_dim) at positions start_pos... of one layer."""
-    n_tokens = k.shape[0]
-    k_cache[:, start_pos:start_pos + n_tokens] = k.transpose(1, 0, 2)
-    v_cache[:, start_pos:start_pos + n_tokens] = v.transpose(1, 0, 2)
+KV_KINDS = ("f16", "q8_0", "f32")
 
+
+# --- readers: one pair per storage kind --------------------------------------------------------
+
+@njit(inline="always")
+def key_dot_f32(k, k_scales, kv, p, q):
+    s = np.float32(0.0)
+    for i in range(q.shape[0]):
+        s += q[i] * k[kv, p, i]
+    return s
+
+
+@njit(inline="always")
+def value_add_f32(v, v_scales, kv, p, weight, acc):
+    for i in range(acc.shape[0]):
+        acc[i] += weight * v[kv, p, i]
+
+
+@njit(inline="always")
+def key_dot_f16(k, k_scales, kv, p, q):
+    s = np.float32(0.0)
+    for i in range(q.shape[0]):
+        s += q[i] * f16_to_f32(k[kv, p, i])
+    return s
+
+
+@njit(inline="always")
+def value_add_f16(v, v_scales, kv, p, weight, acc):
+    for i in range(acc.shape[0]):
+        acc[i] += weight * f16_to_f32(v[kv, p, i])
+
+
+@njit(inline="always")
+def key_dot_q8_0(k, k_scales, kv, p, q):
+    s = np.float32(0.0)
+    for b in range(q.shape[0] // QK):
+        block = np.float32(0.0)
+        for i in range(b * QK, (b + 1) * QK):
+            block += q[i] * np.float32(k[kv, p, i])
+        s += block * k_scales[kv, p, b]
+    return s
+
+
+@njit(inline="always")
+def value_add_q8_0(v, v_scales, kv, p, weight, acc):
+    for b in range(acc.shape[0] // QK):
+        w = weight * v_scales[kv, p, b]
+        for i in range(b * QK, (b + 1) * QK):
+            acc[i] += w * np.float32(v[kv, p, i])
+
+
+# --- attention -------------------------------------------------------------------------------------
 
 @njit(parallel=True, fastmath=True, cache=True)
-def attention(q, k_cache, v_cache, start_pos, out):
+def attention(key_dot, value_add, q, k, k_scales, v, v_scales, start_pos, out):
     """Causal attention for queries q (tokens, heads, head_dim) at positions start_pos + t.
 
-    Query t sees cache positions 0 .. start_pos + t. Softmax is computed with the running
-    maximum subtracted, in float32, like the reference implementation.
+    Query t sees cache positions 0 .. start_pos + t. The softmax subtracts the maximum score
+    and runs in float32, like the reference implementation.
     """
     n_tokens, n_heads, head_dim = q.shape
-    group = n_heads // k_cache.shape[0]
+    group = n_heads // k.shape[0]
     scale = np.float32(1.0 / math.sqrt(head_dim))
     for item in prange(n_tokens * n_heads):
         t = item // n_heads
         h = item % n_heads
         kv = h // group
         n_keys = start_pos + t + 1
+        query = q[t, h]
         scores = np.empty(n_keys, np.float32)
         best = np.float32(-np.inf)
         for p in range(n_keys):
-            s = np.float32(0.0)
-            for i in range(head_dim):
-                s += q[t, h, i] * k_cache[kv, p, i]
-            s *= scale
+            s = key_dot(k, k_scales, kv, p, query) * scale
             scores[p] = s
             best = max(best, s)
         total = np.float32(0.0)
@@ -48,9 +101,65 @@ def attention(q, k_cache, v_cache, start_pos, out):
             total += e
         acc = np.zeros(head_dim, np.float32)
         for p in range(n_keys):
-            w = scores[p]
-            for i in range(head_dim):
-                acc[i] += w * v_cache[kv, p, i]
+            value_add(v, v_scales, kv, p, scores[p], acc)
         inv_total = np.float32(1.0) / total
         for i in range(head_dim):
             out[t, h, i] = acc[i] * inv_total
+
+
+@njit(cache=True)
+def _to_f16(src, dst):
+    for i in range(src.shape[0]):
+        dst[i] = f32_to_f16(src[i])
+
+
+class KVCache:
+    """Keys and values of every layer, allocated once: (layers, kv_heads, positions, head_dim)."""
+
+    def __init__(self, kind: str, layers: int, kv_heads: int, positions: int, head_dim: int):
+        if kind not in KV_KINDS:
+            raise ValueError(f"unknown KV cache type {kind!r}; supported: {', '.join(KV_KINDS)}")
+        if kind == "q8_0" and head_dim % QK:
+            raise ValueError(f"a q8_0 KV cache needs head_dim to be a multiple of {QK}, got {head_dim}")
+        self.kind = kind
+        shape = (layers, kv_heads, positions, head_dim)
+        dtype = {"f32": np.float32, "f16": np.uint16, "q8_0": np.int8}[kind]
+        self.k, self.v = np.zeros(shape, dtype), np.zeros(shape, dtype)
+        scale_shape = (layers, kv_heads, positions, head_dim // QK) if kind == "q8_0" else (layers, 1, 1, 1)
+        self.k_scales, self.v_scales = np.zeros(scale_shape, np.float32), np.zeros(scale_shape, np.float32)
+        self.key_dot, self.value_add = {
+            "f32": (key_dot_f32, value_add_f32),
+            "f16": (key_dot_f16, value_add_f16),
+            "q8_0": (key_dot_q8_0, value_add_q8_0),
+        }[kind]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes + self.k_scales.nbytes + self.v_scales.nbytes
+
+    def _encode(self, x, cache, scales, layer, start_pos):
+        """Write x (tokens, kv_heads, head_dim) float32 at positions start_pos... of a layer."""
+        n_tokens, kv_heads, head_dim = x.shape
+        positions = slice(start_pos, start_pos + n_tokens)
+        if self.kind == "f32":
+            cache[layer, :, positions] = x.transpose(1, 0, 2)
+        elif self.kind == "f16":
+            bits = np.empty(x.size, np.uint16)
+            _to_f16(x.reshape(-1), bits)
+            cache[layer, :, positions] = bits.reshape(x.shape).transpose(1, 0, 2)
+        else:
+            rows = x.reshape(n_tokens * kv_heads, head_dim)
+            xq = np.empty(rows.shape, np.int8)
+            xd = np.empty((rows.shape[0], head_dim // QK), np.float32)
+            quantize_activations(rows, xq, xd)
+            cache[layer, :, positions] = xq.reshape(x.shape).transpose(1, 0, 2)
+            scales[layer, :, positions] = xd.reshape(n_tokens, kv_heads, -1).transpose(1, 0, 2)
+
+    def store(self, layer: int, k: np.ndarray, v: np.ndarray, start_pos: int) -> None:
+        self._encode(k, self.k, self.k_scales, layer, start_pos)
+        self._encode(v, self.v, self.v_scales, layer, start_pos)
+
+    def attend(self, layer: int, q: np.ndarray, start_pos: int, out: np.ndarray) -> None:
+        """out (tokens, heads, head_dim) = causal attention of q over positions 0..start_pos+t."""
+        attention(self.key_dot, self.value_add, q, self.k[layer], self.k_scales[layer],
+                  self.v[layer], self.v_scales[layer], start_pos, out)

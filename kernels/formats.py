@@ -164,9 +164,11 @@ class Weight:
     def nbytes(self) -> int:
         return self.data.nbytes
 
-    def dequantize(self) -> np.ndarray:
-        out = np.empty(self.shape, np.float32)
-        gather_decoded(self.format.decode_row, self.data, np.arange(self.shape[0]), out)
+    def dequantize(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows start..stop (default: all) as float32."""
+        stop = self.shape[0] if stop is None else stop
+        out = np.empty((stop - start, self.shape[1]), np.float32)
+        gather_decoded(self.format.decode_row, self.data, np.arange(start, stop), out)
         return out
 
 

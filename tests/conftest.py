@@ -41,7 +41,7 @@ def loaded(model_dirs):
 
     def get(name):
         if name not in cache:
-            cache[name] = engine.load(str(model_dirs(name)))
+            cache[name] = engine.load(str(model_dirs(name)), kv_cache="f32")
         return cache[name]
     return get
 

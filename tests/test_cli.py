@@ -11,6 +11,8 @@ import engine
 
 
 def run(*args, env=None):
+    if args[0] == "generate":   # the in-process references use an f32 KV cache
+        args = (*args, "--kv-cache", "f32")
     return subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True, timeout=300,
                           env={**os.environ, **(env or {})})
 

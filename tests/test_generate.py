@@ -37,13 +37,14 @@ def test_cached_prefix_is_reused_with_identical_results(loaded):
 def test_eos_stops_generation(loaded):
     llm = loaded("qwen2-f32")
     ids = llm.tokenize("Hello world")
-    llm.generate("Hello world", raw=True, temperature=0, max_tokens=3)
-    first, second = llm.last_stats.generated_ids[:2]
+    llm.generate("Hello world", raw=True, temperature=0, max_tokens=12)
+    greedy = llm.last_stats.generated_ids
+    cut = next(i for i in range(1, len(greedy)) if greedy[i] not in greedy[:i])   # a token not seen before
     stats = Stats()
     text = "".join(generate_text(llm.model, llm.tokenizer, ids, Sampler(SamplerSettings(temperature=0)),
-                                 max_tokens=10, eos_ids=[second], stats=stats))
-    assert stats.stop_reason == "eos" and stats.generated_ids == [first]
-    assert text == llm.detokenize([first])
+                                 max_tokens=12, eos_ids=[greedy[cut]], stats=stats))
+    assert stats.stop_reason == "eos" and stats.generated_ids == greedy[:cut]
+    assert text == llm.detokenize(greedy[:cut])
 
 
 def test_context_full_stops_generation(model_dirs):

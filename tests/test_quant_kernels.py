@@ -112,7 +112,7 @@ INT8_DOT = r"\b(vpmaddwd|vpdpwssd|vpdpbusd|vpmaddubsw)\b"   # 16-bit multiply-ad
 def fresh_asm(kernel, *args) -> str:
     """Machine code of a kernel compiled anew with its own options (cached code cannot be inspected)."""
     import numba
-    options = {k: v for k, v in kernel.targetoptions.items() if k != "cache"}
+    options = {k: v for k, v in kernel.targetoptions.items() if k not in ("cache", "nopython")}
     fresh = numba.njit(**options)(kernel.py_func)
     fresh(*args)
     return fresh.inspect_asm(fresh.signatures[0])

@@ -77,14 +77,14 @@ def make_model(out: Path, arch: str, dtype: str = "float32", legacy_config: bool
                   rms_norm_eps=1e-6)
     if arch == "qwen2":
         # DeepSeek-R1-Distill-Qwen: q/k/v biases, untied embeddings, plain rope
-        config = Qwen2Config(hidden_size=64, intermediate_size=160, max_position_embeddings=512,
+        config = Qwen2Config(hidden_size=128, intermediate_size=160, max_position_embeddings=512,
                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
                              tie_word_embeddings=False, **common)
         model = Qwen2ForCausalLM(config)
     else:
         # DeepSeek-R1-Distill-Llama: llama3 rope scaling; here with a small original context
         # (prompts longer than it are tested), tied embeddings and head_dim != hidden/heads
-        config = LlamaConfig(hidden_size=64, intermediate_size=160, head_dim=24, max_position_embeddings=512,
+        config = LlamaConfig(hidden_size=64, intermediate_size=160, head_dim=32, max_position_embeddings=512,
                              rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                               "original_max_position_embeddings": 32},
