@@ -48,7 +48,11 @@ def save_tokenizer(tok, out: Path) -> None:
 
 
 def randomize(model, seed: int) -> None:
-    """N(0, 1/fan_in) weights, q/k twice that scale, norms near 1, biases small."""
+    """N(0, 1/fan_in) weights, q/k twice that scale, norms near 1, biases small.
+
+    An untied LM head is the embedding plus noise: like a trained model (and like a tied one),
+    the next-token distribution is peaked rather than flat, so that top-1 agreement measures
+    the numerics and not near-ties between random logits."""
     import torch
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -59,6 +63,8 @@ def randomize(model, seed: int) -> None:
                 p.copy_(0.5 * torch.randn(p.shape, generator=g))
             elif "embed_tokens" in name:
                 p.copy_(torch.randn(p.shape, generator=g))
+            elif name == "lm_head.weight":
+                p.copy_(model.get_input_embeddings().weight + 0.5 * torch.randn(p.shape, generator=g))
             else:
                 scale = (2.0 if ("q_proj" in name or "k_proj" in name) else 1.0) / p.shape[1] ** 0.5
                 p.copy_(scale * torch.randn(p.shape, generator=g))
