@@ -23,16 +23,20 @@ ROWS_PER_TASK = 16
 
 
 @njit(inline="always")
-def _block_scale(row, offset):
-    """The fp16 scale at the start of a block, as float32."""
-    return f16_to_f32(np.uint16(np.uint16(row[offset]) | (np.uint16(row[offset + 1]) << np.uint16(8))))
+def _block_scale(w, n, offset):
+    """The fp16 scale at byte `offset` of row n, as float32.
+
+    The kernels index w[n, ...] directly rather than slicing row = w[n]: with the slice (and
+    a separate array of decoded scales) LLVM stopped vectorizing the int4 unpacking loop.
+    """
+    return f16_to_f32(np.uint16(np.uint16(w[n, offset]) | (np.uint16(w[n, offset + 1]) << np.uint16(8))))
 
 
 @njit(inline="always")
-def _store_scale(row, offset, d):
+def _store_scale(out, n, offset, d):
     bits = f32_to_f16(np.float32(d))
-    row[offset] = np.uint8(bits & np.uint16(0xFF))
-    row[offset + 1] = np.uint8(bits >> np.uint16(8))
+    out[n, offset] = np.uint8(bits & np.uint16(0xFF))
+    out[n, offset + 1] = np.uint8(bits >> np.uint16(8))
 
 
 @njit(inline="always")
@@ -55,7 +59,7 @@ def quantize_q8_0(x, out):
             d = amax / np.float32(127.0)
             inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
             o = b * Q8_0_BYTES
-            _store_scale(out[n], o, d)
+            _store_scale(out, n, o, d)
             for j in range(QK):
                 out[n, o + 2 + j] = np.uint8(np.int8(_round_half_away(x[n, b * QK + j] * inv)))
 
@@ -75,7 +79,7 @@ def quantize_q4_0(x, out):
             d = extreme / np.float32(-8.0)
             inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
             o = b * Q4_0_BYTES
-            _store_scale(out[n], o, d)
+            _store_scale(out, n, o, d)
             for j in range(QK // 2):
                 lo = min(np.int32(np.float32(x[n, b * QK + j] * inv) + np.float32(8.5)), 15)
                 hi = min(np.int32(np.float32(x[n, b * QK + j + 16] * inv) + np.float32(8.5)), 15)
@@ -88,7 +92,7 @@ def quantize_q4_0(x, out):
 def decode_q8_0_row(row, dst):
     for b in range(dst.shape[0] // QK):
         o = b * Q8_0_BYTES
-        d = _block_scale(row, o)
+        d = _block_scale(row.reshape(1, -1), 0, o)
         for j in range(QK):
             dst[b * QK + j] = d * np.float32(np.int8(row[o + 2 + j]))
 
@@ -97,7 +101,7 @@ def decode_q8_0_row(row, dst):
 def decode_q4_0_row(row, dst):
     for b in range(dst.shape[0] // QK):
         o = b * Q4_0_BYTES
-        d = _block_scale(row, o)
+        d = _block_scale(row.reshape(1, -1), 0, o)
         for j in range(QK // 2):
             q = row[o + 2 + j]
             dst[b * QK + j] = d * np.float32(np.int32(q & np.uint8(15)) - 8)
@@ -135,16 +139,15 @@ def matmul_q8_0(w, xq, xd, out):
     n_tokens, n_blocks = xd.shape
     for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         for n in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
-            row = w[n]
             for t in range(n_tokens):
                 acc = np.float32(0.0)
                 for b in range(n_blocks):
-                    o = b * Q8_0_BYTES + 2
+                    o = b * Q8_0_BYTES
                     x0 = b * QK
                     isum = np.int32(0)
                     for j in range(QK):
-                        isum = np.int32(isum + np.int32(np.int8(row[o + j])) * np.int32(xq[t, x0 + j]))
-                    acc += np.float32(isum) * (_block_scale(row, o - 2) * xd[t, b])
+                        isum = np.int32(isum + np.int32(np.int8(w[n, o + 2 + j])) * np.int32(xq[t, x0 + j]))
+                    acc += np.float32(isum) * (_block_scale(w, n, o) * xd[t, b])
                 out[t, n] = acc
 
 
@@ -156,16 +159,13 @@ def matmul_q4_0(w, xq, xd, out):
     n_tokens, n_blocks = xd.shape
     for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         unpacked = np.empty(n_blocks * QK, np.int8)
-        scales = np.empty(n_blocks, np.float32)
         for n in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
-            row = w[n]
             for b in range(n_blocks):
-                o = b * Q4_0_BYTES
-                scales[b] = _block_scale(row, o)
+                o = b * Q4_0_BYTES + 2
                 for j in range(QK // 2):
-                    q = row[o + 2 + j]
-                    unpacked[b * QK + j] = np.int8(q & np.uint8(15)) - np.int8(8)
-                    unpacked[b * QK + j + 16] = np.int8(q >> np.uint8(4)) - np.int8(8)
+                    q = w[n, o + j]
+                    unpacked[b * QK + j] = np.int8(q & 15) - np.int8(8)
+                    unpacked[b * QK + j + 16] = np.int8(q >> 4) - np.int8(8)
             for t in range(n_tokens):
                 acc = np.float32(0.0)
                 for b in range(n_blocks):
@@ -173,5 +173,5 @@ def matmul_q4_0(w, xq, xd, out):
                     isum = np.int32(0)
                     for j in range(QK):
                         isum = np.int32(isum + np.int32(unpacked[x0 + j]) * np.int32(xq[t, x0 + j]))
-                    acc += np.float32(isum) * (scales[b] * xd[t, b])
+                    acc += np.float32(isum) * (_block_scale(w, n, b * Q4_0_BYTES) * xd[t, b])
                 out[t, n] = acc

@@ -1,0 +1,79 @@
+"""Measure this machine's memory read bandwidth: the roofline for memory-bound decode.
+
+A compiled (numba) kernel streams through a buffer much larger than the last-level cache and
+sums it as 64-bit integers with independent accumulators, so that neither the adds nor a
+single dependency chain limit it: what remains is the memory system. numpy's sum is shown for
+comparison; it undercounts (one thread, float adds with a dependency chain).
+
+    python scripts/bandwidth.py [--gib 2] [--threads 1 2]
+"""
+import argparse
+import statistics
+import time
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+CHUNKS = 256
+
+
+@njit(parallel=True, cache=True)
+def read_all(words):
+    """Sum of all 64-bit words, read once, in parallel chunks."""
+    step = words.shape[0] // CHUNKS
+    partial = np.zeros(CHUNKS, np.uint64)
+    for c in prange(CHUNKS):
+        a0 = np.uint64(0)
+        a1 = np.uint64(0)
+        a2 = np.uint64(0)
+        a3 = np.uint64(0)
+        for i in range(c * step, (c + 1) * step, 4):
+            a0 += words[i]
+            a1 += words[i + 1]
+            a2 += words[i + 2]
+            a3 += words[i + 3]
+        partial[c] = a0 + a1 + a2 + a3
+    return partial.sum()
+
+
+def measure_read_bandwidth(threads: int, gib: float = 2.0, repeats: int = 7) -> float:
+    """Median GB/s of read_all over a buffer of `gib` GiB with `threads` threads."""
+    words = np.ones(int(gib * 2**30) // 8 // (CHUNKS * 4) * (CHUNKS * 4), np.uint64)
+    previous = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        read_all(words)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            read_all(words)
+            times.append(time.perf_counter() - start)
+    finally:
+        numba.set_num_threads(previous)
+    return words.nbytes / statistics.median(times) / 1e9
+
+
+def numpy_sum_bandwidth(gib: float = 2.0, repeats: int = 5) -> float:
+    a = np.ones(int(gib * 2**30) // 4, np.float32)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a.sum()
+        times.append(time.perf_counter() - start)
+    return a.nbytes / statistics.median(times) / 1e9
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gib", type=float, default=2.0, help="buffer size in GiB (default 2)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, numba.config.NUMBA_NUM_THREADS])
+    args = parser.parse_args()
+    print(f"{'reader':<28} {'threads':>7} {'GB/s':>8}")
+    for threads in args.threads:
+        print(f"{'numba, 4 accumulators':<28} {threads:>7} {measure_read_bandwidth(threads, args.gib):>8.2f}")
+    print(f"{'numpy float32 sum':<28} {1:>7} {numpy_sum_bandwidth(args.gib):>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
