@@ -15,11 +15,11 @@ def test_defaults_come_from_generation_config(loaded):
 
 def test_stream_and_text_agree_and_seed_reproduces(loaded):
     llm = loaded("qwen2-f32")
-    text = llm.generate("Tell me a story", max_tokens=24, seed=5)
-    pieces = list(llm.generate("Tell me a story", max_tokens=24, seed=5, stream=True))
+    text = llm.generate("Tell me a story", max_tokens=24, seed=5, temperature=1.5)
+    pieces = list(llm.generate("Tell me a story", max_tokens=24, seed=5, temperature=1.5, stream=True))
     assert "".join(pieces) == text and len(pieces) > 1
     assert llm.last_stats.generated_tokens == 24 and llm.last_stats.stop_reason == "max_tokens"
-    others = {llm.generate("Tell me a story", max_tokens=24, seed=s) for s in range(6, 10)}
+    others = {llm.generate("Tell me a story", max_tokens=24, seed=s, temperature=1.5) for s in range(6, 10)}
     assert len(others | {text}) > 1   # other seeds give other texts
 
 

@@ -50,9 +50,10 @@ def save_tokenizer(tok, out: Path) -> None:
 def randomize(model, seed: int) -> None:
     """N(0, 1/fan_in) weights, q/k twice that scale, norms near 1, biases small.
 
-    An untied LM head is the embedding plus noise: like a trained model (and like a tied one),
-    the next-token distribution is peaked rather than flat, so that top-1 agreement measures
-    the numerics and not near-ties between random logits."""
+    An untied LM head is a shuffled copy of the embedding plus noise, a made-up bigram table:
+    like a trained model, the next-token distribution is peaked rather than flat (so that top-1
+    agreement measures the numerics, not near-ties of random logits), and greedy text does not
+    just repeat the last token."""
     import torch
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -64,7 +65,8 @@ def randomize(model, seed: int) -> None:
             elif "embed_tokens" in name:
                 p.copy_(torch.randn(p.shape, generator=g))
             elif name == "lm_head.weight":
-                p.copy_(model.get_input_embeddings().weight + 0.5 * torch.randn(p.shape, generator=g))
+                shuffled = model.get_input_embeddings().weight[torch.randperm(p.shape[0], generator=g)]
+                p.copy_(0.15 * (shuffled + 0.5 * torch.randn(p.shape, generator=g)))
             else:
                 scale = (2.0 if ("q_proj" in name or "k_proj" in name) else 1.0) / p.shape[1] ** 0.5
                 p.copy_(scale * torch.randn(p.shape, generator=g))
