@@ -10,20 +10,22 @@
 and builds the Transformer with its KV cache. `LLM` ties model, tokenizer and sampler together.
 """
 import time
+from dataclasses import replace
 
 import numpy as np
 
 from kernels.attention import KV_KINDS
 
-from .config import ModelConfig, load_config
+from .config import ModelConfig, config_from_dict, load_config
 from .errors import EngineError
 from .generate import Stats, check_request, generate_text
 from .model import Transformer
 from .quantize import check_quant, quantize_weights
 from .resolve import resolve_model
 from .sampler import Sampler, SamplerSettings
-from .tokenizer import Tokenizer
-from .weights import load_weights, read_checkpoint
+from .gguf import GGUFFile, gguf_tensors, hf_config, rope_freq_factors
+from .tokenizer import Tokenizer, tokenizer_from_gguf
+from .weights import load_checkpoint, load_weights
 
 __all__ = ["load", "load_tokenizer", "LLM", "EngineError", "ModelConfig", "SamplerSettings"]
 
@@ -41,7 +43,23 @@ def set_threads(threads: int | None) -> None:
 
 def load_tokenizer(model: str) -> Tokenizer:
     """Only the tokenizer (and chat template) of a model: no weights are read or downloaded."""
-    return Tokenizer.from_dir(resolve_model(str(model), tokenizer_only=True))
+    path = resolve_model(str(model), tokenizer_only=True)
+    if path.is_file():
+        return tokenizer_from_gguf(GGUFFile(path, require_data=False).metadata)
+    return Tokenizer.from_dir(path)
+
+
+def read_model(path) -> tuple[ModelConfig, Tokenizer, dict]:
+    """Config, tokenizer and checked weights of a model directory or GGUF file."""
+    if path.is_file():
+        gguf = GGUFFile(path)
+        config = config_from_dict(hf_config(gguf))
+        factors = rope_freq_factors(gguf)
+        config = replace(config, rope_interleaved=config.architecture == "llama",
+                         rope_freq_factors=None if factors is None else tuple(factors.tolist()))
+        return config, tokenizer_from_gguf(gguf.metadata), load_weights(config, *gguf_tensors(gguf))
+    config = load_config(path)
+    return config, Tokenizer.from_dir(path), load_checkpoint(path, config)
 
 
 def load(model: str, *, context_length: int | None = None, threads: int | None = None, quant: str | None = None,
@@ -62,12 +80,9 @@ def load(model: str, *, context_length: int | None = None, threads: int | None =
     if context_length is not None and (isinstance(context_length, bool) or not isinstance(context_length, int)
                                        or context_length < 2):
         raise EngineError(f"context_length must be an integer of at least 2, got {context_length!r}")
-    model_dir = resolve_model(str(model))
-    config = load_config(model_dir)
+    config, tokenizer, weights = read_model(resolve_model(str(model)))
     if kv_cache == "q8_0" and config.head_dim % 32:
         raise EngineError(f"a q8_0 KV cache needs head_dim to be a multiple of 32; this model's is {config.head_dim}")
-    tokenizer = Tokenizer.from_dir(model_dir)
-    weights = load_weights(config, *read_checkpoint(model_dir))
     if quant is not None:
         weights = quantize_weights(weights, quant)
     if context_length is None:

@@ -44,6 +44,10 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple = ()
     generation_defaults: dict = field(default_factory=dict)
+    # GGUF files: llama's q/k rows are permuted for rotary pairs (2i, 2i+1) instead of HF's
+    # rotate-half, and Llama 3 scaling arrives as one divisor per frequency
+    rope_interleaved: bool = False
+    rope_freq_factors: tuple | None = None
 
 
 def _int_field(raw: dict, key: str, *, minimum: int = 1) -> int:

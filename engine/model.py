@@ -41,6 +41,8 @@ def rope_frequencies(config: ModelConfig) -> np.ndarray:
     dim = config.head_dim
     exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
     inv_freq = (np.float32(1.0) / np.power(np.float32(config.rope_theta), exponents)).astype(np.float32)
+    if config.rope_freq_factors is not None:   # Llama 3 scaling as stored in GGUF
+        return (inv_freq / np.asarray(config.rope_freq_factors, np.float32)).astype(np.float32)
     s = config.rope_scaling
     if s is None:
         return inv_freq
@@ -133,8 +135,8 @@ class Transformer:
                 q += layer.q_bias
                 k += layer.k_bias
                 v += layer.v_bias
-            rope(q.reshape(heads), self.cos, self.sin, start_pos)
-            rope(k.reshape(kv_heads), self.cos, self.sin, start_pos)
+            rope(q.reshape(heads), self.cos, self.sin, start_pos, c.rope_interleaved)
+            rope(k.reshape(kv_heads), self.cos, self.sin, start_pos, c.rope_interleaved)
             self.cache.store(i, k.reshape(kv_heads), v.reshape(kv_heads), start_pos)
             self.cache.attend(i, q.reshape(heads), start_pos, att.reshape(heads))
             matmul(layer.o, att, tmp)

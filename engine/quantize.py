@@ -22,7 +22,7 @@ from kernels.formats import FORMATS, Weight
 from .config import load_config
 from .errors import EngineError
 from .resolve import resolve_model
-from .weights import QUANTIZED_FORMAT, QUANTIZED_FORMAT_VERSION, load_weights, read_checkpoint
+from .weights import QUANTIZED_FORMAT, QUANTIZED_FORMAT_VERSION, load_checkpoint
 
 QUANT_TYPES = ("q8_0", "q4_0")
 # tensors kept at a higher precision than the requested type
@@ -80,7 +80,7 @@ def save_quantized(model: str, output: str, quant: str) -> Path:
     if out.resolve() == source.resolve():
         raise EngineError("the output directory must differ from the model's own directory")
     config = load_config(source)
-    weights = quantize_weights(load_weights(config, *read_checkpoint(source)), quant)
+    weights = quantize_weights(load_checkpoint(source, config), quant)
     tensors = {name: (w.data if isinstance(w, Weight) else w) for name, w in weights.items()}
     formats = {name: w.format.name for name, w in weights.items() if isinstance(w, Weight)}
     out.mkdir(parents=True, exist_ok=True)

@@ -26,12 +26,13 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def resolve_model(name: str, tokenizer_only: bool = False) -> Path:
-    """The local directory that holds the model called `name`, downloading it if need be."""
+    """The local directory (or GGUF file) that holds the model called `name`, downloading it if need be."""
     path = Path(name).expanduser()
-    if path.is_dir():
+    if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
         return path
     if path.exists():
-        raise EngineError(f"{name} is a file, but a model is a directory with config.json and *.safetensors")
+        raise EngineError(f"{name} is a file but not a .gguf; a model is a GGUF file or a directory "
+                          f"with config.json and *.safetensors")
     repo_id = ALIASES.get(name.lower(), name)
     if not REPO_ID.match(repo_id):
         raise EngineError(f"model {name!r} is not a directory, a known alias ({', '.join(ALIASES)}) "

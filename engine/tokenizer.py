@@ -139,3 +139,67 @@ class StreamDecoder:
         text = self.tokenizer.decode(self.ids[self.prefix_offset:])
         self.prefix_offset = self.read_offset = len(self.ids)
         return text[len(prefix):]
+
+
+# --- tokenizers built from GGUF metadata ---------------------------------------------------------
+
+# Pre-tokenizer split patterns by `tokenizer.ggml.pre`, as the original Hugging Face tokenizers define them.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4
+
+
+def _pre_tokenizer(name: str):
+    from tokenizers import Regex, pre_tokenizers
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    split = {"qwen2": QWEN2_SPLIT, "deepseek-r1-qwen": QWEN2_SPLIT, "llama-bpe": LLAMA3_SPLIT}.get(name)
+    if split is not None:
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"), byte_level])
+    if name == "smollm":   # digits one by one, then GPT-2's byte-level split
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    if name in ("gpt2", "default"):
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    raise EngineError(f"GGUF pre-tokenizer {name!r} is not supported; supported: qwen2, deepseek-r1-qwen, "
+                      f"llama-bpe, smollm, gpt2, default")
+
+
+def tokenizer_from_gguf(metadata: dict) -> Tokenizer:
+    """A byte-level BPE tokenizer (GGUF `tokenizer.ggml.model` gpt2) from a GGUF file's metadata."""
+    from tokenizers import AddedToken, decoders, models, processors
+    from tokenizers import Tokenizer as Backend
+
+    kind = metadata.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise EngineError(f"GGUF tokenizer model {kind!r} is not supported; supported: gpt2 (byte-level BPE)")
+    tokens, merges = metadata.get("tokenizer.ggml.tokens"), metadata.get("tokenizer.ggml.merges")
+    types = metadata.get("tokenizer.ggml.token_type")
+    if not isinstance(tokens, list) or not isinstance(merges, list) or types is None or len(types) != len(tokens):
+        raise EngineError("GGUF tokenizer metadata needs tokens, token_type (as many) and merges")
+    pre = metadata.get("tokenizer.ggml.pre", "default")
+    pairs = []
+    for merge in merges:
+        left, _, right = merge.partition(" ")
+        if not right:
+            raise EngineError(f"GGUF tokenizer merge {merge!r} is not two tokens separated by a space")
+        pairs.append((left, right))
+    vocab = {token: i for i, token in enumerate(tokens)}
+    backend = Backend(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre == "llama-bpe"))
+    backend.pre_tokenizer = _pre_tokenizer(pre)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_tokens([AddedToken(tokens[i], special=types[i] == TOKEN_CONTROL, normalized=False)
+                        for i in range(len(tokens)) if types[i] in (TOKEN_CONTROL, TOKEN_USER_DEFINED)])
+
+    def token(key):
+        i = metadata.get(key)
+        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
+    bos = token("tokenizer.ggml.bos_token_id")
+    if metadata.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])])
+    specials = {"bos_token": bos, "eos_token": token("tokenizer.ggml.eos_token_id"),
+                "unk_token": token("tokenizer.ggml.unknown_token_id"),
+                "pad_token": token("tokenizer.ggml.padding_token_id")}
+    return Tokenizer(backend, metadata.get("tokenizer.chat_template"), specials)

@@ -160,11 +160,14 @@ def stored_formats(metadata: dict) -> dict:
     return formats
 
 
-def load_weights(config: ModelConfig, tensors: dict, metadata: dict | None = None) -> dict:
+def load_weights(config: ModelConfig, tensors: dict, formats: dict | None = None) -> dict:
     """Check presence, format and shape of every tensor against the config before any kernel
-    runs; return {name: Weight (matrices) or float32 vector}."""
+    runs; return {name: Weight (matrices) or float32 vector}.
+
+    tensors: {name: (dtype name, array)}; formats: {name: format} for tensors stored in a
+    block format (their arrays are raw rows), the others are plain floats."""
     shapes = expected_shapes(config)
-    formats = stored_formats(metadata or {})
+    formats = formats or {}
     missing = [name for name in shapes if name not in tensors]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -188,3 +191,9 @@ def load_weights(config: ModelConfig, tensors: dict, metadata: dict | None = Non
             raise EngineError(f"tensor '{name}' has dtype {dtype_name}; float weights must be F32, F16 or BF16")
         weights[name] = Weight(FORMATS[fmt], shape, array)
     return weights
+
+
+def load_checkpoint(model_dir: Path, config: ModelConfig) -> dict:
+    """The checked weights of a safetensors model directory (float or quantized by us)."""
+    tensors, metadata = read_checkpoint(model_dir)
+    return load_weights(config, tensors, stored_formats(metadata))

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 from numba import njit, prange
 
-from . import quant
+from . import kquants, quant
 from .bits import bf16_to_f32, f16_to_f32
 
 ROWS_PER_TASK = 16  # output rows per parallel work item: few enough tasks to keep overhead low
@@ -109,7 +109,7 @@ class Format:
     block_bytes: int         # bytes per block (in units of storage_dtype items for floats: see row_items)
     decode_row: Callable     # njit (raw row, float32 out) -> None
     matmul: Callable         # (raw weight, x (tokens, cols) f32, out (tokens, rows) f32) -> None
-    quantize: Callable       # float32 (rows, cols) -> raw storage
+    quantize: Callable | None  # float32 (rows, cols) -> raw storage (None: read from files only)
 
     def row_items(self, cols: int) -> int:
         """Items of storage_dtype per row of `cols` weights."""
@@ -129,6 +129,13 @@ FORMATS = {f.name: f for f in [
            int8_activation_matmul(quant.matmul_q8_0), blocks_quantizer(quant.quantize_q8_0, quant.Q8_0_BYTES)),
     Format("q4_0", np.uint8, quant.QK, quant.Q4_0_BYTES, quant.decode_q4_0_row,
            int8_activation_matmul(quant.matmul_q4_0), blocks_quantizer(quant.quantize_q4_0, quant.Q4_0_BYTES)),
+    # formats read from GGUF files: no quantizer of ours, float kernels for now
+    Format("q4_1", np.uint8, 32, kquants.Q4_1_BYTES, kquants.decode_q4_1_row,
+           float_matmul(kquants.decode_q4_1_row), None),
+    Format("q4_k", np.uint8, kquants.QK_K, kquants.Q4_K_BYTES, kquants.decode_q4_k_row,
+           float_matmul(kquants.decode_q4_k_row), None),
+    Format("q6_k", np.uint8, kquants.QK_K, kquants.Q6_K_BYTES, kquants.decode_q6_k_row,
+           float_matmul(kquants.decode_q6_k_row), None),
 ]}
 
 

@@ -17,23 +17,25 @@ def rmsnorm(x, weight, eps, out):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def rope(x, cos, sin, start_pos):
+def rope(x, cos, sin, start_pos, interleaved):
     """Rotate x of shape (tokens, heads, head_dim) in place, token t being at position start_pos + t.
 
-    Hugging Face's "rotate half" layout: dimension i pairs with i + head_dim/2 (not 2i with 2i+1,
-    which is what GGUF's llama tensors use after llama.cpp permutes q/k at conversion).
-    cos and sin are tables of shape (positions, head_dim/2).
+    Hugging Face's "rotate half" layout pairs dimension i with i + head_dim/2. GGUF's llama
+    tensors (q/k rows permuted by llama.cpp's converter) pair 2i with 2i + 1: `interleaved`.
+    Both give the same attention scores on the same model. cos and sin: (positions, head_dim/2).
     """
     n_tokens, n_heads, head_dim = x.shape
     half = head_dim // 2
+    stride = 1 if interleaved else half   # distance between the two members of a pair
     for t in prange(n_tokens):
         pos = start_pos + t
         for h in range(n_heads):
             for i in range(half):
-                a = x[t, h, i]
-                b = x[t, h, i + half]
-                x[t, h, i] = a * cos[pos, i] - b * sin[pos, i]
-                x[t, h, i + half] = b * cos[pos, i] + a * sin[pos, i]
+                first = 2 * i if interleaved else i
+                a = x[t, h, first]
+                b = x[t, h, first + stride]
+                x[t, h, first] = a * cos[pos, i] - b * sin[pos, i]
+                x[t, h, first + stride] = b * cos[pos, i] + a * sin[pos, i]
 
 
 @njit(parallel=True, fastmath=True, cache=True)

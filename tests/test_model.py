@@ -47,8 +47,8 @@ def test_chunked_prefill_equals_single_batch(model_dirs):
 
 def _weights(path):
     from engine.config import load_config
-    from engine.weights import load_weights, read_checkpoint
-    return load_weights(load_config(path), *read_checkpoint(path))
+    from engine.weights import load_checkpoint
+    return load_checkpoint(path, load_config(path))
 
 
 @pytest.mark.parametrize("name", ["qwen2-f32", "llama-bf16"])

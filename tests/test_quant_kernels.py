@@ -135,3 +135,40 @@ def test_float_kernel_uses_fma():
     w = Weight.quantize(random_weights(32, 64), "bf16")
     asm = fresh_asm(matmul_decoded, decode_bf16_row, w.data, np.ones((1, 64), np.float32), np.empty((1, 32), np.float32))
     assert re.search(r"\bvfmadd\w*ps\b", asm)
+
+
+# --- formats read from GGUF files ------------------------------------------------------------
+
+def random_blocks(fmt, rows, cols, seed=0):
+    """Random bytes as blocks of `fmt`, with finite fp16 scales, like a real file's."""
+    f = FORMATS[fmt]
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, (rows, f.row_bytes(cols)), dtype=np.uint8)
+    blocks = data.reshape(-1, f.block_bytes)
+    scales = rng.uniform(-0.05, 0.05, (len(blocks), 2)).astype(np.float16).view(np.uint8)
+    at = {"q4_1": [0, 2], "q4_k": [0, 2], "q6_k": [208]}[fmt]
+    for k, offset in enumerate(at):
+        blocks[:, offset:offset + 2] = scales[:, 2 * k:2 * k + 2]
+    return data
+
+
+GGUF_TYPES = {"q4_1": GGMLQuantizationType.Q4_1, "q4_k": GGMLQuantizationType.Q4_K,
+              "q6_k": GGMLQuantizationType.Q6_K}
+
+
+@pytest.mark.parametrize("fmt", list(GGUF_TYPES))
+def test_gguf_format_decoders_are_bit_exact(fmt):
+    data = random_blocks(fmt, 24, 512, seed=7)
+    ours = Weight(FORMATS[fmt], (24, 512), data).dequantize()
+    ref = quants.dequantize(data, GGUF_TYPES[fmt])
+    assert ours.shape == ref.shape and np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
+
+
+@pytest.mark.parametrize("fmt", list(GGUF_TYPES))
+def test_gguf_format_matmul_equals_dequantize_then_matmul(fmt):
+    w = Weight(FORMATS[fmt], (40, 512), random_blocks(fmt, 40, 512, seed=8))
+    x = np.random.default_rng(9).standard_normal((3, 512)).astype(np.float32)
+    out = np.empty((3, 40), np.float32)
+    matmul(w, x, out)
+    ref = x.astype(np.float64) @ w.dequantize().astype(np.float64).T
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()

