@@ -21,7 +21,7 @@ from .errors import EngineError
 from .generate import Stats, check_request, generate_text
 from .model import Transformer
 from .quantize import check_quant, quantize_weights
-from .resolve import resolve_model
+from .resolve import resolve
 from .sampler import Sampler, SamplerSettings
 from .gguf import GGUFFile, gguf_tensors, hf_config, rope_freq_factors
 from .tokenizer import Tokenizer, tokenizer_from_gguf
@@ -43,7 +43,7 @@ def set_threads(threads: int | None) -> None:
 
 def load_tokenizer(model: str) -> Tokenizer:
     """Only the tokenizer (and chat template) of a model: no weights are read or downloaded."""
-    path = resolve_model(str(model), tokenizer_only=True)
+    path = resolve(str(model), tokenizer_only=True).path
     if path.is_file():
         return tokenizer_from_gguf(GGUFFile(path, require_data=False).metadata)
     return Tokenizer.from_dir(path)
@@ -80,24 +80,35 @@ def load(model: str, *, context_length: int | None = None, threads: int | None =
     if context_length is not None and (isinstance(context_length, bool) or not isinstance(context_length, int)
                                        or context_length < 2):
         raise EngineError(f"context_length must be an integer of at least 2, got {context_length!r}")
-    config, tokenizer, weights = read_model(resolve_model(str(model)))
+    resolved = resolve(str(model))
+    config, tokenizer, weights = read_model(resolved.path)
+    options = dict(resolved.options)
+    default_stop = options.pop("stop", [])
+    default_stop = [default_stop] if isinstance(default_stop, str) else list(default_stop)
     if kv_cache == "q8_0" and config.head_dim % 32:
         raise EngineError(f"a q8_0 KV cache needs head_dim to be a multiple of 32; this model's is {config.head_dim}")
     if quant is not None:
         weights = quantize_weights(weights, quant)
     if context_length is None:
-        context_length = min(config.max_position_embeddings, DEFAULT_CONTEXT)
+        context_length = options.pop("context_length", None) or min(config.max_position_embeddings, DEFAULT_CONTEXT)
+    options.pop("context_length", None)
     transformer = Transformer(config, weights, context_length, kv_cache=kv_cache)
-    return LLM(config, tokenizer, transformer, load_seconds=time.perf_counter() - started)
+    llm = LLM(config, tokenizer, transformer, load_seconds=time.perf_counter() - started,
+              sampler_options=options, stop=default_stop)
+    llm.source = resolved.source
+    return llm
 
 
 class LLM:
-    def __init__(self, config: ModelConfig, tokenizer: Tokenizer, model: Transformer, load_seconds: float = 0.0):
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer, model: Transformer, load_seconds: float = 0.0,
+                 sampler_options: dict | None = None, stop: list | None = None):
         self.config = config
         self.tokenizer = tokenizer
         self.model = model
         self.load_seconds = load_seconds
-        self.sampler_defaults = SamplerSettings().updated(**config.generation_defaults)
+        self.source = ""
+        self.default_stop = list(stop or [])
+        self.sampler_defaults = SamplerSettings().updated(**{**config.generation_defaults, **(sampler_options or {})})
         eos = set(config.eos_token_ids)
         eos_token = tokenizer.token_id(tokenizer.special_tokens.get("eos_token"))
         if eos_token is not None:
@@ -139,7 +150,7 @@ class LLM:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         return self.tokenizer.encode_chat(messages)
 
-    def generate(self, prompt: str | list, *, max_tokens: int = 512, stop: list[str] = (), raw: bool = False,
+    def generate(self, prompt: str | list, *, max_tokens: int = 512, stop: list[str] | None = None, raw: bool = False,
                  stream: bool = False, **sampler_options):
         """Generate a reply to a prompt (text as one user message, or a list of chat messages).
 
@@ -160,5 +171,6 @@ class LLM:
         self.last_stats = Stats(load_seconds=self.load_seconds)
         self.load_seconds = 0.0   # reported once, with the first generation
         pieces = generate_text(self.model, self.tokenizer, ids, sampler, max_tokens=max_tokens,
-                               eos_ids=self.eos_ids, stop=list(stop), stats=self.last_stats, start_pos=common)
+                               eos_ids=self.eos_ids, stop=list(self.default_stop if stop is None else stop),
+                               stats=self.last_stats, start_pos=common)
         return pieces if stream else "".join(pieces)

@@ -1,4 +1,4 @@
-"""The command line: `python -m engine generate | quantize | tokenize`.
+"""The command line: `python -m engine generate | info | quantize | tokenize`.
 
 generate streams only the generated text to stdout; statistics and errors go to stderr.
 """
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--presence-penalty", type=float, help="subtracted from seen tokens' logits")
     g.add_argument("--frequency-penalty", type=float, help="subtracted once per occurrence")
     g.add_argument("--seed", type=int, help="random seed: the same seed gives the same text")
-    g.add_argument("--stop", action="append", default=[], help="stop when this text is generated (repeatable)")
+    g.add_argument("--stop", action="append", help="stop when this text is generated (repeatable)")
     _add_load_options(g)
     g.add_argument("--verbose", "-v", action="store_true", help="print timings and tokens/s to stderr")
 
@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(q)
     q.add_argument("--type", required=True, choices=QUANT_TYPES, help="weight format")
     q.add_argument("--output", "-o", required=True, help="the directory to write")
+
+    i = sub.add_parser("info", help="describe a model: architecture, size, tensor types, tokenizer, template")
+    _add_model(i)
 
     t = sub.add_parser("tokenize", help="print the token ids of a text as JSON (loads only the tokenizer)")
     _add_model(t)
@@ -62,6 +65,8 @@ def cmd_generate(args) -> int:
     from . import load
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     llm = load(args.model, context_length=args.ctx, threads=args.threads, quant=args.quant, kv_cache=args.kv_cache)
+    if llm.source != args.model:
+        print(f"model: {llm.source}", file=sys.stderr)
     pieces = llm.generate(
         prompt, raw=args.raw, max_tokens=args.max_tokens, stop=args.stop, stream=True,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
@@ -86,6 +91,13 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_info(args) -> int:
+    from .info import model_info
+    for label, value in model_info(args.model):
+        print(f"{label + ':':<16}{value}")
+    return 0
+
+
 def cmd_tokenize(args) -> int:
     from . import load_tokenizer
     print(json.dumps(load_tokenizer(args.model).encode(args.text)))
@@ -95,7 +107,7 @@ def cmd_tokenize(args) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"generate": cmd_generate, "quantize": cmd_quantize, "tokenize": cmd_tokenize}
+        commands = {"generate": cmd_generate, "info": cmd_info, "quantize": cmd_quantize, "tokenize": cmd_tokenize}
         return commands[args.command](args)
     except EngineError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -21,7 +21,7 @@ from kernels.formats import FORMATS, Weight
 
 from .config import load_config
 from .errors import EngineError
-from .resolve import resolve_model
+from .resolve import resolve
 from .weights import QUANTIZED_FORMAT, QUANTIZED_FORMAT_VERSION, load_checkpoint
 
 QUANT_TYPES = ("q8_0", "q4_0")
@@ -75,7 +75,9 @@ def quantize_weights(weights: dict, quant: str, progress: bool = True) -> dict:
 def save_quantized(model: str, output: str, quant: str) -> Path:
     """Quantize the checkpoint `model` (a directory, repo id or alias) and write it to `output`."""
     check_quant(quant)
-    source = resolve_model(model)
+    source = resolve(model).path
+    if source.is_file():
+        raise EngineError("quantize reads Hugging Face checkpoints (a directory); a GGUF file is already quantized")
     out = Path(output)
     if out.resolve() == source.resolve():
         raise EngineError("the output directory must differ from the model's own directory")

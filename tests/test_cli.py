@@ -58,7 +58,7 @@ def test_bad_options_are_clear_errors(model_dirs, args, message):
 def test_unknown_model_name():
     result = run("tokenize", "--model", "not a model", "hi")
     assert result.returncode == 2
-    assert "is not a directory, a known alias (deepseek-r1:1.5b" in result.stderr
+    assert "is not a directory, a .gguf file, a model in Ollama's store" in result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +74,14 @@ def hf_cache(tmp_path_factory, model_dirs):
     return cache
 
 
-def test_alias_resolves_from_offline_cache(hf_cache, loaded):
-    env = {"HF_HUB_CACHE": str(hf_cache), "HF_HUB_OFFLINE": "1"}
+def test_alias_resolves_from_offline_cache(hf_cache, loaded, tmp_path):
+    env = {"HF_HUB_CACHE": str(hf_cache), "HF_HUB_OFFLINE": "1", "OLLAMA_MODELS": str(tmp_path / "no-ollama")}
     result = run("generate", "--model", "deepseek-r1:1.5b", "--prompt", "Hi", "--temperature", "0",
                  "--max-tokens", "5", env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout == loaded("qwen2-f32").generate("Hi", temperature=0, max_tokens=5) + "\n"
+    assert "model: Hugging Face deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B (deepseek-r1:1.5b is not in Ollama's store" \
+        in result.stderr
     result = run("tokenize", "--model", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "Hello", env=env)
     assert json.loads(result.stdout) == loaded("qwen2-f32").tokenize("Hello")
     result = run("tokenize", "--model", "deepseek-r1:7b", "Hello", env=env)

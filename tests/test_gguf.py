@@ -274,3 +274,64 @@ def test_fuzz_mutated_files_fail_cleanly(small_gguf, tmp_path_factory, data):
             g.raw(name)
     except EngineError:
         pass
+
+
+# --- Ollama's store and `info` ----------------------------------------------------------------------
+
+@pytest.fixture
+def ollama_store(tmp_path, smollm2, monkeypatch):
+    """A store as `ollama pull smollm2:135m` lays it out, the model blob linked to the real file."""
+    import hashlib
+    store = tmp_path / "ollama"
+    (store / "blobs").mkdir(parents=True)
+    params = json.dumps({"stop": ["<|im_end|>", "France"], "temperature": 0.2, "num_ctx": 1024}).encode()
+    model_digest = "sha256:" + "ab" * 32   # Ollama names blobs by content hash; any valid hex works here
+    params_digest = "sha256:" + hashlib.sha256(params).hexdigest()
+    (store / "blobs" / model_digest.replace(":", "-")).symlink_to(smollm2)
+    (store / "blobs" / params_digest.replace(":", "-")).write_bytes(params)
+    manifest = store / "manifests" / "registry.ollama.ai" / "library" / "smollm2" / "135m"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text(json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                                    "layers": [{"mediaType": "application/vnd.ollama.image.model", "digest": model_digest},
+                                               {"mediaType": "application/vnd.ollama.image.params", "digest": params_digest}]}))
+    monkeypatch.setenv("OLLAMA_MODELS", str(store))
+    return store
+
+
+def test_ollama_name_runs_from_the_store_with_its_params(ollama_store, smollm2_llm):
+    llm = engine.load("smollm2:135m")
+    assert llm.source.startswith("Ollama's smollm2:135m")
+    assert llm.sampler_defaults.temperature == 0.2 and llm.model.context_length == 1024
+    messages = [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "What is the capital of France?"}]
+    assert llm.generate(messages, temperature=0, max_tokens=20) == "The capital of "   # cut at the stop string
+
+
+def test_ollama_store_problems_are_clear(ollama_store):
+    manifest = ollama_store / "manifests" / "registry.ollama.ai" / "library" / "smollm2" / "135m"
+    layers = json.loads(manifest.read_text())
+    layers["layers"][0]["digest"] = "sha256:" + "cd" * 32
+    manifest.write_text(json.dumps(layers))
+    with pytest.raises(EngineError, match="Ollama blob .* is missing"):
+        engine.load("smollm2:135m")
+    manifest.write_text("{}")
+    with pytest.raises(EngineError, match="not a valid image manifest"):
+        engine.load("smollm2:135m")
+
+
+def test_alias_not_in_store_falls_back_to_hugging_face(ollama_store, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = subprocess.run([sys.executable, "-m", "engine", "generate", "-m", "deepseek-r1:7b", "-p", "hi"],
+                            capture_output=True, text=True, timeout=120,
+                            env={**__import__("os").environ, "HF_HUB_CACHE": str(tmp_path / "empty")})
+    assert result.returncode == 2
+    assert "'deepseek-ai/DeepSeek-R1-Distill-Qwen-7B' is not in the Hugging Face cache" in result.stderr
+
+
+def test_info_on_gguf(smollm2, capsys):
+    from engine.cli import main
+    assert main(["info", "--model", str(smollm2)]) == 0
+    out = capsys.readouterr().out
+    for expected in ["architecture:   llama", "parameters:     134.5 M", "Q4_1 x210, F32 x61, Q8_0 x1",
+                     "context length: 8192", "49152 tokens", "chat template:  {% for message in messages %}"]:
+        assert expected in out
