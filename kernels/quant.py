@@ -47,21 +47,17 @@ def _round_half_away(v):
 
 # --- weight quantizers --------------------------------------------------------------------
 
-@njit(parallel=True, cache=True)
 def quantize_q8_0(x, out):
-    """x (rows, cols) float32 -> out (rows, cols/32*34) uint8 Q8_0 blocks."""
-    n_rows, n_cols = x.shape
-    for n in prange(n_rows):
-        for b in range(n_cols // QK):
-            amax = np.float32(0.0)
-            for j in range(QK):
-                amax = max(amax, abs(x[n, b * QK + j]))
-            d = amax / np.float32(127.0)
-            inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
-            o = b * Q8_0_BYTES
-            _store_scale(out, n, o, d)
-            for j in range(QK):
-                out[n, o + 2 + j] = np.uint8(np.int8(_round_half_away(x[n, b * QK + j] * inv)))
+    """x (rows, cols) float32 -> out (rows, cols/32*34) uint8 Q8_0 blocks.
+
+    The same rounding as the activations (below); only the scale is stored as fp16."""
+    rows, cols = x.shape
+    xq = np.empty((rows, cols), np.int8)
+    xd = np.empty((rows, cols // QK), np.float32)
+    quantize_activations(x, xq, xd)
+    blocks = out.reshape(rows, cols // QK, Q8_0_BYTES)
+    blocks[:, :, :2] = xd.astype(np.float16).view(np.uint8).reshape(rows, -1, 2)
+    blocks[:, :, 2:] = xq.view(np.uint8).reshape(rows, -1, QK)
 
 
 @njit(parallel=True, cache=True)
@@ -118,7 +114,7 @@ def quantize_activations(x, xq, xd):
     stored, so there is no reason to lose precision to fp16.
     """
     n_tokens, n_cols = x.shape
-    for t in range(n_tokens):
+    for t in range(n_tokens):   # not parallel: in decode it runs once per matmul on one row
         for b in range(n_cols // QK):
             amax = np.float32(0.0)
             for j in range(QK):
