@@ -154,7 +154,8 @@ class Transformer:
         rows = slice(0, n) if all_logits else slice(n - 1, n)
         rmsnorm(x[rows], self.final_norm, c.rms_norm_eps, h[rows])
         logits = self.logits[rows]
-        matmul(self.lm_head, h[rows], logits)
+        # the LM head picks the token: its activations are not rounded to int8 (see README)
+        matmul(self.lm_head, h[rows], logits, exact_activations=True)
         return logits if all_logits else logits[0]
 
     def prefill(self, ids: np.ndarray, start_pos: int = 0, progress=None, all_logits: bool = False) -> np.ndarray:

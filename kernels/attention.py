@@ -4,8 +4,9 @@ Layout per layer: (kv_heads, positions, head_dim), so one head's keys are contig
 query streams through them in order. Query head h reads KV head h // (heads / kv_heads):
 grouped-query heads share the cache without copies.
 
-Three storage kinds, one attention kernel: the kernel takes two small functions that read a
-cached key (dot product with the query) and a cached value (accumulate with a weight).
+Three storage kinds, one attention algorithm: it is written once, with two small functions that
+read a cached key (dot product with the query) and a cached value (accumulate with a weight),
+and inlined into one kernel per kind.
 - f32: exact; used to check the forward pass against the reference to float32 precision.
 - f16: half the memory; the default (as in llama.cpp).
 - q8_0: int8 per block of 32 with a float32 scale per block: a quarter of f32.
@@ -72,8 +73,8 @@ def value_add_q8_0(v, v_scales, kv, p, weight, acc):
 
 # --- attention -------------------------------------------------------------------------------------
 
-@njit(parallel=True, fastmath=True, cache=True)
-def attention(key_dot, value_add, q, k, k_scales, v, v_scales, start_pos, out):
+@njit(inline="always")
+def _attention(key_dot, value_add, q, k, k_scales, v, v_scales, start_pos, out):
     """Causal attention for queries q (tokens, heads, head_dim) at positions start_pos + t.
 
     Query t sees cache positions 0 .. start_pos + t. The softmax subtracts the maximum score
@@ -107,6 +108,22 @@ def attention(key_dot, value_add, q, k, k_scales, v, v_scales, start_pos, out):
             out[t, h, i] = acc[i] * inv_total
 
 
+# one small kernel per cache kind (numba cannot cache kernels that take functions as arguments)
+@njit(parallel=True, fastmath=True, cache=True)
+def attention_f32(q, k, k_scales, v, v_scales, start_pos, out):
+    _attention(key_dot_f32, value_add_f32, q, k, k_scales, v, v_scales, start_pos, out)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def attention_f16(q, k, k_scales, v, v_scales, start_pos, out):
+    _attention(key_dot_f16, value_add_f16, q, k, k_scales, v, v_scales, start_pos, out)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def attention_q8_0(q, k, k_scales, v, v_scales, start_pos, out):
+    _attention(key_dot_q8_0, value_add_q8_0, q, k, k_scales, v, v_scales, start_pos, out)
+
+
 @njit(cache=True)
 def _to_f16(src, dst):
     for i in range(src.shape[0]):
@@ -127,11 +144,7 @@ class KVCache:
         self.k, self.v = np.zeros(shape, dtype), np.zeros(shape, dtype)
         scale_shape = (layers, kv_heads, positions, head_dim // QK) if kind == "q8_0" else (layers, 1, 1, 1)
         self.k_scales, self.v_scales = np.zeros(scale_shape, np.float32), np.zeros(scale_shape, np.float32)
-        self.key_dot, self.value_add = {
-            "f32": (key_dot_f32, value_add_f32),
-            "f16": (key_dot_f16, value_add_f16),
-            "q8_0": (key_dot_q8_0, value_add_q8_0),
-        }[kind]
+        self.kernel = {"f32": attention_f32, "f16": attention_f16, "q8_0": attention_q8_0}[kind]
 
     @property
     def nbytes(self) -> int:
@@ -161,5 +174,4 @@ class KVCache:
 
     def attend(self, layer: int, q: np.ndarray, start_pos: int, out: np.ndarray) -> None:
         """out (tokens, heads, head_dim) = causal attention of q over positions 0..start_pos+t."""
-        attention(self.key_dot, self.value_add, q, self.k[layer], self.k_scales[layer],
-                  self.v[layer], self.v_scales[layer], start_pos, out)
+        self.kernel(q, self.k[layer], self.k_scales[layer], self.v[layer], self.v_scales[layer], start_pos, out)

@@ -42,12 +42,14 @@ def decode_bf16_row(src, dst):
         dst[j] = bf16_to_f32(src[j])
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def matmul_decoded(decode_row, w, x, out):
+@njit(inline="always")
+def _matmul_decoded(decode_row, w, x, out):
     """out[t, n] = dot(x[t], W[n]) for any format with a row decoder (float32 arithmetic).
 
     Each weight row is decoded once into an L1-resident float32 buffer and used for every
-    activation row, so the weight is read from memory exactly once per call.
+    activation row, so the weight is read from memory exactly once per call. Inlined into one
+    small kernel per format below: numba cannot cache a kernel that takes a function argument
+    (its cache key names the function's address, and concurrent processes then crash saving it).
     """
     n_rows = out.shape[1]
     n_tokens, n_cols = x.shape
@@ -62,20 +64,48 @@ def matmul_decoded(decode_row, w, x, out):
                 out[t, n] = acc
 
 
-@njit(cache=True)
-def gather_decoded(decode_row, w, ids, out):
-    """out[i] = W[ids[i]] as float32: the embedding lookup."""
-    for i in range(ids.shape[0]):
-        decode_row(w[ids[i]], out[i])
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_f32(w, x, out):
+    _matmul_decoded(decode_f32_row, w, x, out)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_f16(w, x, out):
+    _matmul_decoded(decode_f16_row, w, x, out)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_bf16(w, x, out):
+    _matmul_decoded(decode_bf16_row, w, x, out)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_q4_0_float(w, x, out):
+    _matmul_decoded(quant.decode_q4_0_row, w, x, out)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_q4_1_float(w, x, out):
+    _matmul_decoded(kquants.decode_q4_1_row, w, x, out)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_q4_k_float(w, x, out):
+    _matmul_decoded(kquants.decode_q4_k_row, w, x, out)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_q6_k_float(w, x, out):
+    _matmul_decoded(kquants.decode_q6_k_row, w, x, out)
+
+
+def decode_rows(decode_row, w, ids, out):
+    """out[i] = W[ids[i]] as float32: the embedding lookup (a handful of rows per call)."""
+    for i, row in enumerate(ids):
+        decode_row(w[row], out[i])
 
 
 # --- how each kind of format multiplies -------------------------------------------------------
-
-def float_matmul(decode_row):
-    def matmul(data, x, out):
-        matmul_decoded(decode_row, data, x, out)
-    return matmul
-
 
 def int8_activation_matmul(kernel):
     """Quantize the activations to int8 blocks once, then run the integer kernel."""
@@ -106,9 +136,10 @@ class Format:
     name: str
     storage_dtype: type      # numpy dtype of the raw row storage
     block_size: int          # weights per block (1 for plain floats)
-    block_bytes: int         # bytes per block (in units of storage_dtype items for floats: see row_items)
+    block_bytes: int         # bytes per block
     decode_row: Callable     # njit (raw row, float32 out) -> None
     matmul: Callable         # (raw weight, x (tokens, cols) f32, out (tokens, rows) f32) -> None
+    matmul_exact: Callable   # the same without rounding the activations (for the LM head)
     quantize: Callable | None  # float32 (rows, cols) -> raw storage (None: read from files only)
 
     def row_items(self, cols: int) -> int:
@@ -119,23 +150,29 @@ class Format:
         return cols // self.block_size * self.block_bytes
 
 
+def float_format(name, dtype, item_bytes, decode_row, kernel, quantize):
+    return Format(name, dtype, 1, item_bytes, decode_row, kernel, kernel, quantize)
+
+
 FORMATS = {f.name: f for f in [
-    Format("f32", np.float32, 1, 4, decode_f32_row, float_matmul(decode_f32_row),
-           lambda x: np.ascontiguousarray(x, dtype=np.float32)),
-    Format("f16", np.uint16, 1, 2, decode_f16_row, float_matmul(decode_f16_row),
-           lambda x: np.ascontiguousarray(x, dtype=np.float32).astype(np.float16).view(np.uint16)),
-    Format("bf16", np.uint16, 1, 2, decode_bf16_row, float_matmul(decode_bf16_row), to_bf16),
+    float_format("f32", np.float32, 4, decode_f32_row, matmul_f32,
+                 lambda x: np.ascontiguousarray(x, dtype=np.float32)),
+    float_format("f16", np.uint16, 2, decode_f16_row, matmul_f16,
+                 lambda x: np.ascontiguousarray(x, dtype=np.float32).astype(np.float16).view(np.uint16)),
+    float_format("bf16", np.uint16, 2, decode_bf16_row, matmul_bf16, to_bf16),
     Format("q8_0", np.uint8, quant.QK, quant.Q8_0_BYTES, quant.decode_q8_0_row,
-           int8_activation_matmul(quant.matmul_q8_0), blocks_quantizer(quant.quantize_q8_0, quant.Q8_0_BYTES)),
+           int8_activation_matmul(quant.matmul_q8_0), quant.matmul_q8_0_float,
+           blocks_quantizer(quant.quantize_q8_0, quant.Q8_0_BYTES)),
     Format("q4_0", np.uint8, quant.QK, quant.Q4_0_BYTES, quant.decode_q4_0_row,
-           int8_activation_matmul(quant.matmul_q4_0), blocks_quantizer(quant.quantize_q4_0, quant.Q4_0_BYTES)),
-    # formats read from GGUF files: no quantizer of ours, float kernels for now
+           int8_activation_matmul(quant.matmul_q4_0), matmul_q4_0_float,
+           blocks_quantizer(quant.quantize_q4_0, quant.Q4_0_BYTES)),
+    # formats read from GGUF files: no quantizer of ours; decode-then-FMA kernels for now
     Format("q4_1", np.uint8, 32, kquants.Q4_1_BYTES, kquants.decode_q4_1_row,
-           float_matmul(kquants.decode_q4_1_row), None),
+           matmul_q4_1_float, matmul_q4_1_float, None),
     Format("q4_k", np.uint8, kquants.QK_K, kquants.Q4_K_BYTES, kquants.decode_q4_k_row,
-           float_matmul(kquants.decode_q4_k_row), None),
+           matmul_q4_k_float, matmul_q4_k_float, None),
     Format("q6_k", np.uint8, kquants.QK_K, kquants.Q6_K_BYTES, kquants.decode_q6_k_row,
-           float_matmul(kquants.decode_q6_k_row), None),
+           matmul_q6_k_float, matmul_q6_k_float, None),
 ]}
 
 
@@ -175,15 +212,18 @@ class Weight:
         """Rows start..stop (default: all) as float32."""
         stop = self.shape[0] if stop is None else stop
         out = np.empty((stop - start, self.shape[1]), np.float32)
-        gather_decoded(self.format.decode_row, self.data, np.arange(start, stop), out)
+        decode_rows(self.format.decode_row, self.data, range(start, stop), out)
         return out
 
 
-def matmul(weight: Weight, x: np.ndarray, out: np.ndarray) -> None:
-    """out = x @ W.T with x (tokens, cols) float32 and out (tokens, rows) float32."""
-    weight.format.matmul(weight.data, x, out)
+def matmul(weight: Weight, x: np.ndarray, out: np.ndarray, exact_activations: bool = False) -> None:
+    """out = x @ W.T with x (tokens, cols) float32 and out (tokens, rows) float32.
+
+    Quantized formats round the activations to int8 blocks unless exact_activations is set."""
+    f = weight.format
+    (f.matmul_exact if exact_activations else f.matmul)(weight.data, x, out)
 
 
 def embedding_rows(weight: Weight, ids: np.ndarray, out: np.ndarray) -> None:
     """out[i] = row ids[i] of the weight, as float32 (ids must already be validated)."""
-    gather_decoded(weight.format.decode_row, weight.data, ids, out)
+    decode_rows(weight.format.decode_row, weight.data, ids, out)

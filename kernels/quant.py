@@ -171,3 +171,26 @@ def matmul_q4_0(w, xq, xd, out):
                         isum = np.int32(isum + np.int32(unpacked[x0 + j]) * np.int32(xq[t, x0 + j]))
                     acc += np.float32(isum) * (_block_scale(w, n, b * Q4_0_BYTES) * xd[t, b])
                 out[t, n] = acc
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_q8_0_float(w, x, out):
+    """Q8_0 weights times float32 activations (no activation rounding): for the LM head.
+
+    32 float lanes accumulate d * w * x across blocks: one horizontal sum per row, not per block.
+    About 25 % slower than the int8 kernel (measured on the 1.5B LM head)."""
+    n_rows = out.shape[1]
+    n_tokens = x.shape[0]
+    n_blocks = x.shape[1] // QK
+    for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        lanes = np.empty(QK, np.float32)
+        for n in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
+            for t in range(n_tokens):
+                lanes[:] = 0.0
+                for b in range(n_blocks):
+                    o = b * Q8_0_BYTES + 2
+                    x0 = b * QK
+                    d = _block_scale(w, n, o - 2)
+                    for i in range(QK):
+                        lanes[i] += d * (np.float32(np.int32(np.int8(w[n, o + i]))) * x[t, x0 + i])
+                out[t, n] = lanes.sum()

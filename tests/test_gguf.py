@@ -131,11 +131,12 @@ def smollm2_llm(smollm2):
 def test_smollm2_greedy_matches_llama_cpp(smollm2_llm):
     """llama.cpp's greedy tokens (scripts/make_llamacpp_reference.py) on six chat prompts, 32 tokens each.
 
-    Both engines round activations differently (llama.cpp quantizes them to 8 bits for every
-    matmul; we do for q8_0/q4_0 only), so a near-tie can flip and the two texts then part ways.
-    Hence two measures: free-running, the first 8 tokens must be identical; teacher-forced on
-    llama.cpp's own sequence, our argmax must agree at >= 97 % of positions, and where it does
-    not, llama.cpp's token must be within 0.25 of our best logit (a near-tie, not a bug)."""
+    llama.cpp rounds the activations of every matmul to 8 bits; on this file we round none (Q4_1
+    decodes to float, the LM head takes float activations), and agree with transformers to float
+    rounding (test below). So a near-tie can flip and the two texts then part ways: the first
+    answer starts "L'Étoile" in llama.cpp and "The capital" here, a 0.3-logit margin. The measure
+    is therefore teacher-forced on llama.cpp's own sequence: our argmax agrees at >= 95 % of the
+    positions, and where it does not, llama.cpp's token is within 0.5 of our best logit."""
     reference = json.loads((DATA / "smollm2_llamacpp_greedy.json").read_text())
     forced_same, total = 0, 0
     for record in reference["records"]:
@@ -147,14 +148,13 @@ def test_smollm2_greedy_matches_llama_cpp(smollm2_llm):
         logits = smollm2_llm.logits(prompt + ref)[len(prompt) - 1:-1]
         best = logits.argmax(-1)
         for i in np.flatnonzero(best != ref):
-            assert logits[i, best[i]] - logits[i, ref[i]] < 0.25
+            assert logits[i, best[i]] - logits[i, ref[i]] < 0.5
         forced_same += int((best == ref).sum())
         total += len(ref)
         print(f"{record['prompt']!r}: {prefix}/{len(ref)} identical free-running, "
               f"{int((best == ref).sum())}/{len(ref)} teacher-forced")
-        assert prefix >= min(8, len(ref))
     print(f"teacher-forced agreement with llama.cpp: {forced_same}/{total}")
-    assert forced_same / total >= 0.97
+    assert forced_same / total >= 0.95
 
 
 def test_smollm2_answers_paris(smollm2_llm):
@@ -335,3 +335,21 @@ def test_info_on_gguf(smollm2, capsys):
     for expected in ["architecture:   llama", "parameters:     134.5 M", "Q4_1 x210, F32 x61, Q8_0 x1",
                      "context length: 8192", "49152 tokens", "chat template:  {% for message in messages %}"]:
         assert expected in out
+
+
+def test_smollm2_logits_match_transformers_on_the_dequantized_file(smollm2, smollm2_llm):
+    """transformers reads the same GGUF (dequantizing it to float32): with every activation in
+    float (Q4_1 layers decode-then-FMA, the LM head without int8 rounding) we agree to float
+    rounding, far closer than to llama.cpp, which rounds activations to 8 bits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(smollm2.parent, gguf_file=smollm2.name, dtype=torch.float32)
+    ids = smollm2_llm.prompt_ids("What is the capital of France?")
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    ours = engine.load(str(smollm2), kv_cache="f32").logits(ids)
+    diff = np.abs(ours - ref).max()
+    print(f"SmolLM2 GGUF vs transformers: max |logit diff| {diff:.2e} (logit range {np.abs(ref).max():.1f})")
+    assert diff <= 2e-3
+    assert smollm2_llm.generate("What is the capital of France?", temperature=0, max_tokens=20) == \
+        "The capital of France is Paris."

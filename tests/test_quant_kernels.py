@@ -131,9 +131,9 @@ def test_hot_kernels_use_simd_integer_dot_products(fmt):
 
 
 def test_float_kernel_uses_fma():
-    from kernels.formats import decode_bf16_row, matmul_decoded
+    from kernels.formats import matmul_bf16
     w = Weight.quantize(random_weights(32, 64), "bf16")
-    asm = fresh_asm(matmul_decoded, decode_bf16_row, w.data, np.ones((1, 64), np.float32), np.empty((1, 32), np.float32))
+    asm = fresh_asm(matmul_bf16, w.data, np.ones((1, 64), np.float32), np.empty((1, 32), np.float32))
     assert re.search(r"\bvfmadd\w*ps\b", asm)
 
 
