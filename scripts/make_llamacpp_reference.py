@@ -3,8 +3,8 @@
     pip install --find-links ../shared/wheels llama-cpp-python==0.3.36
     python scripts/make_llamacpp_reference.py   # writes tests/data/smollm2_llamacpp_greedy.json
 
-Each prompt is rendered with the model's chat template by our engine (so both engines see the
-same ids), then llama.cpp generates 32 tokens greedily.
+Each prompt is rendered with the model's chat template, tokenized by llama.cpp, and continued
+greedily for 32 tokens by llama.cpp. A few plain texts are tokenized too (the tokenizer oracle).
 """
 import glob
 import json
@@ -15,6 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine  # noqa: E402
 
+TOKENIZER_TEXTS = ["Hello world! 12345 and 3.14159", "  spaces   and\ttabs\n\nnewlines", "naïve café, 中文, emoji 🚀",
+                   "def f(x):\n    return x ** 2  # square", "<|im_start|>user\nHi<|im_end|>\n"]
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
            "List three prime numbers.", "Explain gravity in one sentence.",
            "Translate 'good morning' to Spanish.", "What is 12 times 12?"]
@@ -36,7 +38,8 @@ def main():
     llm = Llama(model_path=path, n_ctx=512, n_threads=2, verbose=False)
     records = []
     for prompt in PROMPTS:
-        ids = ours.prompt_ids(prompt)
+        rendered = ours.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        ids = llm.tokenize(rendered.encode(), add_bos=False, special=True)   # llama.cpp's own tokenization
         llm.reset()
         out = []
         for token in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
@@ -46,8 +49,10 @@ def main():
         records.append({"prompt": prompt, "prompt_ids": ids, "greedy_ids": out,
                         "text": llm.detokenize(out).decode("utf-8", "replace")})
         print(json.dumps(records[-1]["text"]))
+    tokenized = [{"text": t, "ids": llm.tokenize(t.encode(), add_bos=False, special=True)} for t in TOKENIZER_TEXTS]
     target = Path(__file__).resolve().parents[1] / "tests" / "data" / "smollm2_llamacpp_greedy.json"
-    target.write_text(json.dumps({"model": Path(path).name, "llama_cpp_python": "0.3.36", "records": records},
+    target.write_text(json.dumps({"model": Path(path).name, "llama_cpp_python": "0.3.36", "records": records,
+                                  "tokenized": tokenized},
                                  ensure_ascii=False, indent=1))
 
 

@@ -157,6 +157,13 @@ def test_smollm2_greedy_matches_llama_cpp(smollm2_llm):
     assert forced_same / total >= 0.95
 
 
+def test_smollm2_tokenizer_matches_llama_cpp(smollm2_llm):
+    """The 'smollm' pre-tokenizer and ChatML special tokens, against llama.cpp's tokenizer."""
+    reference = json.loads((DATA / "smollm2_llamacpp_greedy.json").read_text())
+    for item in reference["tokenized"]:
+        assert smollm2_llm.tokenizer.encode(item["text"], add_special_tokens=False) == item["ids"], item["text"]
+
+
 def test_smollm2_answers_paris(smollm2_llm):
     # with the GGUF's chat template and no system message, the template adds SmolLM's default
     # system prompt, and the Q4_1 model (llama.cpp too) then answers in French; with a system
@@ -353,3 +360,25 @@ def test_smollm2_logits_match_transformers_on_the_dequantized_file(smollm2, smol
     assert diff <= 2e-3
     assert smollm2_llm.generate("What is the capital of France?", temperature=0, max_tokens=20) == \
         "The capital of France is Paris."
+
+
+# --- the tiny HF models written as GGUF, against transformers ---------------------------------------
+
+@pytest.mark.parametrize("name, version", [("llama-f32", 3), ("qwen2-f32", 2)])
+def test_gguf_of_tiny_models_matches_transformers(name, version, model_dirs, loaded, tmp_path):
+    """llama: q/k rows permuted as llama.cpp's converter does, interleaved rotary pairs, and
+    llama3 scaling as a rope_freqs tensor; qwen2: q/k/v biases, untied output; GGUF v3 and v2."""
+    import tiny_models
+    path = tiny_models.hf_to_gguf(model_dirs(name), tmp_path / f"{name}.gguf", version=version)
+    from_gguf = engine.load(str(path), kv_cache="f32")
+    from_hf = loaded(name)
+    text = " ".join(tiny_models.CORPUS) * 2
+    ids = from_hf.tokenize(text)
+    assert from_gguf.tokenize(text) == ids
+    assert from_gguf.prompt_ids("Hi there") == from_hf.prompt_ids("Hi there")
+    ref = tiny_models.reference_logits(model_dirs(name), ids)
+    diff = np.abs(from_gguf.logits(ids) - ref).max()
+    print(f"{name} as GGUF v{version}: max |logit diff| vs transformers {diff:.2e} over {len(ids)} positions")
+    assert diff <= 1e-3
+    if name.startswith("llama"):
+        assert from_gguf.config.rope_interleaved and from_gguf.config.rope_freq_factors is not None

@@ -137,3 +137,96 @@ def reference_greedy(model_dir: Path, ids, n: int) -> list[int]:
         out = model.generate(torch.tensor([list(ids)]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                              eos_token_id=None, pad_token_id=0)
     return out[0, len(ids):].tolist()
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's converter reorders q/k rows of Llama models for its interleaved rotary pairs."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_rope_factors(base, dim, factor, low_freq_factor, high_freq_factor, old_context_len) -> np.ndarray:
+    """The rope_freqs tensor as llama.cpp's converter writes it for Llama 3 scaling."""
+    import math
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    low_wavelen, high_wavelen = old_context_len / low_freq_factor, old_context_len / high_freq_factor
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_wavelen:
+            factors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(factors, dtype=np.float32)
+
+
+def hf_to_gguf(model_dir: Path, out: Path, version: int = 3) -> Path:
+    """Write a tiny float32 HF checkpoint as a GGUF file the way llama.cpp's converter lays it out."""
+    from gguf import GGUFWriter
+    from safetensors.numpy import load_file
+
+    config = json.loads((model_dir / "config.json").read_text())
+    tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    arch = config["model_type"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    rope = config.get("rope_parameters") or {**(config.get("rope_scaling") or {}), "rope_theta": config["rope_theta"]}
+
+    w = GGUFWriter(str(out), arch)
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    w.add_rope_freq_base(rope["rope_theta"])
+    vocab = tokenizer["model"]["vocab"]
+    for added in tokenizer["added_tokens"]:
+        vocab[added["content"]] = added["id"]
+    tokens = sorted(vocab, key=vocab.get)
+    special = {a["content"]: a["special"] for a in tokenizer["added_tokens"]}
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([(3 if special[t] else 4) if t in special else 1 for t in tokens])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tokenizer["model"]["merges"]])
+    w.add_bos_token_id(vocab[BOS])
+    w.add_eos_token_id(vocab[EOS])
+    w.add_add_bos_token(True)
+    w.add_chat_template(json.loads((model_dir / "tokenizer_config.json").read_text())["chat_template"])
+
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    layer_names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                   "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                   "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                   "mlp.down_proj": "ffn_down"}
+    for name, value in tensors.items():
+        if name.startswith("model.layers."):
+            _, _, i, *rest = name.split(".")
+            kind = ".".join(rest[:-1])
+            gguf_name = f"blk.{i}.{layer_names[kind]}.{rest[-1]}"
+            if arch == "llama" and kind in ("self_attn.q_proj", "self_attn.k_proj"):
+                value = llama_cpp_permute(value, heads if kind == "self_attn.q_proj" else kv_heads)
+        else:
+            gguf_name = names[name]
+        w.add_tensor(gguf_name, np.ascontiguousarray(value, dtype=np.float32))
+    if rope.get("rope_type") == "llama3":
+        w.add_tensor("rope_freqs.weight", llama3_rope_factors(
+            rope["rope_theta"], head_dim, rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"],
+            rope["original_max_position_embeddings"]))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    if version != 3:   # GGUF v2 differs from v3 only in the version field (v3 added big-endian files)
+        data = bytearray(out.read_bytes())
+        data[4:8] = version.to_bytes(4, "little")
+        out.write_bytes(bytes(data))
+    return out
