@@ -41,6 +41,12 @@ def set_threads(threads: int | None) -> None:
     numba.set_num_threads(threads)
 
 
+def check_context_length(context_length) -> None:
+    if context_length is not None and (isinstance(context_length, bool) or not isinstance(context_length, int)
+                                       or context_length < 2):
+        raise EngineError(f"context_length must be an integer of at least 2, got {context_length!r}")
+
+
 def load_tokenizer(model: str) -> Tokenizer:
     """Only the tokenizer (and chat template) of a model: no weights are read or downloaded."""
     path = resolve(str(model), tokenizer_only=True).path
@@ -64,7 +70,7 @@ def read_model(path) -> tuple[ModelConfig, Tokenizer, dict]:
 
 def load(model: str, *, context_length: int | None = None, threads: int | None = None, quant: str | None = None,
          kv_cache: str = "f16") -> "LLM":
-    """Load a model by directory, alias (deepseek-r1:7b) or Hugging Face repo id.
+    """Load a model: a directory, a .gguf file, an Ollama NAME:TAG, an alias (deepseek-r1:7b) or a repo id.
 
     context_length: positions in the KV cache (default: the model's maximum, capped at 4096).
     threads: worker threads for the kernels (default: all cores).
@@ -77,9 +83,7 @@ def load(model: str, *, context_length: int | None = None, threads: int | None =
         check_quant(quant)
     if kv_cache not in KV_KINDS:
         raise EngineError(f"unknown KV cache type {kv_cache!r}; supported: {', '.join(KV_KINDS)}")
-    if context_length is not None and (isinstance(context_length, bool) or not isinstance(context_length, int)
-                                       or context_length < 2):
-        raise EngineError(f"context_length must be an integer of at least 2, got {context_length!r}")
+    check_context_length(context_length)
     resolved = resolve(str(model))
     config, tokenizer, weights = read_model(resolved.path)
     options = dict(resolved.options)
@@ -89,9 +93,10 @@ def load(model: str, *, context_length: int | None = None, threads: int | None =
         raise EngineError(f"a q8_0 KV cache needs head_dim to be a multiple of 32; this model's is {config.head_dim}")
     if quant is not None:
         weights = quantize_weights(weights, quant)
+    model_context = options.pop("context_length", None)   # Ollama's num_ctx
     if context_length is None:
-        context_length = options.pop("context_length", None) or min(config.max_position_embeddings, DEFAULT_CONTEXT)
-    options.pop("context_length", None)
+        context_length = model_context or min(config.max_position_embeddings, DEFAULT_CONTEXT)
+        check_context_length(context_length)
     transformer = Transformer(config, weights, context_length, kv_cache=kv_cache)
     llm = LLM(config, tokenizer, transformer, load_seconds=time.perf_counter() - started,
               sampler_options=options, stop=default_stop)
