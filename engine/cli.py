@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(g)
     g.add_argument("--prompt", "-p", required=True, help="the prompt ('-' reads it from stdin)")
     g.add_argument("--raw", action="store_true", help="feed the prompt as plain text, without the chat template")
+    g.add_argument("--system", help="a system message before the prompt (chat template only)")
     g.add_argument("--max-tokens", "-n", type=int, default=512, help="at most this many new tokens (default 512)")
     g.add_argument("--temperature", type=float, help="0 is greedy; default: the model's generation_config")
     g.add_argument("--top-k", type=int, help="keep the k most likely tokens (0: off)")
@@ -64,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_generate(args) -> int:
     from . import load
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.system is not None:
+        if args.raw:
+            raise EngineError("--system needs the chat template; it cannot be combined with --raw")
+        prompt = [{"role": "system", "content": args.system}, {"role": "user", "content": prompt}]
     llm = load(args.model, context_length=args.ctx, threads=args.threads, quant=args.quant, kv_cache=args.kv_cache)
     if llm.source != args.model:
         print(f"model: {llm.source}", file=sys.stderr)

@@ -45,7 +45,16 @@ def test_tokenize_prints_json_ids(model_dirs, loaded):
     assert json.loads(result.stdout) == loaded("qwen2-f32").tokenize("Hello world, 你好")
 
 
+def test_system_message(model_dirs, loaded):
+    result = run("generate", "--model", str(model_dirs("qwen2-f32")), "--prompt", "Hi", "--system", "Be brief.",
+                 "--temperature", "0", "--max-tokens", "6")
+    assert result.returncode == 0, result.stderr
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert result.stdout == loaded("qwen2-f32").generate(messages, temperature=0, max_tokens=6) + "\n"
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--raw", "--system", "x"], "error: --system needs the chat template"),
     (["--top-p", "2"], r"error: top_p must be in (0.0, 1.0]"),
     (["--temperature", "-1"], "error: temperature must be in"),
     (["--ctx", "8"], "error: the prompt has"),
