@@ -123,7 +123,8 @@ class Transformer:
         heads = (n, c.num_heads, c.head_dim)
         kv_heads = (n, c.num_kv_heads, c.head_dim)
 
-        self.cached_ids = self.cached_ids[:start_pos] + [int(t) for t in ids]
+        del self.cached_ids[start_pos:]
+        self.cached_ids.extend(int(t) for t in ids)
         embedding_rows(self.embed, ids, x)
         for i, layer in enumerate(self.layers):
             # attention block
