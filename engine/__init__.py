@@ -98,20 +98,18 @@ def load(model: str, *, context_length: int | None = None, threads: int | None =
         context_length = model_context or min(config.max_position_embeddings, DEFAULT_CONTEXT)
         check_context_length(context_length)
     transformer = Transformer(config, weights, context_length, kv_cache=kv_cache)
-    llm = LLM(config, tokenizer, transformer, load_seconds=time.perf_counter() - started,
-              sampler_options=options, stop=default_stop)
-    llm.source = resolved.source
-    return llm
+    return LLM(config, tokenizer, transformer, load_seconds=time.perf_counter() - started,
+               sampler_options=options, stop=default_stop, source=resolved.source)
 
 
 class LLM:
     def __init__(self, config: ModelConfig, tokenizer: Tokenizer, model: Transformer, load_seconds: float = 0.0,
-                 sampler_options: dict | None = None, stop: list | None = None):
+                 sampler_options: dict | None = None, stop: list | None = None, source: str = ""):
         self.config = config
         self.tokenizer = tokenizer
         self.model = model
         self.load_seconds = load_seconds
-        self.source = ""
+        self.source = source   # where the model came from, for the user
         self.default_stop = list(stop or [])
         self.sampler_defaults = SamplerSettings().updated(**{**config.generation_defaults, **(sampler_options or {})})
         eos = set(config.eos_token_ids)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernels.attention import KVCache
-from kernels.formats import Weight, embedding_rows, matmul
+from kernels.formats import Activations, Weight, embedding_rows, matmul
 from kernels.ops import rmsnorm, rope, swiglu
 
 from .config import ModelConfig
@@ -129,9 +129,10 @@ class Transformer:
         for i, layer in enumerate(self.layers):
             # attention block
             rmsnorm(x, layer.attn_norm, c.rms_norm_eps, h)
-            matmul(layer.q, h, q)
-            matmul(layer.k, h, k)
-            matmul(layer.v, h, v)
+            shared = Activations(h)   # quantized once for q, k and v
+            matmul(layer.q, shared, q)
+            matmul(layer.k, shared, k)
+            matmul(layer.v, shared, v)
             if c.qkv_bias:
                 q += layer.q_bias
                 k += layer.k_bias
@@ -146,8 +147,9 @@ class Transformer:
             x += tmp
             # feed-forward block: down(silu(gate(h)) * up(h))
             rmsnorm(x, layer.mlp_norm, c.rms_norm_eps, h)
-            matmul(layer.gate, h, gate)
-            matmul(layer.up, h, up)
+            shared = Activations(h)   # quantized once for gate and up
+            matmul(layer.gate, shared, gate)
+            matmul(layer.up, shared, up)
             swiglu(gate, up, act)
             matmul(layer.down, act, tmp)
             x += tmp

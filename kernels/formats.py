@@ -107,16 +107,6 @@ def decode_rows(decode_row, w, ids, out):
 
 # --- how each kind of format multiplies -------------------------------------------------------
 
-def int8_activation_matmul(kernel):
-    """Quantize the activations to int8 blocks once, then run the integer kernel."""
-    def matmul(data, x, out):
-        xq = np.empty(x.shape, np.int8)
-        xd = np.empty((x.shape[0], x.shape[1] // quant.QK), np.float32)
-        quant.quantize_activations(x, xq, xd)
-        kernel(data, xq, xd, out)
-    return matmul
-
-
 def blocks_quantizer(kernel, block_bytes):
     def quantize(x):
         out = np.empty((x.shape[0], x.shape[1] // quant.QK * block_bytes), np.uint8)
@@ -138,8 +128,8 @@ class Format:
     block_size: int          # weights per block (1 for plain floats)
     block_bytes: int         # bytes per block
     decode_row: Callable     # njit (raw row, float32 out) -> None
-    matmul: Callable         # (raw weight, x (tokens, cols) f32, out (tokens, rows) f32) -> None
-    matmul_exact: Callable   # the same without rounding the activations (for the LM head)
+    float_matmul: Callable   # (raw weight, x (tokens, cols) f32, out (tokens, rows) f32) -> None
+    int8_matmul: Callable | None  # (raw weight, x int8 blocks, x scales, out): activations rounded to int8
     quantize: Callable | None  # float32 (rows, cols) -> raw storage (None: read from files only)
 
     def row_items(self, cols: int) -> int:
@@ -151,7 +141,7 @@ class Format:
 
 
 def float_format(name, dtype, item_bytes, decode_row, kernel, quantize):
-    return Format(name, dtype, 1, item_bytes, decode_row, kernel, kernel, quantize)
+    return Format(name, dtype, 1, item_bytes, decode_row, kernel, None, quantize)
 
 
 FORMATS = {f.name: f for f in [
@@ -161,18 +151,18 @@ FORMATS = {f.name: f for f in [
                  lambda x: np.ascontiguousarray(x, dtype=np.float32).astype(np.float16).view(np.uint16)),
     float_format("bf16", np.uint16, 2, decode_bf16_row, matmul_bf16, to_bf16),
     Format("q8_0", np.uint8, quant.QK, quant.Q8_0_BYTES, quant.decode_q8_0_row,
-           int8_activation_matmul(quant.matmul_q8_0), quant.matmul_q8_0_float,
+           quant.matmul_q8_0_float, quant.matmul_q8_0,
            blocks_quantizer(quant.quantize_q8_0, quant.Q8_0_BYTES)),
     Format("q4_0", np.uint8, quant.QK, quant.Q4_0_BYTES, quant.decode_q4_0_row,
-           int8_activation_matmul(quant.matmul_q4_0), matmul_q4_0_float,
+           matmul_q4_0_float, quant.matmul_q4_0,
            blocks_quantizer(quant.quantize_q4_0, quant.Q4_0_BYTES)),
     # formats read from GGUF files: no quantizer of ours; decode-then-FMA kernels for now
     Format("q4_1", np.uint8, 32, kquants.Q4_1_BYTES, kquants.decode_q4_1_row,
-           matmul_q4_1_float, matmul_q4_1_float, None),
+           matmul_q4_1_float, None, None),
     Format("q4_k", np.uint8, kquants.QK_K, kquants.Q4_K_BYTES, kquants.decode_q4_k_row,
-           matmul_q4_k_float, matmul_q4_k_float, None),
+           matmul_q4_k_float, None, None),
     Format("q6_k", np.uint8, kquants.QK_K, kquants.Q6_K_BYTES, kquants.decode_q6_k_row,
-           matmul_q6_k_float, matmul_q6_k_float, None),
+           matmul_q6_k_float, None, None),
 ]}
 
 
@@ -216,12 +206,33 @@ class Weight:
         return out
 
 
-def matmul(weight: Weight, x: np.ndarray, out: np.ndarray, exact_activations: bool = False) -> None:
-    """out = x @ W.T with x (tokens, cols) float32 and out (tokens, rows) float32.
+class Activations:
+    """Activations x (tokens, cols) float32, and their int8 blocks, computed at most once: the
+    q/k/v and gate/up products share an input, so it is quantized once for all of them."""
 
-    Quantized formats round the activations to int8 blocks unless exact_activations is set."""
+    def __init__(self, x: np.ndarray):
+        self.x = x
+        self._int8 = None
+
+    def int8(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._int8 is None:
+            xq = np.empty(self.x.shape, np.int8)
+            xd = np.empty((self.x.shape[0], self.x.shape[1] // quant.QK), np.float32)
+            quant.quantize_activations(self.x, xq, xd)
+            self._int8 = xq, xd
+        return self._int8
+
+
+def matmul(weight: Weight, x, out: np.ndarray, exact_activations: bool = False) -> None:
+    """out = x @ W.T with x (tokens, cols) float32 (an array or Activations), out (tokens, rows).
+
+    Formats with an integer kernel round the activations to int8 blocks, unless exact_activations."""
     f = weight.format
-    (f.matmul_exact if exact_activations else f.matmul)(weight.data, x, out)
+    acts = x if isinstance(x, Activations) else Activations(x)
+    if f.int8_matmul is None or exact_activations:
+        f.float_matmul(weight.data, acts.x, out)
+    else:
+        f.int8_matmul(weight.data, *acts.int8(), out)
 
 
 def embedding_rows(weight: Weight, ids: np.ndarray, out: np.ndarray) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels import quant  # noqa: E402
 from kernels.attention import KVCache  # noqa: E402
-from kernels.formats import FORMATS  # noqa: E402
+from kernels.formats import FORMATS, Weight, matmul  # noqa: E402
 from scripts.bandwidth import measure_read_bandwidth  # noqa: E402
 
 SHAPES = {   # hidden, intermediate, heads, kv_heads, head_dim, vocab, layers
@@ -70,12 +70,12 @@ def time_calls(fn, calls, repeats=3):
 def bench_matmul(fmt_name, rows, cols, tokens, pool_bytes):
     pool, copies, matrix_bytes = weight_pool(fmt_name, rows, cols, pool_bytes)
     fmt = FORMATS[fmt_name]
+    weights = [Weight(fmt, (rows, cols), pool[j * rows:(j + 1) * rows]) for j in range(copies)]
     x = np.random.default_rng(0).standard_normal((tokens, cols)).astype(np.float32)
     out = np.empty((tokens, rows), np.float32)
 
     def call(i):
-        j = i % copies
-        fmt.matmul(pool[j * rows:(j + 1) * rows], x, out)
+        matmul(weights[i % copies], x, out)
     calls = copies if tokens == 1 else 2
     return time_calls(call, calls, repeats=3 if tokens == 1 else 2), matrix_bytes
 

@@ -7,8 +7,6 @@ import sys
 
 import pytest
 
-import engine
-
 
 def run(*args, env=None):
     if args[0] == "generate":   # the in-process references use an f32 KV cache

@@ -1,5 +1,4 @@
 """The generation loop and the public Python interface on the tiny models."""
-import numpy as np
 import pytest
 
 import engine
