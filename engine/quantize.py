@@ -83,7 +83,7 @@ def save_quantized(model: str, output: str, quant: str) -> Path:
         raise EngineError("the output directory must differ from the model's own directory")
     config = load_config(source)
     weights = quantize_weights(load_checkpoint(source, config), quant)
-    tensors = {name: (w.data if isinstance(w, Weight) else w) for name, w in weights.items()}
+    tensors = {name: (w.file_rows() if isinstance(w, Weight) else w) for name, w in weights.items()}
     formats = {name: w.format.name for name, w in weights.items() if isinstance(w, Weight)}
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("*.safetensors*"):

@@ -11,10 +11,31 @@ unless the user set that variable: it is what turns the block-wise integer dot p
 the int4 unpacking into SIMD code. numba reads the setting at every compilation, so it is set
 on numba's config object directly and works whatever was imported first. All kernels must be
 compiled with it (cache=True would otherwise keep a slow copy), hence here, not per kernel.
+
+On CPUs with AVX-512 it also lets LLVM use 512-bit vectors: LLVM's tuning for Intel server
+cores prefers 256-bit ones ("prefer-256-bit"), which halves the work per instruction of the
+integer GEMVs (measured: in-cache Q4_0 GEMV 6.5 -> 11 GB/s on one core). numba's cache key
+includes the CPU features, so cached kernels never mix the two settings.
 """
 import os
 
+from numba.core import config as _numba_config
+
 if "NUMBA_SLP_VECTORIZE" not in os.environ:
     os.environ["NUMBA_SLP_VECTORIZE"] = "1"
-    from numba.core import config as _numba_config
     _numba_config.SLP_VECTORIZE = 1
+
+
+def _wide_vector_features():
+    import llvmlite.binding as llvm
+    features = llvm.get_host_cpu_features()
+    if not features.get("avx512f"):
+        return None
+    return features.flatten() + ",-prefer-256-bit"
+
+
+if "NUMBA_CPU_FEATURES" not in os.environ and "NUMBA_CPU_NAME" not in os.environ:
+    _features = _wide_vector_features()
+    if _features:
+        os.environ["NUMBA_CPU_FEATURES"] = _features
+        _numba_config.CPU_FEATURES = _features

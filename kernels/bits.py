@@ -1,11 +1,12 @@
-"""Half-precision conversions as LLVM intrinsics, so kernels can read f16 and bf16 storage.
+"""LLVM intrinsics numba lacks: half-precision conversions and a memory prefetch hint.
 
-numba has no float16 type on the CPU. These helpers reinterpret uint16 bit patterns with
+numba has no float16 type on the CPU. The conversions reinterpret uint16 bit patterns with
 LLVM's own `half` type, so LLVM emits the hardware conversion (vcvtph2ps with F16C) and can
 vectorize loops that use them.
 """
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 
@@ -41,3 +42,26 @@ def bf16_to_f32(typingctx, bits):
         wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
         return builder.bitcast(wide, ir.FloatType())
     return types.float32(bits), codegen
+
+
+@intrinsic
+def prefetch(typingctx, array, index):
+    """Ask the CPU to start loading the cache line of array.flat[index] (C-contiguous array).
+
+    Only a hint: it never faults, so an index near the end needs no bounds check. The decode
+    GEMVs prefetch a few blocks ahead: the hardware prefetchers stop at each 4 KiB page, and
+    the hint took the Q4_0 GEMV from about 12 to 17 GB/s at 2 threads on this machine."""
+    if not isinstance(array, types.Array) or not isinstance(index, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        index = context.cast(builder, args[1], signature.args[1], types.intp)
+        address = builder.bitcast(builder.gep(data, [index]), ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        hint = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32]), "llvm.prefetch.p0i8")
+        # read (0), keep in all cache levels (3), data cache (1)
+        builder.call(hint, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return types.void(array, index), codegen

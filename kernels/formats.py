@@ -1,14 +1,15 @@
 """The table of weight formats: how each one is stored and which kernels read it.
 
-A weight matrix is a `Weight`: a format, a logical shape (rows, cols) and a 2-D numpy array
-holding the raw storage row by row: float32 for F32; uint16 bit patterns for F16 and BF16
-(numba has no half types); uint8 GGML blocks for the quantized formats. Nothing is converted
-at load time: kernels read the storage in place.
+A weight matrix is a `Weight`: a format, a logical shape (rows, cols) and its storage. Files
+hold it row by row: float32 for F32; uint16 bit patterns for F16 and BF16 (numba has no half
+types); uint8 GGML blocks for the quantized formats. Most formats are read in place; Q8_0 and
+Q4_0 are repacked at load into the interleaved layout of kernels/quant.py (same bytes, new
+order: twice as fast), and unpacked again only to write files.
 
-Each row of FORMATS says, for one format: its block geometry, how to decode a row to float32
-(embedding lookups, dequantization, tests), how to multiply it by activations, and how to
-make it from float32. The forward pass only calls `matmul` and `embedding_rows`; adding a
-format is adding a row here.
+Each row of FORMATS says, for one format: its block geometry, how to decode rows to float32
+(embedding lookups, dequantization, tests), how to multiply it by activations, how to make it
+from float32, and how to pack it. The forward pass only calls `matmul` and `embedding_rows`;
+adding a format is adding a row here.
 """
 from dataclasses import dataclass
 from typing import Callable
@@ -80,11 +81,6 @@ def matmul_bf16(w, x, out):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def matmul_q4_0_float(w, x, out):
-    _matmul_decoded(quant.decode_q4_0_row, w, x, out)
-
-
-@njit(parallel=True, fastmath=True, cache=True)
 def matmul_q4_1_float(w, x, out):
     _matmul_decoded(kquants.decode_q4_1_row, w, x, out)
 
@@ -99,10 +95,12 @@ def matmul_q6_k_float(w, x, out):
     _matmul_decoded(kquants.decode_q6_k_row, w, x, out)
 
 
-def decode_rows(decode_row, w, ids, out):
-    """out[i] = W[ids[i]] as float32: the embedding lookup (a handful of rows per call)."""
-    for i, row in enumerate(ids):
-        decode_row(w[row], out[i])
+def rows_decoder(decode_row):
+    """decode_rows(w, ids, out) for a format stored row by row, from its one-row decoder."""
+    def decode_rows(w, ids, out):
+        for i, row in enumerate(ids):
+            decode_row(w[row], out[i])
+    return decode_rows
 
 
 # --- how each kind of format multiplies -------------------------------------------------------
@@ -113,6 +111,19 @@ def blocks_quantizer(kernel, block_bytes):
         kernel(np.ascontiguousarray(x, dtype=np.float32), out)
         return out
     return quantize
+
+
+def interleaved_packer(block_bytes):
+    def pack(rows, cols):
+        packed = np.empty(quant.packed_shape(rows.shape[0], cols, block_bytes), np.uint8)
+        quant.pack_rows(rows, packed)
+        return packed
+
+    def unpack(packed, rows, cols):
+        out = np.empty((rows, cols // quant.QK * block_bytes), np.uint8)
+        quant.unpack_rows(packed, out)
+        return out
+    return pack, unpack
 
 
 def to_bf16(x):
@@ -127,10 +138,12 @@ class Format:
     storage_dtype: type      # numpy dtype of the raw row storage
     block_size: int          # weights per block (1 for plain floats)
     block_bytes: int         # bytes per block
-    decode_row: Callable     # njit (raw row, float32 out) -> None
-    float_matmul: Callable   # (raw weight, x (tokens, cols) f32, out (tokens, rows) f32) -> None
-    int8_matmul: Callable | None  # (raw weight, x int8 blocks, x scales, out): activations rounded to int8
-    quantize: Callable | None  # float32 (rows, cols) -> raw storage (None: read from files only)
+    decode_rows: Callable    # (data, row ids, float32 out (ids, cols)) -> None
+    float_matmul: Callable   # (data, x (tokens, cols) f32, out (tokens, rows) f32) -> None
+    int8_matmul: Callable | None  # (data, x int8 blocks, x scales, out): activations rounded to int8
+    quantize: Callable | None  # float32 (rows, cols) -> file rows (None: read from files only)
+    pack: Callable | None = None    # (file rows, cols) -> data, the kernels' layout (None: the same)
+    unpack: Callable | None = None  # (data, rows, cols) -> file rows
 
     def row_items(self, cols: int) -> int:
         """Items of storage_dtype per row of `cols` weights."""
@@ -141,7 +154,7 @@ class Format:
 
 
 def float_format(name, dtype, item_bytes, decode_row, kernel, quantize):
-    return Format(name, dtype, 1, item_bytes, decode_row, kernel, None, quantize)
+    return Format(name, dtype, 1, item_bytes, rows_decoder(decode_row), kernel, None, quantize)
 
 
 FORMATS = {f.name: f for f in [
@@ -150,28 +163,29 @@ FORMATS = {f.name: f for f in [
     float_format("f16", np.uint16, 2, decode_f16_row, matmul_f16,
                  lambda x: np.ascontiguousarray(x, dtype=np.float32).astype(np.float16).view(np.uint16)),
     float_format("bf16", np.uint16, 2, decode_bf16_row, matmul_bf16, to_bf16),
-    Format("q8_0", np.uint8, quant.QK, quant.Q8_0_BYTES, quant.decode_q8_0_row,
+    Format("q8_0", np.uint8, quant.QK, quant.Q8_0_BYTES, quant.decode_q8_0_rows,
            quant.matmul_q8_0_float, quant.matmul_q8_0,
-           blocks_quantizer(quant.quantize_q8_0, quant.Q8_0_BYTES)),
-    Format("q4_0", np.uint8, quant.QK, quant.Q4_0_BYTES, quant.decode_q4_0_row,
-           matmul_q4_0_float, quant.matmul_q4_0,
-           blocks_quantizer(quant.quantize_q4_0, quant.Q4_0_BYTES)),
+           blocks_quantizer(quant.quantize_q8_0, quant.Q8_0_BYTES), *interleaved_packer(quant.Q8_0_BYTES)),
+    Format("q4_0", np.uint8, quant.QK, quant.Q4_0_BYTES, quant.decode_q4_0_rows,
+           quant.matmul_q4_0_float, quant.matmul_q4_0,
+           blocks_quantizer(quant.quantize_q4_0, quant.Q4_0_BYTES), *interleaved_packer(quant.Q4_0_BYTES)),
     # formats read from GGUF files: no quantizer of ours; decode-then-FMA kernels for now
-    Format("q4_1", np.uint8, 32, kquants.Q4_1_BYTES, kquants.decode_q4_1_row,
+    Format("q4_1", np.uint8, 32, kquants.Q4_1_BYTES, rows_decoder(kquants.decode_q4_1_row),
            matmul_q4_1_float, None, None),
-    Format("q4_k", np.uint8, kquants.QK_K, kquants.Q4_K_BYTES, kquants.decode_q4_k_row,
+    Format("q4_k", np.uint8, kquants.QK_K, kquants.Q4_K_BYTES, rows_decoder(kquants.decode_q4_k_row),
            matmul_q4_k_float, None, None),
-    Format("q6_k", np.uint8, kquants.QK_K, kquants.Q6_K_BYTES, kquants.decode_q6_k_row,
+    Format("q6_k", np.uint8, kquants.QK_K, kquants.Q6_K_BYTES, rows_decoder(kquants.decode_q6_k_row),
            matmul_q6_k_float, None, None),
 ]}
 
 
 @dataclass(frozen=True)
 class Weight:
-    """A 2-D weight matrix in some format: `data` holds the raw storage, one row per output.
+    """A 2-D weight matrix in some format.
 
-    The constructor checks the storage against the format and shape, because the kernels
-    index it without bounds checks.
+    Made from the file's rows (one row per output); `data` is what the kernels read: those
+    rows, or their packed copy for formats with a `pack`. The constructor checks the rows
+    against the format and shape, because the kernels index them without bounds checks.
     """
     format: Format
     shape: tuple
@@ -188,6 +202,13 @@ class Weight:
                              f"{expected}, got {self.data.dtype} {self.data.shape}")
         if not self.data.flags.c_contiguous:
             raise ValueError("weight storage must be C-contiguous")
+        if f.pack is not None:
+            object.__setattr__(self, "data", f.pack(self.data, cols))
+
+    def file_rows(self) -> np.ndarray:
+        """The storage as files hold it: row by row."""
+        f = self.format
+        return self.data if f.unpack is None else f.unpack(self.data, *self.shape)
 
     @classmethod
     def quantize(cls, values: np.ndarray, format_name: str) -> "Weight":
@@ -202,7 +223,7 @@ class Weight:
         """Rows start..stop (default: all) as float32."""
         stop = self.shape[0] if stop is None else stop
         out = np.empty((stop - start, self.shape[1]), np.float32)
-        decode_rows(self.format.decode_row, self.data, range(start, stop), out)
+        self.format.decode_rows(self.data, np.arange(start, stop), out)
         return out
 
 
@@ -237,4 +258,4 @@ def matmul(weight: Weight, x, out: np.ndarray, exact_activations: bool = False) 
 
 def embedding_rows(weight: Weight, ids: np.ndarray, out: np.ndarray) -> None:
     """out[i] = row ids[i] of the weight, as float32 (ids must already be validated)."""
-    decode_rows(weight.format.decode_row, weight.data, ids, out)
+    weight.format.decode_rows(weight.data, np.asarray(ids, np.int64), out)

@@ -4,22 +4,32 @@
     Q4_0 block, 32 weights in 18 bytes: fp16 scale d, 16 bytes of nibbles; w = d * (q - 8)
             byte j holds weight j in its low nibble and weight j + 16 in its high nibble
 
-A quantized matrix is a uint8 array of shape (rows, blocks_per_row * block_bytes): GGUF's own
-layout, used in place. Weight quantizers round exactly as ggml's reference code (and the gguf
-package) do. Matrix products quantize the activations to int8 per block of 32 with a float32
-scale (as llama.cpp and llama2.c's runq.c do), take integer dot products per block, and apply
-both scales once per block. The integer products are wrapped in np.int32 so that LLVM keeps
-them in 16/32-bit SIMD lanes (vpmaddwd) instead of numba's default int64.
+Files (GGUF, our quantized directories) hold these blocks row by row, as ggml does; weight
+quantizers round exactly as ggml's reference code (and the gguf package) do.
+
+At load time the blocks are repacked, without changing any byte, into the layout the kernels
+read: ROW_GROUP (64) rows interleaved. Packed shape (groups, blocks_per_row, 64 * block_bytes);
+for each group of 64 rows and each column block: the 64 fp16 scales, then byte k of all 64
+rows' blocks, for each k. One SIMD lane is one output row, so a GEMV needs no horizontal sum
+per block: lanes accumulate a whole block in int16/int32 and apply the 64 scales with one
+vector multiply. Measured on the 1.5B down_proj shape, 2 threads: the row-by-row kernel with
+a horizontal sum per block ran at 4.9 GB/s, the interleaved one at 10 GB/s, 17-18 GB/s with
+prefetching (kernels/bits.py).
+
+Products with int8 activations quantize them per block of 32 with a float32 scale (as llama.cpp
+and llama2.c's runq.c do). Integer products are wrapped in np.int16/np.int32 so that LLVM keeps
+them in 16/32-bit SIMD lanes instead of numba's default int64.
 """
 import numpy as np
 from numba import njit, prange
 
-from .bits import f16_to_f32, f32_to_f16
+from .bits import f16_to_f32, f32_to_f16, prefetch
 
 QK = 32            # weights per block
 Q8_0_BYTES = 34
 Q4_0_BYTES = 18
-ROWS_PER_TASK = 16
+ROW_GROUP = 64     # rows interleaved in the packed layout: one SIMD lane per row
+PREFETCH_BLOCKS = 4  # how far ahead (in packed blocks) the GEMVs prefetch
 
 
 @njit(inline="always")
@@ -82,26 +92,81 @@ def quantize_q4_0(x, out):
                 out[n, o + 2 + j] = np.uint8(lo | (hi << 4))
 
 
-# --- row decoders (dequantize one row to float32) ------------------------------------------
+# --- packed layout ---------------------------------------------------------------------------
+
+def packed_shape(rows, cols, block_bytes):
+    return (-(-rows // ROW_GROUP), cols // QK, ROW_GROUP * block_bytes)
+
+
+@njit(parallel=True, cache=True)
+def pack_rows(rows, packed):
+    """GGML rows (n, blocks * block_bytes) -> packed (see above). Missing rows of the last group
+    get zero scales and zero quants, so they contribute nothing and are never stored."""
+    n_rows = rows.shape[0]
+    n_groups, n_blocks, group_bytes = packed.shape
+    block_bytes = group_bytes // ROW_GROUP
+    for g in prange(n_groups):
+        for b in range(n_blocks):
+            for lane in range(ROW_GROUP):
+                n = g * ROW_GROUP + lane
+                for k in range(block_bytes):
+                    v = rows[n, b * block_bytes + k] if n < n_rows else np.uint8(0)
+                    if k < 2:
+                        packed[g, b, 2 * lane + k] = v
+                    else:
+                        packed[g, b, ROW_GROUP * k + lane] = v
+
+
+@njit(parallel=True, cache=True)
+def unpack_rows(packed, rows):
+    """The inverse of pack_rows: packed -> GGML rows (for writing files)."""
+    n_rows = rows.shape[0]
+    n_groups, n_blocks, group_bytes = packed.shape
+    block_bytes = group_bytes // ROW_GROUP
+    for n in prange(n_rows):
+        g, lane = n // ROW_GROUP, n % ROW_GROUP
+        for b in range(n_blocks):
+            for k in range(block_bytes):
+                rows[n, b * block_bytes + k] = packed[g, b, 2 * lane + k if k < 2 else ROW_GROUP * k + lane]
+
+
+@njit(inline="always")
+def _packed_scale(w, g, b, lane):
+    return f16_to_f32(np.uint16(np.uint16(w[g, b, 2 * lane]) | (np.uint16(w[g, b, 2 * lane + 1]) << np.uint16(8))))
+
+
+@njit(inline="always")
+def _prefetch_ahead(w, g, b):
+    """Prefetch packed block (g, b + PREFETCH_BLOCKS), one hint per 64-byte cache line."""
+    n_groups, n_blocks, group_bytes = w.shape
+    ahead = g * n_blocks + b + PREFETCH_BLOCKS
+    if ahead < n_groups * n_blocks:
+        for c in range(0, group_bytes, 64):
+            prefetch(w, ahead * group_bytes + c)
+
+
+# --- row decoders (dequantize rows of a packed matrix to float32) ----------------------------
 
 @njit(cache=True)
-def decode_q8_0_row(row, dst):
-    for b in range(dst.shape[0] // QK):
-        o = b * Q8_0_BYTES
-        d = _block_scale(row.reshape(1, -1), 0, o)
-        for j in range(QK):
-            dst[b * QK + j] = d * np.float32(np.int8(row[o + 2 + j]))
+def decode_q8_0_rows(w, ids, dst):
+    for i in range(ids.shape[0]):
+        g, lane = ids[i] // ROW_GROUP, ids[i] % ROW_GROUP
+        for b in range(w.shape[1]):
+            d = _packed_scale(w, g, b, lane)
+            for k in range(QK):
+                dst[i, b * QK + k] = d * np.float32(np.int8(w[g, b, ROW_GROUP * (2 + k) + lane]))
 
 
 @njit(cache=True)
-def decode_q4_0_row(row, dst):
-    for b in range(dst.shape[0] // QK):
-        o = b * Q4_0_BYTES
-        d = _block_scale(row.reshape(1, -1), 0, o)
-        for j in range(QK // 2):
-            q = row[o + 2 + j]
-            dst[b * QK + j] = d * np.float32(np.int32(q & np.uint8(15)) - 8)
-            dst[b * QK + j + 16] = d * np.float32(np.int32(q >> np.uint8(4)) - 8)
+def decode_q4_0_rows(w, ids, dst):
+    for i in range(ids.shape[0]):
+        g, lane = ids[i] // ROW_GROUP, ids[i] % ROW_GROUP
+        for b in range(w.shape[1]):
+            d = _packed_scale(w, g, b, lane)
+            for k in range(QK // 2):
+                q = w[g, b, ROW_GROUP * (2 + k) + lane]
+                dst[i, b * QK + k] = d * np.float32(np.int32(q & np.uint8(15)) - 8)
+                dst[i, b * QK + k + 16] = d * np.float32(np.int32(q >> np.uint8(4)) - 8)
 
 
 # --- activations ----------------------------------------------------------------------------
@@ -126,71 +191,112 @@ def quantize_activations(x, xq, xd):
                 xq[t, b * QK + j] = np.int8(_round_half_away(x[t, b * QK + j] * inv))
 
 
-# --- matrix products -----------------------------------------------------------------------
+# --- matrix products (packed weights) -----------------------------------------------------------
+# out[t, n] = sum over blocks b of d_w[n, b] * (block dot product of row n with x[t]); parallel
+# over groups of 64 rows; for each group, every token (prefill reads the group from cache after
+# the first token).
+
+@njit(inline="always")
+def _store_group(out, t, g, acc):
+    for lane in range(ROW_GROUP):
+        n = g * ROW_GROUP + lane
+        if n < out.shape[1]:
+            out[t, n] = acc[lane]
+
 
 @njit(parallel=True, fastmath=True, cache=True)
 def matmul_q8_0(w, xq, xd, out):
-    """out[t, n] = sum over blocks of d_w * d_x * (int dot of the block) for Q8_0 weights."""
-    n_rows = out.shape[1]
-    n_tokens, n_blocks = xd.shape
-    for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        for n in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
-            for t in range(n_tokens):
-                acc = np.float32(0.0)
-                for b in range(n_blocks):
-                    o = b * Q8_0_BYTES
-                    x0 = b * QK
-                    isum = np.int32(0)
-                    for j in range(QK):
-                        isum = np.int32(isum + np.int32(np.int8(w[n, o + 2 + j])) * np.int32(xq[t, x0 + j]))
-                    acc += np.float32(isum) * (_block_scale(w, n, o) * xd[t, b])
-                out[t, n] = acc
+    """Q8_0 weights, int8 activations: int16 products summed in pairs (2 * 128 * 127 fits),
+    int32 block sums per lane."""
+    n_groups, n_blocks, _ = w.shape
+    for g in prange(n_groups):
+        block = np.empty(ROW_GROUP, np.int32)
+        acc = np.empty(ROW_GROUP, np.float32)
+        for t in range(xq.shape[0]):
+            acc[:] = 0.0
+            for b in range(n_blocks):
+                _prefetch_ahead(w, g, b)
+                block[:] = 0
+                for k in range(0, QK, 2):
+                    x0 = np.int16(xq[t, b * QK + k])
+                    x1 = np.int16(xq[t, b * QK + k + 1])
+                    for lane in range(ROW_GROUP):
+                        w0 = np.int16(np.int8(w[g, b, ROW_GROUP * (2 + k) + lane]))
+                        w1 = np.int16(np.int8(w[g, b, ROW_GROUP * (3 + k) + lane]))
+                        block[lane] = np.int32(block[lane] + np.int32(np.int16(np.int16(w0 * x0) + np.int16(w1 * x1))))
+                xs = xd[t, b]
+                for lane in range(ROW_GROUP):
+                    acc[lane] += np.float32(block[lane]) * (_packed_scale(w, g, b, lane) * xs)
+            _store_group(out, t, g, acc)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
 def matmul_q4_0(w, xq, xd, out):
-    """Q4_0 weights: each row is first unpacked to int8 (q - 8) in an L1-resident scratch
-    buffer, because multiplying nibbles in place does not vectorize; then as Q8_0."""
-    n_rows = out.shape[1]
-    n_tokens, n_blocks = xd.shape
-    for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        unpacked = np.empty(n_blocks * QK, np.int8)
-        for n in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
+    """Q4_0 weights, int8 activations: int16 block sums per lane; |(q - 8) * x| <= 8 * 127 and
+    32 of them fit in int16 (32512)."""
+    n_groups, n_blocks, _ = w.shape
+    for g in prange(n_groups):
+        block = np.empty(ROW_GROUP, np.int16)
+        acc = np.empty(ROW_GROUP, np.float32)
+        for t in range(xq.shape[0]):
+            acc[:] = 0.0
             for b in range(n_blocks):
-                o = b * Q4_0_BYTES + 2
-                for j in range(QK // 2):
-                    q = w[n, o + j]
-                    unpacked[b * QK + j] = np.int8(q & 15) - np.int8(8)
-                    unpacked[b * QK + j + 16] = np.int8(q >> 4) - np.int8(8)
-            for t in range(n_tokens):
-                acc = np.float32(0.0)
-                for b in range(n_blocks):
-                    x0 = b * QK
-                    isum = np.int32(0)
-                    for j in range(QK):
-                        isum = np.int32(isum + np.int32(unpacked[x0 + j]) * np.int32(xq[t, x0 + j]))
-                    acc += np.float32(isum) * (_block_scale(w, n, b * Q4_0_BYTES) * xd[t, b])
-                out[t, n] = acc
+                _prefetch_ahead(w, g, b)
+                block[:] = 0
+                for k in range(QK // 2):
+                    x_lo = np.int16(xq[t, b * QK + k])
+                    x_hi = np.int16(xq[t, b * QK + k + 16])
+                    for lane in range(ROW_GROUP):
+                        q = w[g, b, ROW_GROUP * (2 + k) + lane]
+                        lo = np.int16(np.int16(q & np.uint8(15)) - np.int16(8))
+                        hi = np.int16(np.int16(q >> np.uint8(4)) - np.int16(8))
+                        block[lane] = np.int16(block[lane] + np.int16(lo * x_lo) + np.int16(hi * x_hi))
+                xs = xd[t, b]
+                for lane in range(ROW_GROUP):
+                    acc[lane] += np.float32(block[lane]) * (_packed_scale(w, g, b, lane) * xs)
+            _store_group(out, t, g, acc)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
 def matmul_q8_0_float(w, x, out):
-    """Q8_0 weights times float32 activations (no activation rounding): for the LM head.
+    """Q8_0 weights times float32 activations (no activation rounding: the LM head)."""
+    n_groups, n_blocks, _ = w.shape
+    for g in prange(n_groups):
+        block = np.empty(ROW_GROUP, np.float32)
+        acc = np.empty(ROW_GROUP, np.float32)
+        for t in range(x.shape[0]):
+            acc[:] = 0.0
+            for b in range(n_blocks):
+                _prefetch_ahead(w, g, b)
+                block[:] = 0.0
+                for k in range(QK):
+                    xk = x[t, b * QK + k]
+                    for lane in range(ROW_GROUP):
+                        block[lane] += np.float32(np.int8(w[g, b, ROW_GROUP * (2 + k) + lane])) * xk
+                for lane in range(ROW_GROUP):
+                    acc[lane] += block[lane] * _packed_scale(w, g, b, lane)
+            _store_group(out, t, g, acc)
 
-    32 float lanes accumulate d * w * x across blocks: one horizontal sum per row, not per block.
-    About 25 % slower than the int8 kernel (measured on the 1.5B LM head)."""
-    n_rows = out.shape[1]
-    n_tokens = x.shape[0]
-    n_blocks = x.shape[1] // QK
-    for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        lanes = np.empty(QK, np.float32)
-        for n in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
-            for t in range(n_tokens):
-                lanes[:] = 0.0
-                for b in range(n_blocks):
-                    o = b * Q8_0_BYTES + 2
-                    x0 = b * QK
-                    d = _block_scale(w, n, o - 2)
-                    for i in range(QK):
-                        lanes[i] += d * (np.float32(np.int32(np.int8(w[n, o + i]))) * x[t, x0 + i])
-                out[t, n] = lanes.sum()
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_q4_0_float(w, x, out):
+    """Q4_0 weights times float32 activations."""
+    n_groups, n_blocks, _ = w.shape
+    for g in prange(n_groups):
+        block = np.empty(ROW_GROUP, np.float32)
+        acc = np.empty(ROW_GROUP, np.float32)
+        for t in range(x.shape[0]):
+            acc[:] = 0.0
+            for b in range(n_blocks):
+                _prefetch_ahead(w, g, b)
+                block[:] = 0.0
+                for k in range(QK // 2):
+                    x_lo = x[t, b * QK + k]
+                    x_hi = x[t, b * QK + k + 16]
+                    for lane in range(ROW_GROUP):
+                        q = w[g, b, ROW_GROUP * (2 + k) + lane]
+                        block[lane] += ((np.float32(np.int32(q & np.uint8(15))) - np.float32(8.0)) * x_lo
+                                        + (np.float32(np.int32(q >> np.uint8(4))) - np.float32(8.0)) * x_hi)
+                for lane in range(ROW_GROUP):
+                    acc[lane] += block[lane] * _packed_scale(w, g, b, lane)
+            _store_group(out, t, g, acc)

@@ -77,6 +77,27 @@ def test_kernels_equal_dequantize_then_matmul(fmt, tokens):
     assert np.abs(out - exact)[:, 3:].max() <= 0.02 * np.abs(exact[:, 3:]).max()
 
 
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_float_activation_kernels_equal_dequantize_then_matmul(fmt):
+    rows, cols = 130, 320
+    w = Weight.quantize(random_weights(rows, cols, seed=6), fmt)
+    x = np.random.default_rng(7).standard_normal((3, cols)).astype(np.float32)
+    out = np.empty((3, rows), np.float32)
+    matmul(w, x, out, exact_activations=True)
+    ref = x.astype(np.float64) @ w.dequantize().astype(np.float64).T
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_packing_keeps_every_byte(fmt):
+    """The kernels' interleaved layout is a permutation of the file's blocks: unpacking gives
+    back exactly the GGML rows, also for a row count that is not a multiple of the group."""
+    blocks = quants.quantize(random_weights(100, 96, seed=8), GGML_TYPES[fmt])
+    w = Weight(FORMATS[fmt], (100, 96), blocks)
+    assert w.data.shape == (2, 3, quant.ROW_GROUP * FORMATS[fmt].block_bytes)
+    assert np.array_equal(w.file_rows(), blocks)
+
+
 def test_activation_quantization():
     x = np.random.default_rng(5).standard_normal((3, 96)).astype(np.float32)
     x[1, :32] = 0
@@ -106,7 +127,8 @@ def test_weight_storage_is_validated():
 
 # --- machine code --------------------------------------------------------------------------
 
-INT8_DOT = r"\b(vpmaddwd|vpdpwssd|vpdpbusd|vpmaddubsw)\b"   # 16-bit multiply-add (or its VNNI forms)
+# a SIMD integer multiply on 256/512-bit registers: 16/32-bit lanes (or the multiply-add and VNNI forms)
+INT_SIMD_MULTIPLY = r"\b(vpmullw|vpmulld|vpmaddwd|vpdpwssd|vpdpbusd|vpmaddubsw)\s+%[yz]mm"
 
 
 def fresh_asm(kernel, *args) -> str:
@@ -124,10 +146,10 @@ def test_hot_kernels_use_simd_integer_dot_products(fmt):
     xq, xd = np.ones((1, 64), np.int8), np.ones((1, 2), np.float32)
     kernel = {"q8_0": quant.matmul_q8_0, "q4_0": quant.matmul_q4_0}[fmt]
     asm = fresh_asm(kernel, w.data, xq, xd, np.empty((1, 32), np.float32))
-    assert re.search(INT8_DOT, asm), f"{fmt} kernel lost its vectorized int8 dot product"
-    assert re.search(r"%[yz]mm\d+", asm), f"{fmt} kernel uses no 256/512-bit registers"
-    # numba's default int64 arithmetic would show up as 64-bit lane multiplies
-    assert not re.search(r"\bvpmuldq\b|\bvpmullq\b", asm)
+    assert re.search(INT_SIMD_MULTIPLY, asm), f"{fmt} kernel lost its vectorized integer dot product"
+    # numba's default int64 arithmetic would show up as 64-bit lane multiplies or conversions
+    assert not re.search(r"\b(vpmuldq|vpmullq|vcvtqq2ps)\b", asm)
+    assert re.search(r"\bprefetcht0\b", asm), f"{fmt} kernel lost its prefetch hints"
 
 
 def test_float_kernel_uses_fma():
