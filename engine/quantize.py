@@ -22,7 +22,7 @@ from kernels.formats import FORMATS, Weight
 from .config import load_config
 from .errors import EngineError
 from .resolve import resolve
-from .weights import QUANTIZED_FORMAT, QUANTIZED_FORMAT_VERSION, load_checkpoint
+from .weights import QUANTIZED_FORMAT, QUANTIZED_FORMAT_VERSION, load_checkpoint, release_pages
 
 QUANT_TYPES = ("q8_0", "q4_0")
 # tensors kept at a higher precision than the requested type
@@ -68,6 +68,7 @@ def quantize_weights(weights: dict, quant: str, progress: bool = True) -> dict:
               disable=not progress or None) as bar:
         for name in todo:
             out[name] = quantize_weight(weights[name], target_format(name, quant))
+            release_pages(weights[name].data)   # the float copy is no longer needed in memory
             bar.update(weights[name].shape[0] * weights[name].shape[1])
     return out
 

@@ -6,6 +6,7 @@ is memory-mapped once and each tensor is a numpy view into it: bf16 and f16 stay
 bit patterns and the kernels decode them on the fly, so no second full copy of the model exists.
 """
 import json
+import mmap
 import struct
 from pathlib import Path
 
@@ -104,6 +105,24 @@ def read_checkpoint(model_dir: Path) -> tuple[dict[str, tuple[str, np.ndarray]],
     return tensors, metadata
 
 
+def release_pages(array: np.ndarray) -> None:
+    """Drop the resident pages of a memory-mapped tensor that has been copied (packed or
+    quantized), so that they stop counting toward the process's memory. The file stays in the
+    page cache; touching the view again would simply map it back. No-op for other arrays."""
+    base = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    if not isinstance(base, mmap.mmap) or array.nbytes == 0:
+        return
+    start = array.ctypes.data - np.frombuffer(base, np.uint8, count=1).ctypes.data
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE            # whole pages inside the tensor only
+    last = (start + array.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        base.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
 def expected_shapes(config: ModelConfig) -> dict[str, tuple]:
     """Every tensor the forward pass reads, with the shape the config implies (HF names)."""
     d, hd = config.hidden_size, config.head_dim
@@ -180,6 +199,8 @@ def load_weights(config: ModelConfig, tensors: dict, formats: dict | None = None
                 weights[name] = Weight(FORMATS[formats[name]], shape, array)
             except ValueError as e:
                 raise EngineError(f"tensor '{name}' does not match the config: {e}") from None
+            if weights[name].data is not array:   # repacked: the mapped bytes are no longer read
+                release_pages(array)
             continue
         if tuple(array.shape) != shape:
             raise EngineError(f"tensor '{name}' has shape {tuple(array.shape)}, but the config implies {shape}")

@@ -2,9 +2,9 @@
 
 A weight matrix is a `Weight`: a format, a logical shape (rows, cols) and its storage. Files
 hold it row by row: float32 for F32; uint16 bit patterns for F16 and BF16 (numba has no half
-types); uint8 GGML blocks for the quantized formats. Most formats are read in place; Q8_0 and
-Q4_0 are repacked at load into the interleaved layout of kernels/quant.py (same bytes, new
-order: twice as fast), and unpacked again only to write files.
+types); uint8 GGML blocks for the quantized formats. Float formats are read in place (memory-
+mapped); block formats are repacked at load into the interleaved layout of kernels/layout.py
+(the same bytes in a new order: twice as fast), and unpacked again only to write files.
 
 Each row of FORMATS says, for one format: its block geometry, how to decode rows to float32
 (embedding lookups, dequantization, tests), how to multiply it by activations, how to make it
@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 from numba import njit, prange
 
-from . import kquants, quant
+from . import kquants, layout, quant
 from .bits import bf16_to_f32, f16_to_f32
 
 ROWS_PER_TASK = 16  # output rows per parallel work item: few enough tasks to keep overhead low
@@ -80,27 +80,10 @@ def matmul_bf16(w, x, out):
     _matmul_decoded(decode_bf16_row, w, x, out)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def matmul_q4_1_float(w, x, out):
-    _matmul_decoded(kquants.decode_q4_1_row, w, x, out)
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def matmul_q4_k_float(w, x, out):
-    _matmul_decoded(kquants.decode_q4_k_row, w, x, out)
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def matmul_q6_k_float(w, x, out):
-    _matmul_decoded(kquants.decode_q6_k_row, w, x, out)
-
-
-def rows_decoder(decode_row):
-    """decode_rows(w, ids, out) for a format stored row by row, from its one-row decoder."""
-    def decode_rows(w, ids, out):
-        for i, row in enumerate(ids):
-            decode_row(w[row], out[i])
-    return decode_rows
+def decode_rows(decode_row, rows, out):
+    """out[i] = rows[i] decoded to float32 (file rows: embedding lookups, dequantization)."""
+    for i in range(len(rows)):
+        decode_row(rows[i], out[i])
 
 
 # --- how each kind of format multiplies -------------------------------------------------------
@@ -111,19 +94,6 @@ def blocks_quantizer(kernel, block_bytes):
         kernel(np.ascontiguousarray(x, dtype=np.float32), out)
         return out
     return quantize
-
-
-def interleaved_packer(block_bytes):
-    def pack(rows, cols):
-        packed = np.empty(quant.packed_shape(rows.shape[0], cols, block_bytes), np.uint8)
-        quant.pack_rows(rows, packed)
-        return packed
-
-    def unpack(packed, rows, cols):
-        out = np.empty((rows, cols // quant.QK * block_bytes), np.uint8)
-        quant.unpack_rows(packed, out)
-        return out
-    return pack, unpack
 
 
 def to_bf16(x):
@@ -138,12 +108,15 @@ class Format:
     storage_dtype: type      # numpy dtype of the raw row storage
     block_size: int          # weights per block (1 for plain floats)
     block_bytes: int         # bytes per block
-    decode_rows: Callable    # (data, row ids, float32 out (ids, cols)) -> None
+    decode_row: Callable     # njit (file row, float32 out) -> None
     float_matmul: Callable   # (data, x (tokens, cols) f32, out (tokens, rows) f32) -> None
     int8_matmul: Callable | None  # (data, x int8 blocks, x scales, out): activations rounded to int8
     quantize: Callable | None  # float32 (rows, cols) -> file rows (None: read from files only)
-    pack: Callable | None = None    # (file rows, cols) -> data, the kernels' layout (None: the same)
-    unpack: Callable | None = None  # (data, rows, cols) -> file rows
+
+    @property
+    def packed(self) -> bool:
+        """Block formats are repacked at load (kernels/layout.py); floats are read as stored."""
+        return self.block_size > 1
 
     def row_items(self, cols: int) -> int:
         """Items of storage_dtype per row of `cols` weights."""
@@ -154,7 +127,7 @@ class Format:
 
 
 def float_format(name, dtype, item_bytes, decode_row, kernel, quantize):
-    return Format(name, dtype, 1, item_bytes, rows_decoder(decode_row), kernel, None, quantize)
+    return Format(name, dtype, 1, item_bytes, decode_row, kernel, None, quantize)
 
 
 FORMATS = {f.name: f for f in [
@@ -163,19 +136,16 @@ FORMATS = {f.name: f for f in [
     float_format("f16", np.uint16, 2, decode_f16_row, matmul_f16,
                  lambda x: np.ascontiguousarray(x, dtype=np.float32).astype(np.float16).view(np.uint16)),
     float_format("bf16", np.uint16, 2, decode_bf16_row, matmul_bf16, to_bf16),
-    Format("q8_0", np.uint8, quant.QK, quant.Q8_0_BYTES, quant.decode_q8_0_rows,
-           quant.matmul_q8_0_float, quant.matmul_q8_0,
-           blocks_quantizer(quant.quantize_q8_0, quant.Q8_0_BYTES), *interleaved_packer(quant.Q8_0_BYTES)),
-    Format("q4_0", np.uint8, quant.QK, quant.Q4_0_BYTES, quant.decode_q4_0_rows,
-           quant.matmul_q4_0_float, quant.matmul_q4_0,
-           blocks_quantizer(quant.quantize_q4_0, quant.Q4_0_BYTES), *interleaved_packer(quant.Q4_0_BYTES)),
-    # formats read from GGUF files: no quantizer of ours; decode-then-FMA kernels for now
-    Format("q4_1", np.uint8, 32, kquants.Q4_1_BYTES, rows_decoder(kquants.decode_q4_1_row),
-           matmul_q4_1_float, None, None),
-    Format("q4_k", np.uint8, kquants.QK_K, kquants.Q4_K_BYTES, rows_decoder(kquants.decode_q4_k_row),
-           matmul_q4_k_float, None, None),
-    Format("q6_k", np.uint8, kquants.QK_K, kquants.Q6_K_BYTES, rows_decoder(kquants.decode_q6_k_row),
-           matmul_q6_k_float, None, None),
+    Format("q8_0", np.uint8, quant.QK, quant.Q8_0_BYTES, quant.decode_q8_0_row,
+           quant.matmul_q8_0_float, quant.matmul_q8_0, blocks_quantizer(quant.quantize_q8_0, quant.Q8_0_BYTES)),
+    Format("q4_0", np.uint8, quant.QK, quant.Q4_0_BYTES, quant.decode_q4_0_row,
+           quant.matmul_q4_0_float, quant.matmul_q4_0, blocks_quantizer(quant.quantize_q4_0, quant.Q4_0_BYTES)),
+    # formats read from GGUF files: no quantizer of ours, float activations
+    Format("q4_1", np.uint8, 32, kquants.Q4_1_BYTES, kquants.decode_q4_1_row, kquants.matmul_q4_1, None, None),
+    Format("q4_k", np.uint8, kquants.QK_K, kquants.Q4_K_BYTES, kquants.decode_q4_k_row, kquants.matmul_q4_k,
+           None, None),
+    Format("q6_k", np.uint8, kquants.QK_K, kquants.Q6_K_BYTES, kquants.decode_q6_k_row, kquants.matmul_q6_k,
+           None, None),
 ]}
 
 
@@ -202,13 +172,14 @@ class Weight:
                              f"{expected}, got {self.data.dtype} {self.data.shape}")
         if not self.data.flags.c_contiguous:
             raise ValueError("weight storage must be C-contiguous")
-        if f.pack is not None:
-            object.__setattr__(self, "data", f.pack(self.data, cols))
+        if f.packed:
+            object.__setattr__(self, "data", layout.pack(self.data, f.block_bytes))
 
-    def file_rows(self) -> np.ndarray:
-        """The storage as files hold it: row by row."""
-        f = self.format
-        return self.data if f.unpack is None else f.unpack(self.data, *self.shape)
+    def file_rows(self, ids=slice(None)) -> np.ndarray:
+        """Rows `ids` (default: all) of the storage as files hold it: row by row."""
+        if not self.format.packed:
+            return self.data[ids]
+        return layout.unpack(self.data, self.format.block_bytes, np.arange(self.shape[0])[ids])
 
     @classmethod
     def quantize(cls, values: np.ndarray, format_name: str) -> "Weight":
@@ -223,7 +194,7 @@ class Weight:
         """Rows start..stop (default: all) as float32."""
         stop = self.shape[0] if stop is None else stop
         out = np.empty((stop - start, self.shape[1]), np.float32)
-        self.format.decode_rows(self.data, np.arange(start, stop), out)
+        decode_rows(self.format.decode_row, self.file_rows(slice(start, stop)), out)
         return out
 
 
@@ -258,4 +229,4 @@ def matmul(weight: Weight, x, out: np.ndarray, exact_activations: bool = False) 
 
 def embedding_rows(weight: Weight, ids: np.ndarray, out: np.ndarray) -> None:
     """out[i] = row ids[i] of the weight, as float32 (ids must already be validated)."""
-    weight.format.decode_rows(weight.data, np.asarray(ids, np.int64), out)
+    decode_rows(weight.format.decode_row, weight.file_rows(ids), out)

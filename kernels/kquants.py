@@ -1,8 +1,11 @@
 """Formats that arrive in GGUF files: Q4_1, and the k-quants Q4_K and Q6_K of Ollama's Q4_K_M.
 
-Row decoders only, bit-exact with ggml's reference dequantization (and the gguf package):
-the same float32 operations in the same order, without fast-math, so no fused multiply-adds.
-The matrix products use the generic decode-then-FMA kernel of kernels/formats.py for now.
+Row decoders, bit-exact with ggml's reference dequantization (and the gguf package): the same
+float32 operations in the same order, without fast-math, so no fused multiply-adds. Matrix
+products read the interleaved layout of kernels/layout.py with float32 activations: each lane
+(an output row) sums q * x over a sub-block, then applies that sub-block's scale (and min):
+    sum d * sc * q * x - dmin * m * x  =  d * sc * sum(q * x) - dmin * m * sum(x)
+so the per-weight work is one conversion and one fused multiply-add.
 
     Q4_1, 32 weights in 20 bytes: fp16 d, fp16 m, 16 bytes of nibbles;  w = d * q + m
     Q4_K, 256 weights in 144 bytes: fp16 d, fp16 dmin, 12 bytes of 6-bit (scale, min) for 8
@@ -11,9 +14,10 @@ The matrix products use the generic decode-then-FMA kernel of kernels/formats.py
           16 int8 scales (one per 16 weights), fp16 d;                  w = d * sc * (q - 32)
 """
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .bits import f16_to_f32
+from .layout import ROW_GROUP, half_at, prefetch_ahead, store_group
 
 Q4_1_BYTES = 20
 QK_K = 256
@@ -92,3 +96,138 @@ def decode_q6_k_row(row, dst):
                 dst[y + l + 32] = d * np.float32(np.int8(row[sc + s + 2])) * np.float32(q2)
                 dst[y + l + 64] = d * np.float32(np.int8(row[sc + s + 4])) * np.float32(q3)
                 dst[y + l + 96] = d * np.float32(np.int8(row[sc + s + 6])) * np.float32(q4)
+
+
+# --- matrix products (packed weights, float32 activations) --------------------------------------
+
+LOW4 = np.uint8(15)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_q4_1(w, x, out):
+    """Q4_1: planes 0-1 d, 2-3 m, 4 + j the nibbles of weights j and j + 16."""
+    n_groups, n_blocks, _ = w.shape
+    for g in prange(n_groups):
+        block = np.empty(ROW_GROUP, np.float32)
+        acc = np.empty(ROW_GROUP, np.float32)
+        for t in range(x.shape[0]):
+            acc[:] = 0.0
+            for b in range(n_blocks):
+                prefetch_ahead(w, g, b)
+                block[:] = 0.0
+                x_sum = np.float32(0.0)
+                for k in range(16):
+                    x_lo = x[t, b * 32 + k]
+                    x_hi = x[t, b * 32 + k + 16]
+                    x_sum += x_lo + x_hi
+                    for lane in range(ROW_GROUP):
+                        q = w[g, b, ROW_GROUP * (4 + k) + lane]
+                        block[lane] += (np.float32(np.int32(q & np.uint8(15))) * x_lo
+                                        + np.float32(np.int32(q >> np.uint8(4))) * x_hi)
+                for lane in range(ROW_GROUP):
+                    acc[lane] += half_at(w, g, b, 0, lane) * block[lane] + half_at(w, g, b, 2, lane) * x_sum
+            store_group(out, t, g, acc)
+
+
+@njit(inline="always")
+def _k4_scales(w, g, b, scales, mins):
+    """scales[j, lane] = d * sc_j and mins[j, lane] = dmin * m_j of the 8 sub-blocks, from the
+    12 bytes of 6-bit values (planes 4-15) as ggml's get_scale_min_k4 unpacks them. Written as
+    two branch-free loops so that LLVM vectorizes them across lanes."""
+    for j in range(4):
+        for lane in range(ROW_GROUP):
+            sc = w[g, b, ROW_GROUP * (4 + j) + lane] & np.uint8(63)
+            m = w[g, b, ROW_GROUP * (8 + j) + lane] & np.uint8(63)
+            scales[j, lane] = half_at(w, g, b, 0, lane) * np.float32(np.int32(sc))
+            mins[j, lane] = half_at(w, g, b, 2, lane) * np.float32(np.int32(m))
+    for j in range(4, 8):
+        for lane in range(ROW_GROUP):
+            packed = w[g, b, ROW_GROUP * (8 + j) + lane]
+            sc = np.uint8((packed & np.uint8(15)) | ((w[g, b, ROW_GROUP * j + lane] >> np.uint8(6)) << np.uint8(4)))
+            m = np.uint8((packed >> np.uint8(4)) | ((w[g, b, ROW_GROUP * (4 + j) + lane] >> np.uint8(6)) << np.uint8(4)))
+            scales[j, lane] = half_at(w, g, b, 0, lane) * np.float32(np.int32(sc))
+            mins[j, lane] = half_at(w, g, b, 2, lane) * np.float32(np.int32(m))
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_q4_k(w, x, out):
+    """Q4_K: planes 0-1 d, 2-3 dmin, 4-15 scales, 16 + 32 * chunk + l the nibbles of weights
+    64 * chunk + l (sub-block 2 * chunk) and 64 * chunk + 32 + l (sub-block 2 * chunk + 1)."""
+    n_groups, n_blocks, _ = w.shape
+    for g in prange(n_groups):
+        part = np.empty((2, ROW_GROUP), np.float32)
+        scales = np.empty((8, ROW_GROUP), np.float32)
+        mins = np.empty((8, ROW_GROUP), np.float32)
+        acc = np.empty(ROW_GROUP, np.float32)
+        for t in range(x.shape[0]):
+            acc[:] = 0.0
+            for b in range(n_blocks):
+                prefetch_ahead(w, g, b)
+                _k4_scales(w, g, b, scales, mins)
+                for chunk in range(4):
+                    part[:] = 0.0
+                    x0 = b * QK_K + chunk * 64
+                    sum_lo = np.float32(0.0)
+                    sum_hi = np.float32(0.0)
+                    for l in range(32):
+                        x_lo = x[t, x0 + l]
+                        x_hi = x[t, x0 + 32 + l]
+                        sum_lo += x_lo
+                        sum_hi += x_hi
+                        for lane in range(ROW_GROUP):
+                            q = w[g, b, ROW_GROUP * (16 + chunk * 32 + l) + lane]
+                            part[0, lane] += np.float32(np.int32(q & LOW4)) * x_lo
+                            part[1, lane] += np.float32(np.int32(q >> np.uint8(4))) * x_hi
+                    j = 2 * chunk
+                    for lane in range(ROW_GROUP):
+                        acc[lane] += (scales[j, lane] * part[0, lane] + scales[j + 1, lane] * part[1, lane]
+                                      - mins[j, lane] * sum_lo - mins[j + 1, lane] * sum_hi)
+            store_group(out, t, g, acc)
+
+
+@njit(inline="always")
+def _six_bits(low, high_at_4):
+    """A Q6_K weight as float32: 4 low bits, and 2 high bits already shifted to bits 4-5
+    (uint8 arithmetic throughout, so LLVM keeps 64 lanes per vector)."""
+    q = np.uint8(np.uint8(low) | np.uint8(np.uint8(high_at_4) & np.uint8(0x30)))
+    return np.float32(np.int32(q)) - np.float32(32.0)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_q6_k(w, x, out):
+    """Q6_K: planes 0-127 low nibbles, 128-191 high bits, 192-207 int8 scales, 208-209 d.
+    In each half of 128 weights, byte l (l < 32) of the low nibbles and of the high bits holds
+    weights l, l + 32, l + 64, l + 96; scales cover 16 weights each."""
+    n_groups, n_blocks, _ = w.shape
+    for g in prange(n_groups):
+        part = np.empty((4, ROW_GROUP), np.float32)
+        acc = np.empty(ROW_GROUP, np.float32)
+        for t in range(x.shape[0]):
+            acc[:] = 0.0
+            for b in range(n_blocks):
+                prefetch_ahead(w, g, b)
+                for half in range(2):
+                    for s in range(2):   # 16 weights of each quarter share a scale
+                        part[:] = 0.0
+                        x0 = b * QK_K + half * 128 + s * 16
+                        for l in range(s * 16, s * 16 + 16):
+                            x1 = x[t, x0 - s * 16 + l]
+                            x2 = x[t, x0 - s * 16 + l + 32]
+                            x3 = x[t, x0 - s * 16 + l + 64]
+                            x4 = x[t, x0 - s * 16 + l + 96]
+                            for lane in range(ROW_GROUP):
+                                low_a = w[g, b, ROW_GROUP * (half * 64 + l) + lane]
+                                low_b = w[g, b, ROW_GROUP * (half * 64 + l + 32) + lane]
+                                high = w[g, b, ROW_GROUP * (128 + half * 32 + l) + lane]
+                                part[0, lane] += _six_bits(low_a & LOW4, high << np.uint8(4)) * x1
+                                part[1, lane] += _six_bits(low_b & LOW4, high << np.uint8(2)) * x2
+                                part[2, lane] += _six_bits(low_a >> np.uint8(4), high) * x3
+                                part[3, lane] += _six_bits(low_b >> np.uint8(4), high >> np.uint8(2)) * x4
+                        sc = 192 + half * 8 + s
+                        for lane in range(ROW_GROUP):
+                            acc[lane] += half_at(w, g, b, 208, lane) * (
+                                np.float32(np.int8(w[g, b, ROW_GROUP * sc + lane])) * part[0, lane]
+                                + np.float32(np.int8(w[g, b, ROW_GROUP * (sc + 2) + lane])) * part[1, lane]
+                                + np.float32(np.int8(w[g, b, ROW_GROUP * (sc + 4) + lane])) * part[2, lane]
+                                + np.float32(np.int8(w[g, b, ROW_GROUP * (sc + 6) + lane])) * part[3, lane])
+            store_group(out, t, g, acc)

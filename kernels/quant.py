@@ -7,14 +7,8 @@
 Files (GGUF, our quantized directories) hold these blocks row by row, as ggml does; weight
 quantizers round exactly as ggml's reference code (and the gguf package) do.
 
-At load time the blocks are repacked, without changing any byte, into the layout the kernels
-read: ROW_GROUP (64) rows interleaved. Packed shape (groups, blocks_per_row, 64 * block_bytes);
-for each group of 64 rows and each column block: the 64 fp16 scales, then byte k of all 64
-rows' blocks, for each k. One SIMD lane is one output row, so a GEMV needs no horizontal sum
-per block: lanes accumulate a whole block in int16/int32 and apply the 64 scales with one
-vector multiply. Measured on the 1.5B down_proj shape, 2 threads: the row-by-row kernel with
-a horizontal sum per block ran at 4.9 GB/s, the interleaved one at 10 GB/s, 17-18 GB/s with
-prefetching (kernels/bits.py).
+The kernels read the blocks repacked at load into the interleaved layout of kernels/layout.py
+(64 rows side by side, byte k of each block in plane k).
 
 Products with int8 activations quantize them per block of 32 with a float32 scale (as llama.cpp
 and llama2.c's runq.c do). Integer products are wrapped in np.int16/np.int32 so that LLVM keeps
@@ -23,13 +17,12 @@ them in 16/32-bit SIMD lanes instead of numba's default int64.
 import numpy as np
 from numba import njit, prange
 
-from .bits import f16_to_f32, f32_to_f16, prefetch
+from .bits import f16_to_f32, f32_to_f16
+from .layout import ROW_GROUP, half_at, prefetch_ahead, store_group
 
 QK = 32            # weights per block
 Q8_0_BYTES = 34
 Q4_0_BYTES = 18
-ROW_GROUP = 64     # rows interleaved in the packed layout: one SIMD lane per row
-PREFETCH_BLOCKS = 4  # how far ahead (in packed blocks) the GEMVs prefetch
 
 
 @njit(inline="always")
@@ -92,81 +85,26 @@ def quantize_q4_0(x, out):
                 out[n, o + 2 + j] = np.uint8(lo | (hi << 4))
 
 
-# --- packed layout ---------------------------------------------------------------------------
-
-def packed_shape(rows, cols, block_bytes):
-    return (-(-rows // ROW_GROUP), cols // QK, ROW_GROUP * block_bytes)
-
-
-@njit(parallel=True, cache=True)
-def pack_rows(rows, packed):
-    """GGML rows (n, blocks * block_bytes) -> packed (see above). Missing rows of the last group
-    get zero scales and zero quants, so they contribute nothing and are never stored."""
-    n_rows = rows.shape[0]
-    n_groups, n_blocks, group_bytes = packed.shape
-    block_bytes = group_bytes // ROW_GROUP
-    for g in prange(n_groups):
-        for b in range(n_blocks):
-            for lane in range(ROW_GROUP):
-                n = g * ROW_GROUP + lane
-                for k in range(block_bytes):
-                    v = rows[n, b * block_bytes + k] if n < n_rows else np.uint8(0)
-                    if k < 2:
-                        packed[g, b, 2 * lane + k] = v
-                    else:
-                        packed[g, b, ROW_GROUP * k + lane] = v
-
-
-@njit(parallel=True, cache=True)
-def unpack_rows(packed, rows):
-    """The inverse of pack_rows: packed -> GGML rows (for writing files)."""
-    n_rows = rows.shape[0]
-    n_groups, n_blocks, group_bytes = packed.shape
-    block_bytes = group_bytes // ROW_GROUP
-    for n in prange(n_rows):
-        g, lane = n // ROW_GROUP, n % ROW_GROUP
-        for b in range(n_blocks):
-            for k in range(block_bytes):
-                rows[n, b * block_bytes + k] = packed[g, b, 2 * lane + k if k < 2 else ROW_GROUP * k + lane]
-
-
-@njit(inline="always")
-def _packed_scale(w, g, b, lane):
-    return f16_to_f32(np.uint16(np.uint16(w[g, b, 2 * lane]) | (np.uint16(w[g, b, 2 * lane + 1]) << np.uint16(8))))
-
-
-@njit(inline="always")
-def _prefetch_ahead(w, g, b):
-    """Prefetch packed block (g, b + PREFETCH_BLOCKS), one hint per 64-byte cache line."""
-    n_groups, n_blocks, group_bytes = w.shape
-    ahead = g * n_blocks + b + PREFETCH_BLOCKS
-    if ahead < n_groups * n_blocks:
-        for c in range(0, group_bytes, 64):
-            prefetch(w, ahead * group_bytes + c)
-
-
-# --- row decoders (dequantize rows of a packed matrix to float32) ----------------------------
+# --- row decoders (dequantize one GGML row to float32) -----------------------------------------
 
 @njit(cache=True)
-def decode_q8_0_rows(w, ids, dst):
-    for i in range(ids.shape[0]):
-        g, lane = ids[i] // ROW_GROUP, ids[i] % ROW_GROUP
-        for b in range(w.shape[1]):
-            d = _packed_scale(w, g, b, lane)
-            for k in range(QK):
-                dst[i, b * QK + k] = d * np.float32(np.int8(w[g, b, ROW_GROUP * (2 + k) + lane]))
+def decode_q8_0_row(row, dst):
+    for b in range(dst.shape[0] // QK):
+        o = b * Q8_0_BYTES
+        d = _block_scale(row.reshape(1, -1), 0, o)
+        for j in range(QK):
+            dst[b * QK + j] = d * np.float32(np.int8(row[o + 2 + j]))
 
 
 @njit(cache=True)
-def decode_q4_0_rows(w, ids, dst):
-    for i in range(ids.shape[0]):
-        g, lane = ids[i] // ROW_GROUP, ids[i] % ROW_GROUP
-        for b in range(w.shape[1]):
-            d = _packed_scale(w, g, b, lane)
-            for k in range(QK // 2):
-                q = w[g, b, ROW_GROUP * (2 + k) + lane]
-                dst[i, b * QK + k] = d * np.float32(np.int32(q & np.uint8(15)) - 8)
-                dst[i, b * QK + k + 16] = d * np.float32(np.int32(q >> np.uint8(4)) - 8)
+def decode_q4_0_row(row, dst):
+    for b in range(dst.shape[0] // QK):
+        o = b * Q4_0_BYTES
+        d = _block_scale(row.reshape(1, -1), 0, o)
+        for j in range(QK // 2):
+            q = row[o + 2 + j]
+            dst[b * QK + j] = d * np.float32(np.int32(q & np.uint8(15)) - 8)
+            dst[b * QK + j + 16] = d * np.float32(np.int32(q >> np.uint8(4)) - 8)
 
 
 # --- activations ----------------------------------------------------------------------------
@@ -194,15 +132,7 @@ def quantize_activations(x, xq, xd):
 # --- matrix products (packed weights) -----------------------------------------------------------
 # out[t, n] = sum over blocks b of d_w[n, b] * (block dot product of row n with x[t]); parallel
 # over groups of 64 rows; for each group, every token (prefill reads the group from cache after
-# the first token).
-
-@njit(inline="always")
-def _store_group(out, t, g, acc):
-    for lane in range(ROW_GROUP):
-        n = g * ROW_GROUP + lane
-        if n < out.shape[1]:
-            out[t, n] = acc[lane]
-
+# the first token). Byte k of a block is plane k: the scale is planes 0-1, quant j is plane 2 + j.
 
 @njit(parallel=True, fastmath=True, cache=True)
 def matmul_q8_0(w, xq, xd, out):
@@ -215,7 +145,7 @@ def matmul_q8_0(w, xq, xd, out):
         for t in range(xq.shape[0]):
             acc[:] = 0.0
             for b in range(n_blocks):
-                _prefetch_ahead(w, g, b)
+                prefetch_ahead(w, g, b)
                 block[:] = 0
                 for k in range(0, QK, 2):
                     x0 = np.int16(xq[t, b * QK + k])
@@ -226,8 +156,8 @@ def matmul_q8_0(w, xq, xd, out):
                         block[lane] = np.int32(block[lane] + np.int32(np.int16(np.int16(w0 * x0) + np.int16(w1 * x1))))
                 xs = xd[t, b]
                 for lane in range(ROW_GROUP):
-                    acc[lane] += np.float32(block[lane]) * (_packed_scale(w, g, b, lane) * xs)
-            _store_group(out, t, g, acc)
+                    acc[lane] += np.float32(block[lane]) * (half_at(w, g, b, 0, lane) * xs)
+            store_group(out, t, g, acc)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -241,7 +171,7 @@ def matmul_q4_0(w, xq, xd, out):
         for t in range(xq.shape[0]):
             acc[:] = 0.0
             for b in range(n_blocks):
-                _prefetch_ahead(w, g, b)
+                prefetch_ahead(w, g, b)
                 block[:] = 0
                 for k in range(QK // 2):
                     x_lo = np.int16(xq[t, b * QK + k])
@@ -253,8 +183,8 @@ def matmul_q4_0(w, xq, xd, out):
                         block[lane] = np.int16(block[lane] + np.int16(lo * x_lo) + np.int16(hi * x_hi))
                 xs = xd[t, b]
                 for lane in range(ROW_GROUP):
-                    acc[lane] += np.float32(block[lane]) * (_packed_scale(w, g, b, lane) * xs)
-            _store_group(out, t, g, acc)
+                    acc[lane] += np.float32(block[lane]) * (half_at(w, g, b, 0, lane) * xs)
+            store_group(out, t, g, acc)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -267,15 +197,15 @@ def matmul_q8_0_float(w, x, out):
         for t in range(x.shape[0]):
             acc[:] = 0.0
             for b in range(n_blocks):
-                _prefetch_ahead(w, g, b)
+                prefetch_ahead(w, g, b)
                 block[:] = 0.0
                 for k in range(QK):
                     xk = x[t, b * QK + k]
                     for lane in range(ROW_GROUP):
                         block[lane] += np.float32(np.int8(w[g, b, ROW_GROUP * (2 + k) + lane])) * xk
                 for lane in range(ROW_GROUP):
-                    acc[lane] += block[lane] * _packed_scale(w, g, b, lane)
-            _store_group(out, t, g, acc)
+                    acc[lane] += block[lane] * half_at(w, g, b, 0, lane)
+            store_group(out, t, g, acc)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -288,7 +218,7 @@ def matmul_q4_0_float(w, x, out):
         for t in range(x.shape[0]):
             acc[:] = 0.0
             for b in range(n_blocks):
-                _prefetch_ahead(w, g, b)
+                prefetch_ahead(w, g, b)
                 block[:] = 0.0
                 for k in range(QK // 2):
                     x_lo = x[t, b * QK + k]
@@ -298,5 +228,5 @@ def matmul_q4_0_float(w, x, out):
                         block[lane] += ((np.float32(np.int32(q & np.uint8(15))) - np.float32(8.0)) * x_lo
                                         + (np.float32(np.int32(q >> np.uint8(4))) - np.float32(8.0)) * x_hi)
                 for lane in range(ROW_GROUP):
-                    acc[lane] += block[lane] * _packed_scale(w, g, b, lane)
-            _store_group(out, t, g, acc)
+                    acc[lane] += block[lane] * half_at(w, g, b, 0, lane)
+            store_group(out, t, g, acc)

@@ -30,6 +30,9 @@ SHAPES = {   # hidden, intermediate, heads, kv_heads, head_dim, vocab, layers
 }
 
 
+HALF_OFFSETS = {"q4_1": [0, 2], "q4_k": [0, 2], "q6_k": [208]}   # fp16 fields in a block
+
+
 def matrices(s):
     """(name, rows, cols, uses per token) of every matrix in one forward pass."""
     d, kv = s["hidden"], s["kv_heads"] * s["head_dim"]
@@ -45,9 +48,10 @@ def weight_pool(fmt_name, rows, cols, pool_bytes):
     matrix_bytes = rows * fmt.row_bytes(cols)
     copies = max(2, -(-pool_bytes // matrix_bytes))
     raw = (np.arange(copies * rows * fmt.row_bytes(cols), dtype=np.uint32) * 2654435761 >> 24).astype(np.uint8)
-    if fmt.block_size > 1:   # a valid fp16 scale (0.0625) at the start of every block
+    if fmt.block_size > 1:   # valid fp16 scales (0.0625) where each format keeps them
         blocks = raw.reshape(-1, fmt.block_bytes)
-        blocks[:, 0], blocks[:, 1] = 0x00, 0x2C
+        for offset in HALF_OFFSETS.get(fmt_name, [0]):
+            blocks[:, offset], blocks[:, offset + 1] = 0x00, 0x2C
     elif fmt_name in ("f16", "bf16"):
         raw.view(np.uint16)[:] = 0x3C00 if fmt_name == "f16" else 0x3F80
     else:
