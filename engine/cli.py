@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop when this text is generated (repeatable)")
     _add_load_options(g)
     g.add_argument("--verbose", "-v", action="store_true", help="print timings and tokens/s to stderr")
+    g.add_argument("--profile", action="store_true",
+                   help="print where the time went, kernel by kernel (share, ms/token, calls, GB/s) to stderr")
 
     q = sub.add_parser("quantize", help="write a quantized copy of a float checkpoint to a directory")
     _add_model(q)
@@ -72,6 +74,7 @@ def cmd_generate(args) -> int:
     llm = load(args.model, context_length=args.ctx, threads=args.threads, quant=args.quant, kv_cache=args.kv_cache)
     if llm.source != args.model:
         print(f"model: {llm.source}", file=sys.stderr)
+    profile = llm.model.start_profile() if args.profile else None
     pieces = llm.generate(
         prompt, raw=args.raw, max_tokens=args.max_tokens, stop=args.stop, stream=True,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
@@ -81,8 +84,10 @@ def cmd_generate(args) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    if args.verbose:
+    if args.verbose or args.profile:
         print(llm.last_stats.report(), file=sys.stderr)
+    if profile:
+        print(profile.report(), file=sys.stderr)
     return 0
 
 

@@ -5,15 +5,16 @@ tied embeddings. All buffers and the KV cache are allocated once, in `Transforme
 `forward` only fills them. Every matrix product goes through `kernels.formats.matmul`, so a
 new weight format never touches this file.
 """
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from kernels.attention import KVCache
-from kernels.formats import Activations, Weight, embedding_rows, matmul
-from kernels.ops import rmsnorm, rope, swiglu
+from kernels.formats import Activations, Weight
 
 from .config import ModelConfig
+from .profile import Kernels, Profile
 
 
 @dataclass
@@ -107,6 +108,19 @@ class Transformer:
         self.gate, self.up, self.act = (buffer(c.intermediate_size) for _ in range(3))
         self.logits = buffer(c.vocab_size)
         self.cached_ids = []   # the tokens whose keys and values are in the cache, in order
+        self.profile = None
+        self.kernels = Kernels(self.cache)
+
+    def start_profile(self) -> Profile:
+        """Time every kernel call from now on (see engine/profile.py); returns the profile."""
+        names = {id(self.lm_head): "lm_head"}
+        for layer in self.layers:
+            names.update({id(layer.q): "q_proj", id(layer.k): "k_proj", id(layer.v): "v_proj",
+                          id(layer.o): "o_proj", id(layer.gate): "gate_proj", id(layer.up): "up_proj",
+                          id(layer.down): "down_proj"})
+        self.profile = Profile()
+        self.kernels = Kernels(self.cache, names, self.profile)
+        return self.profile
 
     def forward(self, ids: np.ndarray, start_pos: int, all_logits: bool = False) -> np.ndarray:
         """Run ids (at most batch_size of them) at positions start_pos...; return logits.
@@ -125,6 +139,12 @@ class Transformer:
 
         del self.cached_ids[start_pos:]
         self.cached_ids.extend(int(t) for t in ids)
+        started = time.perf_counter()
+        if self.profile:
+            self.profile.phase = "prompt" if n > 1 else "generation"
+        run = self.kernels
+        embedding_rows, rmsnorm, rope, swiglu, matmul = (run.embedding_rows, run.rmsnorm, run.rope,
+                                                         run.swiglu, run.matmul)
         embedding_rows(self.embed, ids, x)
         for i, layer in enumerate(self.layers):
             # attention block
@@ -139,8 +159,8 @@ class Transformer:
                 v += layer.v_bias
             rope(q.reshape(heads), self.cos, self.sin, start_pos, c.rope_interleaved)
             rope(k.reshape(kv_heads), self.cos, self.sin, start_pos, c.rope_interleaved)
-            self.cache.store(i, k.reshape(kv_heads), v.reshape(kv_heads), start_pos)
-            self.cache.attend(i, q.reshape(heads), start_pos, att.reshape(heads))
+            run.store(i, k.reshape(kv_heads), v.reshape(kv_heads), start_pos)
+            run.attend(i, q.reshape(heads), start_pos, att.reshape(heads))
             matmul(layer.o, att, tmp)
             if c.o_bias:
                 tmp += layer.o_bias
@@ -159,6 +179,8 @@ class Transformer:
         logits = self.logits[rows]
         # the LM head picks the token: its activations are not rounded to int8 (see README)
         matmul(self.lm_head, h[rows], logits, exact_activations=True)
+        if self.profile:
+            self.profile.forward_done(n, time.perf_counter() - started)
         return logits if all_logits else logits[0]
 
     def prefill(self, ids: np.ndarray, start_pos: int = 0, progress=None, all_logits: bool = False) -> np.ndarray:

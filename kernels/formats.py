@@ -140,10 +140,10 @@ FORMATS = {f.name: f for f in [
            quant.matmul_q8_0_float, quant.matmul_q8_0, blocks_quantizer(quant.quantize_q8_0, quant.Q8_0_BYTES)),
     Format("q4_0", np.uint8, quant.QK, quant.Q4_0_BYTES, quant.decode_q4_0_row,
            quant.matmul_q4_0_float, quant.matmul_q4_0, blocks_quantizer(quant.quantize_q4_0, quant.Q4_0_BYTES)),
-    # formats read from GGUF files: no quantizer of ours, float activations
+    # formats read from GGUF files: no quantizer of ours
     Format("q4_1", np.uint8, 32, kquants.Q4_1_BYTES, kquants.decode_q4_1_row, kquants.matmul_q4_1, None, None),
     Format("q4_k", np.uint8, kquants.QK_K, kquants.Q4_K_BYTES, kquants.decode_q4_k_row, kquants.matmul_q4_k,
-           None, None),
+           kquants.matmul_q4_k_int8, None),
     Format("q6_k", np.uint8, kquants.QK_K, kquants.Q6_K_BYTES, kquants.decode_q6_k_row, kquants.matmul_q6_k,
            None, None),
 ]}

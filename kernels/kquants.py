@@ -185,6 +185,50 @@ def matmul_q4_k(w, x, out):
             store_group(out, t, g, acc)
 
 
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_q4_k_int8(w, xq, xd, out):
+    """Q4_K with int8 activations (blocks of 32 = one sub-block): per sub-block and lane an int16
+    sum of (q - 8) * x (at most 32 * 8 * 127 = 32512), then sum q * x = that + 8 * sum x."""
+    n_groups, n_blocks, _ = w.shape
+    for g in prange(n_groups):
+        part = np.empty((2, ROW_GROUP), np.int16)
+        scales = np.empty((8, ROW_GROUP), np.float32)
+        mins = np.empty((8, ROW_GROUP), np.float32)
+        acc = np.empty(ROW_GROUP, np.float32)
+        for t in range(xq.shape[0]):
+            acc[:] = 0.0
+            for b in range(n_blocks):
+                prefetch_ahead(w, g, b)
+                _k4_scales(w, g, b, scales, mins)
+                for chunk in range(4):
+                    part[:] = 0
+                    x0 = b * QK_K + chunk * 64
+                    sum_lo = np.int32(0)
+                    sum_hi = np.int32(0)
+                    for l in range(32):
+                        x_lo = np.int16(xq[t, x0 + l])
+                        x_hi = np.int16(xq[t, x0 + 32 + l])
+                        sum_lo += np.int32(x_lo)
+                        sum_hi += np.int32(x_hi)
+                        for lane in range(ROW_GROUP):
+                            q = w[g, b, ROW_GROUP * (16 + chunk * 32 + l) + lane]
+                            lo = np.int16(np.int16(q & LOW4) - np.int16(8))
+                            hi = np.int16(np.int16(q >> np.uint8(4)) - np.int16(8))
+                            part[0, lane] = np.int16(part[0, lane] + np.int16(lo * x_lo))
+                            part[1, lane] = np.int16(part[1, lane] + np.int16(hi * x_hi))
+                    j = 2 * chunk
+                    d_lo = xd[t, x0 // 32]
+                    d_hi = xd[t, x0 // 32 + 1]
+                    bias_lo = np.int32(8) * sum_lo
+                    bias_hi = np.int32(8) * sum_hi
+                    for lane in range(ROW_GROUP):
+                        dot_lo = np.float32(np.int32(np.int32(part[0, lane]) + bias_lo))
+                        dot_hi = np.float32(np.int32(np.int32(part[1, lane]) + bias_hi))
+                        acc[lane] += (d_lo * (scales[j, lane] * dot_lo - mins[j, lane] * np.float32(sum_lo))
+                                      + d_hi * (scales[j + 1, lane] * dot_hi - mins[j + 1, lane] * np.float32(sum_hi)))
+            store_group(out, t, g, acc)
+
+
 @njit(inline="always")
 def _six_bits(low, high_at_4):
     """A Q6_K weight as float32: 4 low bits, and 2 high bits already shifted to bits 4-5

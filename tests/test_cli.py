@@ -26,6 +26,25 @@ def test_generate_streams_only_the_text(model_dirs, loaded):
         assert field in result.stderr
 
 
+def test_profile_accounts_for_the_generation(model_dirs, loaded):
+    """--profile: the same text, and a per-kernel table whose shares add up to the whole."""
+    import re
+    model = str(model_dirs("qwen2-f32"))
+    result = run("generate", "--model", model, "--prompt", "Why is the sky blue?", "--temperature", "0",
+                 "--max-tokens", "12", "--profile", "--quant", "q4_0")
+    assert result.returncode == 0, result.stderr
+    generation = result.stderr.split("generation: ")[1]
+    tokens = int(generation.split()[0])
+    rows = {m[0].strip(): (float(m[1]), int(m[2])) for m in
+            re.findall(r"^  (\S.{33}) +([\d.]+)% +[\d.]+ +(\d+)", generation, re.M)}
+    # 2 layers: every projection once per layer and token, the LM head once per token
+    assert rows["matmul gate_proj (q4_0)"][1] == 2 * tokens
+    assert rows["matmul lm_head (q8_0)"][1] == tokens
+    assert rows["attention (f32)"][1] == 2 * tokens
+    rest = float(re.search(r"\(python, biases, residual adds\) +(-?[\d.]+)%", generation)[1])
+    assert abs(sum(share for share, _ in rows.values()) + rest - 100) < 0.5
+
+
 def test_raw_and_seeded_sampling(model_dirs, loaded):
     model = str(model_dirs("llama-f32"))
     args = ["generate", "--model", model, "--prompt", "Once upon", "--raw", "--max-tokens", "10", "--seed", "3",
