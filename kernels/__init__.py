@@ -16,10 +16,21 @@ On CPUs with AVX-512 it also lets LLVM use 512-bit vectors: LLVM's tuning for In
 cores prefers 256-bit ones ("prefer-256-bit"), which halves the work per instruction of the
 integer GEMVs (measured: in-cache Q4_0 GEMV 6.5 -> 11 GB/s on one core). numba's cache key
 includes the CPU features, so cached kernels never mix the two settings.
+
+Threads: numba's OpenMP layer is preferred (then tbb, then workqueue), unless the user chose
+one. Measured on SmolLM2-135M decode, 2 threads (scripts/bench_threading.py): omp 93-113
+tokens/s, workqueue 35-38 (it cannot keep its workers hot between the many small parallel
+regions of a token), tbb not installed. OpenMP's default wait policy spins about 10 ms after a
+parallel region and then sleeps, so an idle engine uses no CPU (measured 0.01 CPU-s per idle
+second); OMP_WAIT_POLICY=active was no faster beyond noise and keeps a core spinning forever.
 """
 import os
 
 from numba.core import config as _numba_config
+
+if "NUMBA_THREADING_LAYER" not in os.environ and "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:
+    os.environ["NUMBA_THREADING_LAYER_PRIORITY"] = "omp tbb workqueue"
+    _numba_config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 
 if "NUMBA_SLP_VECTORIZE" not in os.environ:
     os.environ["NUMBA_SLP_VECTORIZE"] = "1"

@@ -18,6 +18,8 @@ CONFIGS = {   # name: environment
     "omp (default wait policy)": {"NUMBA_THREADING_LAYER": "omp"},
     "omp, OMP_WAIT_POLICY=passive": {"NUMBA_THREADING_LAYER": "omp", "OMP_WAIT_POLICY": "passive"},
     "omp, OMP_WAIT_POLICY=active": {"NUMBA_THREADING_LAYER": "omp", "OMP_WAIT_POLICY": "active"},
+    "omp, GOMP_SPINCOUNT=3M": {"NUMBA_THREADING_LAYER": "omp", "GOMP_SPINCOUNT": "3000000"},
+    "omp, GOMP_SPINCOUNT=30M": {"NUMBA_THREADING_LAYER": "omp", "GOMP_SPINCOUNT": "30000000"},
     "workqueue": {"NUMBA_THREADING_LAYER": "workqueue"},
     "tbb": {"NUMBA_THREADING_LAYER": "tbb"},
 }
