@@ -145,7 +145,7 @@ FORMATS = {f.name: f for f in [
     Format("q4_k", np.uint8, kquants.QK_K, kquants.Q4_K_BYTES, kquants.decode_q4_k_row, kquants.matmul_q4_k,
            kquants.matmul_q4_k_int8, None),
     Format("q6_k", np.uint8, kquants.QK_K, kquants.Q6_K_BYTES, kquants.decode_q6_k_row, kquants.matmul_q6_k,
-           None, None),
+           kquants.matmul_q6_k_int8, None),
 ]}
 
 

@@ -237,6 +237,13 @@ def _six_bits(low, high_at_4):
     return np.float32(np.int32(q)) - np.float32(32.0)
 
 
+@njit(inline="always")
+def _six_bits_int(low, high_at_4):
+    """A Q6_K weight minus 32 as int16 (see _six_bits)."""
+    q = np.uint8(np.uint8(low) | np.uint8(np.uint8(high_at_4) & np.uint8(0x30)))
+    return np.int16(np.int16(q) - np.int16(32))
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def matmul_q6_k(w, x, out):
     """Q6_K: planes 0-127 low nibbles, 128-191 high bits, 192-207 int8 scales, 208-209 d.
@@ -275,4 +282,56 @@ def matmul_q6_k(w, x, out):
                                 + np.float32(np.int8(w[g, b, ROW_GROUP * (sc + 2) + lane])) * part[ROW_GROUP + lane]
                                 + np.float32(np.int8(w[g, b, ROW_GROUP * (sc + 4) + lane])) * part[2 * ROW_GROUP + lane]
                                 + np.float32(np.int8(w[g, b, ROW_GROUP * (sc + 6) + lane])) * part[3 * ROW_GROUP + lane])
+            store_group(out, t, g, acc)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_q6_k_int8(w, xq, xd, out):
+    """Q6_K with int8 activations. |q - 32| <= 32 and |x| <= 127, so 8 products fit in int16
+    (32512): each 16-weight scale group sums two runs of 8 in int16, then in int32."""
+    n_groups, n_blocks, _ = w.shape
+    for g in prange(n_groups):
+        part = stack_array(np.int16, 4, ROW_GROUP)
+        group = np.empty(4 * ROW_GROUP, np.int32)
+        acc = stack_array(np.float32, 1, ROW_GROUP)
+        for t in range(xq.shape[0]):
+            acc[:] = 0.0
+            for b in range(n_blocks):
+                for half in range(2):
+                    x0 = b * QK_K + half * 128
+                    for s in range(2):   # 16 weights of each quarter share a scale
+                        prefetch_ahead(w, g, b, 2 * half + s, 4)
+                        group[:] = 0
+                        for run in range(2):
+                            part[:] = 0
+                            for l in range(s * 16 + run * 8, s * 16 + run * 8 + 8):
+                                x1 = np.int16(xq[t, x0 + l])
+                                x2 = np.int16(xq[t, x0 + l + 32])
+                                x3 = np.int16(xq[t, x0 + l + 64])
+                                x4 = np.int16(xq[t, x0 + l + 96])
+                                for lane in range(ROW_GROUP):
+                                    low_a = w[g, b, ROW_GROUP * (half * 64 + l) + lane]
+                                    low_b = w[g, b, ROW_GROUP * (half * 64 + l + 32) + lane]
+                                    high = w[g, b, ROW_GROUP * (128 + half * 32 + l) + lane]
+                                    part[lane] += np.int16(_six_bits_int(low_a & LOW4, high << np.uint8(4)) * x1)
+                                    part[ROW_GROUP + lane] += np.int16(
+                                        _six_bits_int(low_b & LOW4, high << np.uint8(2)) * x2)
+                                    part[2 * ROW_GROUP + lane] += np.int16(
+                                        _six_bits_int(low_a >> np.uint8(4), high) * x3)
+                                    part[3 * ROW_GROUP + lane] += np.int16(
+                                        _six_bits_int(low_b >> np.uint8(4), high >> np.uint8(2)) * x4)
+                            for i in range(4 * ROW_GROUP):
+                                group[i] += np.int32(part[i])
+                        sc = 192 + half * 8 + s
+                        blocks = x0 // 32
+                        for lane in range(ROW_GROUP):
+                            acc[lane] += half_at(w, g, b, 208, lane) * (
+                                np.float32(np.int8(w[g, b, ROW_GROUP * sc + lane])) * xd[t, blocks]
+                                * np.float32(group[lane])
+                                + np.float32(np.int8(w[g, b, ROW_GROUP * (sc + 2) + lane])) * xd[t, blocks + 1]
+                                * np.float32(group[ROW_GROUP + lane])
+                                + np.float32(np.int8(w[g, b, ROW_GROUP * (sc + 4) + lane])) * xd[t, blocks + 2]
+                                * np.float32(group[2 * ROW_GROUP + lane])
+                                + np.float32(np.int8(w[g, b, ROW_GROUP * (sc + 6) + lane])) * xd[t, blocks + 3]
+                                * np.float32(group[3 * ROW_GROUP + lane]))
             store_group(out, t, g, acc)
