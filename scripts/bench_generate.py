@@ -49,6 +49,12 @@ def run_ours(path: str, threads: int, pp: int, tg: int) -> dict:
     return {"load_s": load, "pp_tps": pp / pp_seconds, "tg_tps": tg / tg_seconds}
 
 
+def last_logits(llm):
+    """The last evaluated token's logits (llama-cpp-python fills `scores` only with logits_all)."""
+    import numpy as np
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+
+
 def run_llama_cpp(path: str, threads: int, pp: int, tg: int) -> dict:
     import numpy as np
     from llama_cpp import Llama
@@ -64,7 +70,7 @@ def run_llama_cpp(path: str, threads: int, pp: int, tg: int) -> dict:
     pp_seconds = time.perf_counter() - started
     started = time.perf_counter()
     for _ in range(tg):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = int(np.argmax(last_logits(llm)))
         llm.eval([token])
     tg_seconds = time.perf_counter() - started
     return {"load_s": load, "pp_tps": pp / pp_seconds, "tg_tps": tg / tg_seconds}
@@ -83,7 +89,7 @@ def first_token_llama_cpp(path: str, threads: int) -> None:
     from llama_cpp import Llama
     llm = Llama(model_path=path, n_ctx=64, n_threads=threads, n_threads_batch=threads, verbose=False)
     llm.eval([1000])
-    print(int(llm.scores[0].argmax()), flush=True)
+    print(int(last_logits(llm).argmax()), flush=True)
 
 
 def time_to_first_token(engine_name: str, model: str, threads: int, env: dict | None = None) -> float:
