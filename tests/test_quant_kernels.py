@@ -152,6 +152,16 @@ def test_hot_kernels_use_simd_integer_dot_products(fmt):
     assert re.search(r"\bprefetcht0\b", asm), f"{fmt} kernel lost its prefetch hints"
 
 
+@pytest.mark.parametrize("fmt", ["q4_k", "q6_k"])
+def test_k_quant_int8_kernels_use_simd_integer_multiplies(fmt):
+    w = Weight(FORMATS[fmt], (64, 256), random_blocks(fmt, 64, 256))
+    xq, xd = np.ones((1, 256), np.int8), np.ones((1, 8), np.float32)
+    asm = fresh_asm(FORMATS[fmt].int8_matmul, w.data, xq, xd, np.empty((1, 64), np.float32))
+    assert re.search(INT_SIMD_MULTIPLY, asm), f"{fmt} kernel lost its vectorized integer dot product"
+    assert not re.search(r"\b(vpmuldq|vpmullq|vcvtqq2ps)\b", asm)
+    assert re.search(r"\bprefetcht0\b", asm)
+
+
 def test_float_kernel_uses_fma():
     from kernels.formats import matmul_bf16
     w = Weight.quantize(random_weights(32, 64), "bf16")
