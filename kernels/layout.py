@@ -44,10 +44,65 @@ def _pack(rows, packed):
                         packed[g, b, ROW_GROUP * k + lane] = rows[n, b * block_bytes + k] if n < n_rows else 0
 
 
+_BYTE_PAIRS = np.uint64(0x00FF00FF00FF00FF)
+_HALF_PAIRS = np.uint64(0x0000FFFF0000FFFF)
+_WORD_PAIRS = np.uint64(0x00000000FFFFFFFF)
+
+
+@njit(inline="always")
+def _swap(x, y, shift, mask):
+    """Exchange the `mask` bits of y with the bits of x `shift` above them."""
+    t = ((x >> np.uint64(shift)) ^ y) & mask
+    return x ^ (t << np.uint64(shift)), y ^ t
+
+
+@njit(parallel=True, cache=True)
+def _pack_words(words, packed_words, full_groups):
+    """_pack for whole groups, 8 x 8 bytes at a time: 8 rows' 64-bit words are transposed in
+    registers (three rounds of swaps), about 1.6x faster than moving single bytes.
+    words: the rows as uint64 (n, row_bytes / 8); packed_words: (groups, row_bytes, 8)."""
+    for task in prange(full_groups * 8):
+        g, lanes = task // 8, task % 8          # lanes 8 * lanes ... + 7 of group g
+        r = g * ROW_GROUP + 8 * lanes
+        for c in range(words.shape[1]):
+            a0, a1, a2, a3 = words[r, c], words[r + 1, c], words[r + 2, c], words[r + 3, c]
+            a4, a5, a6, a7 = words[r + 4, c], words[r + 5, c], words[r + 6, c], words[r + 7, c]
+            a0, a1 = _swap(a0, a1, 8, _BYTE_PAIRS)
+            a2, a3 = _swap(a2, a3, 8, _BYTE_PAIRS)
+            a4, a5 = _swap(a4, a5, 8, _BYTE_PAIRS)
+            a6, a7 = _swap(a6, a7, 8, _BYTE_PAIRS)
+            a0, a2 = _swap(a0, a2, 16, _HALF_PAIRS)
+            a1, a3 = _swap(a1, a3, 16, _HALF_PAIRS)
+            a4, a6 = _swap(a4, a6, 16, _HALF_PAIRS)
+            a5, a7 = _swap(a5, a7, 16, _HALF_PAIRS)
+            a0, a4 = _swap(a0, a4, 32, _WORD_PAIRS)
+            a1, a5 = _swap(a1, a5, 32, _WORD_PAIRS)
+            a2, a6 = _swap(a2, a6, 32, _WORD_PAIRS)
+            a3, a7 = _swap(a3, a7, 32, _WORD_PAIRS)
+            j = 8 * c                           # now a_k holds byte 8c + k of the 8 rows
+            packed_words[g, j, lanes], packed_words[g, j + 1, lanes] = a0, a1
+            packed_words[g, j + 2, lanes], packed_words[g, j + 3, lanes] = a2, a3
+            packed_words[g, j + 4, lanes], packed_words[g, j + 5, lanes] = a4, a5
+            packed_words[g, j + 6, lanes], packed_words[g, j + 7, lanes] = a6, a7
+
+
 def pack(rows: np.ndarray, block_bytes: int) -> np.ndarray:
-    """GGML rows (n, blocks * block_bytes) uint8 -> the packed layout."""
-    packed = np.empty(packed_shape(rows.shape[0], rows.shape[1] // block_bytes, block_bytes), np.uint8)
-    _pack(rows, packed)
+    """GGML rows (n, blocks * block_bytes) uint8 -> the packed layout.
+
+    For a group, the packed bytes are the transpose of its 64 x row_bytes tile: done 8 x 8 bytes
+    at a time where the rows allow 64-bit words, byte by byte otherwise (and for a last partial
+    group)."""
+    n_rows, row_bytes = rows.shape
+    packed = np.empty(packed_shape(n_rows, row_bytes // block_bytes, block_bytes), np.uint8)
+    # Fault in the (usually memory-mapped) rows first, one byte per page, in one thread: page
+    # faults taken by both kernel threads at once contend (1.9 GB of Q8_0: 1.4 s -> 0.6 s).
+    if rows.size:
+        rows.reshape(-1)[::4096].max()
+    full = n_rows // ROW_GROUP if row_bytes % 8 == 0 and rows.ctypes.data % 8 == 0 else 0
+    if full:
+        _pack_words(rows.view(np.uint64), packed.reshape(len(packed), row_bytes, ROW_GROUP).view(np.uint64), full)
+    if full < len(packed):
+        _pack(rows[full * ROW_GROUP:], packed[full:])
     return packed
 
 

@@ -89,13 +89,16 @@ def test_float_activation_kernels_equal_dequantize_then_matmul(fmt):
 
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
-def test_packing_keeps_every_byte(fmt):
+@pytest.mark.parametrize("rows, cols", [(100, 96), (130, 256)])
+def test_packing_keeps_every_byte(fmt, rows, cols):
     """The kernels' interleaved layout is a permutation of the file's blocks: unpacking gives
-    back exactly the GGML rows, also for a row count that is not a multiple of the group."""
-    blocks = quants.quantize(random_weights(100, 96, seed=8), GGML_TYPES[fmt])
-    w = Weight(FORMATS[fmt], (100, 96), blocks)
-    assert w.data.shape == (2, 3, quant.ROW_GROUP * FORMATS[fmt].block_bytes)
+    back exactly the GGML rows, also for a row count that is not a multiple of the group, with
+    rows of 8-byte words (packed 8 x 8 bytes at a time: 256 columns) or not (96 columns)."""
+    blocks = quants.quantize(random_weights(rows, cols, seed=8), GGML_TYPES[fmt])
+    w = Weight(FORMATS[fmt], (rows, cols), blocks)
+    assert w.data.shape == (-(-rows // 64), cols // 32, quant.ROW_GROUP * FORMATS[fmt].block_bytes)
     assert np.array_equal(w.file_rows(), blocks)
+    assert np.array_equal(w.data[0, 1, 64 * 5:64 * 6], blocks[:64, FORMATS[fmt].block_bytes + 5])
 
 
 def test_activation_quantization():
