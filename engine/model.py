@@ -106,7 +106,8 @@ class Transformer:
         self.q, self.att = buffer(q_dim), buffer(q_dim)
         self.k, self.v = buffer(kv_dim), buffer(kv_dim)
         self.gate, self.up, self.act = (buffer(c.intermediate_size) for _ in range(3))
-        self.logits = buffer(c.vocab_size)
+        # one row of logits: a batch of them (128 x 151936 floats, 78 MB) only when asked for
+        self.logits = np.zeros((1, c.vocab_size), np.float32)
         self.cached_ids = []   # the tokens whose keys and values are in the cache, in order
         self.profile = None
         self.kernels = Kernels(self.cache)
@@ -176,7 +177,7 @@ class Transformer:
 
         rows = slice(0, n) if all_logits else slice(n - 1, n)
         rmsnorm(x[rows], self.final_norm, c.rms_norm_eps, h[rows])
-        logits = self.logits[rows]
+        logits = np.empty((n, c.vocab_size), np.float32) if all_logits else self.logits
         # the LM head picks the token: its activations are not rounded to int8 (see README)
         matmul(self.lm_head, h[rows], logits, exact_activations=True)
         if self.profile:
@@ -189,7 +190,7 @@ class Transformer:
         for begin in range(0, len(ids), self.batch_size):
             chunk = ids[begin:begin + self.batch_size]
             logits = self.forward(chunk, start_pos + begin, all_logits)
-            outputs.append(logits.copy() if all_logits else logits)
+            outputs.append(logits)
             if progress is not None:
                 progress(len(chunk))
         return np.concatenate(outputs) if all_logits else outputs[-1]

@@ -10,8 +10,9 @@ accumulate one output row across a whole block and applies the 64 rows' scales w
 multiply, with no horizontal sum per block (which is what bounded the row-by-row kernels:
 Q4_0 at 2 threads went from 4.9 GB/s to 10 GB/s, and to 17 GB/s with the prefetch hints).
 A group of 64 rows is also one parallel work item; its bytes are contiguous, so each thread
-streams through memory. Rows missing from the last group are zero bytes: they compute
-garbage-free zeros (zero scales) and are never stored.
+streams through memory. Rows missing from the last group are zero bytes (zero scales): they
+compute zeros and are never stored. For one group the packed bytes are simply the transpose of
+its 64 x row_bytes tile of the file, which is how `pack` computes them.
 """
 import numpy as np
 from numba import njit, prange
