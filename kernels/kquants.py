@@ -16,7 +16,7 @@ so the per-weight work is one conversion and one fused multiply-add.
 import numpy as np
 from numba import njit, prange
 
-from .bits import f16_to_f32, stack_array
+from .bits import half_at_bytes, stack_array
 from .layout import ROW_GROUP, half_at, prefetch_ahead, store_group
 
 Q4_1_BYTES = 20
@@ -25,17 +25,12 @@ Q4_K_BYTES = 144
 Q6_K_BYTES = 210
 
 
-@njit(inline="always")
-def _half(row, offset):
-    return f16_to_f32(np.uint16(np.uint16(row[offset]) | (np.uint16(row[offset + 1]) << np.uint16(8))))
-
-
 @njit(cache=True)
 def decode_q4_1_row(row, dst):
     for b in range(dst.shape[0] // 32):
         o = b * Q4_1_BYTES
-        d = _half(row, o)
-        m = _half(row, o + 2)
+        d = half_at_bytes(row, o)
+        m = half_at_bytes(row, o + 2)
         for j in range(16):
             q = row[o + 4 + j]
             dst[b * 32 + j] = np.float32(np.int32(q & np.uint8(15))) * d + m
@@ -58,8 +53,8 @@ def _scale_min_k4(row, scales_at, j):
 def decode_q4_k_row(row, dst):
     for b in range(dst.shape[0] // QK_K):
         o = b * Q4_K_BYTES
-        d = _half(row, o)
-        dmin = _half(row, o + 2)
+        d = half_at_bytes(row, o)
+        dmin = half_at_bytes(row, o + 2)
         qs = o + 16
         y = b * QK_K
         for chunk in range(4):   # 64 weights: two sub-blocks sharing 32 bytes of nibbles
@@ -77,7 +72,7 @@ def decode_q4_k_row(row, dst):
 def decode_q6_k_row(row, dst):
     for b in range(dst.shape[0] // QK_K):
         o = b * Q6_K_BYTES
-        d = _half(row, o + 208)
+        d = half_at_bytes(row, o + 208)
         for half in range(2):   # two halves of 128 weights
             ql = o + half * 64
             qh = o + 128 + half * 32

@@ -17,22 +17,12 @@ them in 16/32-bit SIMD lanes instead of numba's default int64.
 import numpy as np
 from numba import njit, prange
 
-from .bits import f16_to_f32, f32_to_f16, stack_array
+from .bits import f32_to_f16, half_at_bytes, stack_array
 from .layout import ROW_GROUP, half_at, prefetch_ahead, store_group
 
 QK = 32            # weights per block
 Q8_0_BYTES = 34
 Q4_0_BYTES = 18
-
-
-@njit(inline="always")
-def _block_scale(w, n, offset):
-    """The fp16 scale at byte `offset` of row n, as float32.
-
-    The kernels index w[n, ...] directly rather than slicing row = w[n]: with the slice (and
-    a separate array of decoded scales) LLVM stopped vectorizing the int4 unpacking loop.
-    """
-    return f16_to_f32(np.uint16(np.uint16(w[n, offset]) | (np.uint16(w[n, offset + 1]) << np.uint16(8))))
 
 
 @njit(inline="always")
@@ -91,7 +81,7 @@ def quantize_q4_0(x, out):
 def decode_q8_0_row(row, dst):
     for b in range(dst.shape[0] // QK):
         o = b * Q8_0_BYTES
-        d = _block_scale(row.reshape(1, -1), 0, o)
+        d = half_at_bytes(row, o)
         for j in range(QK):
             dst[b * QK + j] = d * np.float32(np.int8(row[o + 2 + j]))
 
@@ -100,7 +90,7 @@ def decode_q8_0_row(row, dst):
 def decode_q4_0_row(row, dst):
     for b in range(dst.shape[0] // QK):
         o = b * Q4_0_BYTES
-        d = _block_scale(row.reshape(1, -1), 0, o)
+        d = half_at_bytes(row, o)
         for j in range(QK // 2):
             q = row[o + 2 + j]
             dst[b * QK + j] = d * np.float32(np.int32(q & np.uint8(15)) - 8)
