@@ -126,8 +126,8 @@ class Transformer:
     def forward(self, ids: np.ndarray, start_pos: int, all_logits: bool = False) -> np.ndarray:
         """Run ids (at most batch_size of them) at positions start_pos...; return logits.
 
-        Returns the last token's logits (vocab,) or, with all_logits, every token's (n, vocab).
-        The returned array is a view of an internal buffer, valid until the next call.
+        Returns the last token's logits (vocab,), a view of an internal buffer valid until the
+        next call, or, with all_logits, every token's (n, vocab) in a new array.
         """
         c = self.config
         n = len(ids)

@@ -6,10 +6,10 @@ types); uint8 GGML blocks for the quantized formats. Float formats are read in p
 mapped); block formats are repacked at load into the interleaved layout of kernels/layout.py
 (the same bytes in a new order: twice as fast), and unpacked again only to write files.
 
-Each row of FORMATS says, for one format: its block geometry, how to decode rows to float32
-(embedding lookups, dequantization, tests), how to multiply it by activations, how to make it
-from float32, and how to pack it. The forward pass only calls `matmul` and `embedding_rows`;
-adding a format is adding a row here.
+Each row of FORMATS says, for one format: its block geometry, how to decode a row to float32
+(embedding lookups, dequantization, tests), how to multiply it by float or int8 activations,
+and how to make it from float32. The forward pass only calls `matmul` and `embedding_rows`;
+adding a format is adding a row here (and, for a block format, its kernels for the layout).
 """
 from dataclasses import dataclass
 from typing import Callable
@@ -154,8 +154,9 @@ class Weight:
     """A 2-D weight matrix in some format.
 
     Made from the file's rows (one row per output); `data` is what the kernels read: those
-    rows, or their packed copy for formats with a `pack`. The constructor checks the rows
-    against the format and shape, because the kernels index them without bounds checks.
+    rows for float formats, their packed copy (kernels/layout.py) for block formats. The
+    constructor checks the rows against the format and shape, because the kernels index them
+    without bounds checks.
     """
     format: Format
     shape: tuple
@@ -176,10 +177,11 @@ class Weight:
             object.__setattr__(self, "data", layout.pack(self.data, f.block_bytes))
 
     def file_rows(self, ids=slice(None)) -> np.ndarray:
-        """Rows `ids` (default: all) of the storage as files hold it: row by row."""
+        """Rows `ids` (an index array or a slice; default: all) as files hold them: row by row."""
         if not self.format.packed:
             return self.data[ids]
-        return layout.unpack(self.data, self.format.block_bytes, np.arange(self.shape[0])[ids])
+        rows = np.arange(*ids.indices(self.shape[0])) if isinstance(ids, slice) else np.asarray(ids)
+        return layout.unpack(self.data, self.format.block_bytes, rows)
 
     @classmethod
     def quantize(cls, values: np.ndarray, format_name: str) -> "Weight":

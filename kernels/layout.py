@@ -107,11 +107,10 @@ def pack(rows: np.ndarray, block_bytes: int) -> np.ndarray:
     return packed
 
 
-def unpack(packed: np.ndarray, block_bytes: int, ids) -> np.ndarray:
-    """Rows `ids` (an index array or slice over rows) of a packed matrix, as GGML rows."""
+def unpack(packed: np.ndarray, block_bytes: int, rows: np.ndarray) -> np.ndarray:
+    """The rows with indices `rows` of a packed matrix, as GGML rows."""
     n_groups, n_blocks, _ = packed.shape
     planes = packed.reshape(n_groups, n_blocks, block_bytes, ROW_GROUP)
-    rows = np.arange(n_groups * ROW_GROUP)[ids]
     return np.ascontiguousarray(planes[rows // ROW_GROUP, :, :, rows % ROW_GROUP]).reshape(len(rows), -1)
 
 
