@@ -25,6 +25,7 @@ from .resolve import resolve
 from .sampler import Sampler, SamplerSettings
 from .gguf import GGUFFile, gguf_tensors, hf_config, rope_freq_factors
 from .tokenizer import Tokenizer, tokenizer_from_gguf
+from .weight_cache import WeightCache
 from .weights import load_checkpoint, load_weights
 
 __all__ = ["load", "load_tokenizer", "LLM", "EngineError", "ModelConfig", "SamplerSettings"]
@@ -63,7 +64,8 @@ def read_model(path) -> tuple[ModelConfig, Tokenizer, dict]:
         factors = rope_freq_factors(gguf)
         config = replace(config, rope_interleaved=config.architecture == "llama",
                          rope_freq_factors=None if factors is None else tuple(factors.tolist()))
-        return config, tokenizer_from_gguf(gguf.metadata), load_weights(config, *gguf_tensors(gguf))
+        weights = load_weights(config, *gguf_tensors(gguf), WeightCache.for_files([path]))
+        return config, tokenizer_from_gguf(gguf.metadata), weights
     config = load_config(path)
     return config, Tokenizer.from_dir(path), load_checkpoint(path, config)
 

@@ -120,6 +120,25 @@ class GGUFFile:
     def _string(self) -> str:
         return self._bytes(self._scalar("<Q")).decode("utf-8", errors="replace")
 
+    def _string_array(self, count: int, key: str) -> list:
+        """`count` strings in a row: the same bounded reads as _string, in one tight loop (a
+        vocabulary and its merges are 300,000 strings; method calls per string took 0.6 s)."""
+        if count > self.remaining // 8:
+            raise self._error(f"metadata array {key!r} claims {count} strings, more than the file holds")
+        mm, pos, size = self.mm, self.pos, self.size
+        read_length = struct.Struct("<Q").unpack_from
+        strings = [""] * count
+        for i in range(count):
+            end = pos + 8 + (read_length(mm, pos)[0] if pos + 8 <= size else 0)
+            if end > size or pos + 8 > size:
+                self.pos = pos
+                raise self._error(f"truncated: string {i} of metadata array {key!r} at offset {pos} runs past "
+                                  f"the end of the file")
+            strings[i] = mm[pos + 8:end].decode("utf-8", errors="replace")
+            pos = end
+        self.pos = pos
+        return strings
+
     def _value(self, type_id: int, key: str):
         if type_id not in VALUE_TYPES:
             raise self._error(f"metadata {key!r} has unknown value type {type_id}")
@@ -130,9 +149,7 @@ class GGUFFile:
             if item_type not in VALUE_TYPES or item_type == ARRAY:
                 raise self._error(f"metadata array {key!r} has unsupported item type {item_type}")
             if item_type == STRING:
-                if count > self.remaining // 8:
-                    raise self._error(f"metadata array {key!r} claims {count} strings, more than the file holds")
-                return [self._string() for _ in range(count)]
+                return self._string_array(count, key)
             dtype = np.dtype(VALUE_TYPES[item_type][1]).newbyteorder("<")
             if count > self.remaining // dtype.itemsize:
                 raise self._error(f"metadata array {key!r} claims {count} items, more than the file holds")

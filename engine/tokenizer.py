@@ -9,6 +9,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
@@ -189,8 +190,9 @@ def tokenizer_from_gguf(metadata: dict) -> Tokenizer:
     backend = Backend(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre == "llama-bpe"))
     backend.pre_tokenizer = _pre_tokenizer(pre)
     backend.decoder = decoders.ByteLevel()
-    backend.add_tokens([AddedToken(tokens[i], special=types[i] == TOKEN_CONTROL, normalized=False)
-                        for i in range(len(tokens)) if types[i] in (TOKEN_CONTROL, TOKEN_USER_DEFINED)])
+    added = np.flatnonzero(np.isin(types, (TOKEN_CONTROL, TOKEN_USER_DEFINED))).tolist()
+    backend.add_tokens([AddedToken(tokens[i], special=bool(types[i] == TOKEN_CONTROL), normalized=False)
+                        for i in added])
 
     def token(key):
         i = metadata.get(key)

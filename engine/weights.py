@@ -16,6 +16,7 @@ from kernels.formats import FORMATS, Weight
 
 from .config import ModelConfig
 from .errors import EngineError
+from .weight_cache import WeightCache
 
 # safetensors dtype -> (numpy storage dtype, our format name for 2-D weights)
 SAFETENSORS_DTYPES = {
@@ -179,13 +180,17 @@ def stored_formats(metadata: dict) -> dict:
     return formats
 
 
-def load_weights(config: ModelConfig, tensors: dict, formats: dict | None = None) -> dict:
+def load_weights(config: ModelConfig, tensors: dict, formats: dict | None = None,
+                 cache: WeightCache | None = None) -> dict:
     """Check presence, format and shape of every tensor against the config before any kernel
     runs; return {name: Weight (matrices) or float32 vector}.
 
     tensors: {name: (dtype name, array)}; formats: {name: format} for tensors stored in a
-    block format (their arrays are raw rows), the others are plain floats."""
+    block format (their arrays are raw rows), the others are plain floats. cache: where the
+    packed block matrices are read from, or written to when it does not have them all."""
     shapes = expected_shapes(config)
+    cached = cache.load() if cache else {}
+    repacked = False
     formats = formats or {}
     missing = [name for name in shapes if name not in tensors]
     if missing:
@@ -194,13 +199,22 @@ def load_weights(config: ModelConfig, tensors: dict, formats: dict | None = None
     weights = {}
     for name, shape in shapes.items():
         dtype_name, array = tensors[name]
+        # an untied embedding is only looked up row by row: no kernel multiplies it
+        for_matmul = name != "model.embed_tokens.weight" or config.tie_word_embeddings
         if name in formats:
+            fmt = FORMATS[formats[name]]
             try:
-                weights[name] = Weight(FORMATS[formats[name]], shape, array)
+                weights[name] = Weight(fmt, shape, cached[name], for_matmul)
+                continue
+            except (KeyError, ValueError):
+                pass   # not in the cache, or cached with other shapes: repack from the file
+            try:
+                weights[name] = Weight(fmt, shape, array, for_matmul)
             except ValueError as e:
                 raise EngineError(f"tensor '{name}' does not match the config: {e}") from None
-            if weights[name].data is not array:   # repacked: the mapped bytes are no longer read
+            if weights[name].packed:   # repacked: the mapped file bytes are no longer read
                 release_pages(array)
+                repacked = True
             continue
         if tuple(array.shape) != shape:
             raise EngineError(f"tensor '{name}' has shape {tuple(array.shape)}, but the config implies {shape}")
@@ -210,11 +224,15 @@ def load_weights(config: ModelConfig, tensors: dict, formats: dict | None = None
         fmt = SAFETENSORS_DTYPES[dtype_name][1]
         if fmt is None:
             raise EngineError(f"tensor '{name}' has dtype {dtype_name}; float weights must be F32, F16 or BF16")
-        weights[name] = Weight(FORMATS[fmt], shape, array)
+        weights[name] = Weight(FORMATS[fmt], shape, array, for_matmul)
+    if cache and repacked:
+        cache.save({name: w.data for name, w in weights.items() if isinstance(w, Weight) and w.packed})
     return weights
 
 
 def load_checkpoint(model_dir: Path, config: ModelConfig) -> dict:
     """The checked weights of a safetensors model directory (float or quantized by us)."""
     tensors, metadata = read_checkpoint(model_dir)
-    return load_weights(config, tensors, stored_formats(metadata))
+    formats = stored_formats(metadata)
+    cache = WeightCache.for_files(sorted(Path(model_dir).glob("*.safetensors"))) if formats else None
+    return load_weights(config, tensors, formats, cache)

@@ -153,40 +153,52 @@ FORMATS = {f.name: f for f in [
 class Weight:
     """A 2-D weight matrix in some format.
 
-    Made from the file's rows (one row per output); `data` is what the kernels read: those
-    rows for float formats, their packed copy (kernels/layout.py) for block formats. The
-    constructor checks the rows against the format and shape, because the kernels index them
-    without bounds checks.
+    Made from the file's rows (one row per output), or for a block format from rows packed
+    before (3-D); `data` is what the kernels read: the rows for float formats, their packed copy
+    (kernels/layout.py) for block formats. The constructor checks the storage against the format
+    and shape, because the kernels index it without bounds checks.
+
+    for_matmul=False keeps a block format in the file's row layout: for a matrix whose rows are
+    only looked up (an untied embedding: 150,000 rows of which a prompt reads a few) or written
+    back to a file, packing would only cost load time and memory.
     """
     format: Format
     shape: tuple
     data: np.ndarray
+    for_matmul: bool = True
 
     def __post_init__(self):
         rows, cols = self.shape
         f = self.format
         if cols % f.block_size:
             raise ValueError(f"{f.name} needs a multiple of {f.block_size} columns, got {cols}")
-        expected = (rows, f.row_items(cols))
+        already_packed = self.packed and self.data.ndim == 3   # e.g. mapped from engine/weight_cache.py
+        expected = (layout.packed_shape(rows, cols // f.block_size, f.block_bytes) if already_packed
+                    else (rows, f.row_items(cols)))
         if self.data.dtype != f.storage_dtype or self.data.shape != expected:
             raise ValueError(f"{f.name} storage for shape {self.shape} must be {np.dtype(f.storage_dtype)} "
                              f"{expected}, got {self.data.dtype} {self.data.shape}")
         if not self.data.flags.c_contiguous:
             raise ValueError("weight storage must be C-contiguous")
-        if f.packed:
+        if self.packed and not already_packed:
             object.__setattr__(self, "data", layout.pack(self.data, f.block_bytes))
+
+    @property
+    def packed(self) -> bool:
+        """Whether `data` is in the interleaved layout of the block-format kernels."""
+        return self.format.packed and self.for_matmul
 
     def file_rows(self, ids=slice(None)) -> np.ndarray:
         """Rows `ids` (an index array or a slice; default: all) as files hold them: row by row."""
-        if not self.format.packed:
+        if not self.packed:
             return self.data[ids]
         rows = np.arange(*ids.indices(self.shape[0])) if isinstance(ids, slice) else np.asarray(ids)
         return layout.unpack(self.data, self.format.block_bytes, rows)
 
     @classmethod
-    def quantize(cls, values: np.ndarray, format_name: str) -> "Weight":
+    def quantize(cls, values: np.ndarray, format_name: str, for_matmul: bool = True) -> "Weight":
         f = FORMATS[format_name]
-        return cls(f, values.shape, f.quantize(values))
+        return cls(f, values.shape, f.quantize(values), for_matmul)
 
     @property
     def nbytes(self) -> int:
@@ -222,6 +234,8 @@ def matmul(weight: Weight, x, out: np.ndarray, exact_activations: bool = False) 
 
     Formats with an integer kernel round the activations to int8 blocks, unless exact_activations."""
     f = weight.format
+    if not weight.for_matmul:
+        raise ValueError(f"this {f.name} weight was loaded for row lookups only, not for matmul")
     acts = x if isinstance(x, Activations) else Activations(x)
     if f.int8_matmul is None or exact_activations:
         f.float_matmul(weight.data, acts.x, out)

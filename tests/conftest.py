@@ -19,6 +19,16 @@ VARIANTS = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def weight_cache(tmp_path_factory):
+    """Repacked weights are cached in the session's temporary directory, not in ~/.cache
+    (tests of the cache itself point ENGINE_WEIGHT_CACHE elsewhere)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ENGINE_WEIGHT_CACHE", str(tmp_path_factory.mktemp("weight-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory):
     """name -> directory of a tiny checkpoint, built on first use."""

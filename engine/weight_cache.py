@@ -1,0 +1,121 @@
+"""Repacked weights kept on disk, so that later loads map them instead of repacking.
+
+Block-format matrices are repacked at load into the interleaved layout the kernels read
+(kernels/layout.py). Filling that much fresh memory is what a load costs: on this 2-core VM,
+1.5-2.5 s for the 1.7 GB of a 1.5B Q8_0 model, nearly all of it first-touch page faults. So the
+first load of a model file also writes the packed bytes here, and later loads map them
+(copy-on-write: numba sees ordinary writable arrays, and no page is copied): about 0.1 s, and
+the pages are shared with the page cache rather than duplicated.
+
+An entry is named by a hash of the model files' paths, sizes and modification times and of the
+layout version, so a changed file or a changed layout makes a new entry. It is a data file (each
+tensor at a 4 KiB-aligned offset) and an index, each written under a temporary name and renamed
+into place, index last: a reader sees a whole entry or none. An entry that does not match what
+the loader expects (torn, edited, other shapes) is ignored and written again.
+
+ENGINE_WEIGHT_CACHE: a directory (default ~/.cache/engine/weights, or under XDG_CACHE_HOME), or
+"off" to never read or write one. Entries take about as much disk as the model file; delete the
+directory to reclaim it.
+"""
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from kernels.layout import ROW_GROUP
+
+LAYOUT_VERSION = 1   # bump when the packed layout changes: old entries are then never read
+ALIGN = 4096
+CACHE_ENV = "ENGINE_WEIGHT_CACHE"
+
+
+def cache_root() -> Path | None:
+    setting = os.environ.get(CACHE_ENV, "")
+    if setting.lower() in ("off", "0", "no", "false"):
+        return None
+    if setting:
+        return Path(setting).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "engine" / "weights"
+
+
+class WeightCache:
+    """The cache entry of one model, identified by its files."""
+
+    def __init__(self, root: Path, files: list[Path]):
+        identity = [f"layout {LAYOUT_VERSION} x {ROW_GROUP}"]
+        for path in sorted(Path(f).resolve() for f in files):
+            stat = path.stat()
+            identity.append(f"{path}|{stat.st_size}|{stat.st_mtime_ns}")
+        key = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:32]
+        self.data_path = root / f"{key}.bin"
+        self.index_path = root / f"{key}.json"
+
+    @classmethod
+    def for_files(cls, files: list[Path]) -> "WeightCache | None":
+        root = cache_root()
+        return None if root is None else cls(root, files)
+
+    def load(self) -> dict[str, np.ndarray]:
+        """{tensor name: packed array mapped from the entry}, or {} when there is no usable entry.
+        The caller still checks every shape against the config."""
+        try:
+            index = json.loads(self.index_path.read_text())
+            size = self.data_path.stat().st_size
+            if index.get("bytes") != size or not isinstance(index.get("tensors"), dict) or size == 0:
+                return {}
+            mapped = np.memmap(self.data_path, dtype=np.uint8, mode="c")
+            arrays = {}
+            for name, (offset, shape) in index["tensors"].items():
+                nbytes = int(np.prod(shape))
+                if not (isinstance(offset, int) and offset % ALIGN == 0 and 0 <= offset
+                        and offset + nbytes <= size and len(shape) == 3 and min(shape) > 0):
+                    return {}
+                arrays[name] = mapped[offset:offset + nbytes].reshape(shape)
+            return arrays
+        except (OSError, ValueError, TypeError, AttributeError):
+            return {}   # no entry, or one that is not ours to trust
+
+    def save(self, packed: dict[str, np.ndarray], background: bool = True) -> threading.Thread | None:
+        """Write an entry for {tensor name: packed array} (the arrays are only read).
+
+        In a background thread by default: writing costs about as long as repacking did, and
+        the model can generate meanwhile (the thread is not a daemon, so the process finishes
+        the entry before it exits). A failure (disk full, read-only home) only costs the next
+        load its speed: it is reported, not raised."""
+        if not background:
+            self._write(packed)
+            return None
+        thread = threading.Thread(target=self._write, args=(packed,), name="weight-cache-writer")
+        thread.start()
+        return thread
+
+    def _write(self, packed: dict[str, np.ndarray]) -> None:
+        tensors, offset = {}, 0
+        for name, array in packed.items():
+            tensors[name] = (offset, list(array.shape))
+            offset = -(-(offset + array.nbytes) // ALIGN) * ALIGN
+        suffix = f".{os.getpid()}-{threading.get_ident()}.tmp"   # unique to this writer
+        data_tmp = self.data_path.with_name(self.data_path.name + suffix)
+        index_tmp = self.index_path.with_name(self.index_path.name + suffix)
+        try:
+            self.data_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(data_tmp, "wb") as f:
+                for (name, array), (start, _) in zip(packed.items(), tensors.values()):
+                    f.seek(start)
+                    f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+                f.truncate(offset)
+            os.replace(data_tmp, self.data_path)
+            index_tmp.write_text(json.dumps({"bytes": offset, "tensors": tensors}))
+            os.replace(index_tmp, self.index_path)
+        except OSError as e:
+            for tmp in (data_tmp, index_tmp):
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+            print(f"note: could not cache the repacked weights in {self.data_path.parent} ({e}); "
+                  f"set {CACHE_ENV}=off to stop trying", file=sys.stderr)

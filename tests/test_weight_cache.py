@@ -1,0 +1,155 @@
+"""The on-disk cache of repacked weights (engine/weight_cache.py): a second load maps the same
+bytes and computes the same logits; damaged, stale or disabled caches never change a result.
+Also: an untied embedding stays in the file's row layout (only its rows are ever read)."""
+import json
+import os
+import shutil
+import threading
+
+import numpy as np
+import pytest
+
+import engine
+from engine.cli import main as cli_main
+from kernels.formats import Weight, matmul
+
+TEXT = "The quick brown fox jumps over the lazy dog, and then some more words follow."
+
+
+@pytest.fixture(scope="module")
+def quantized_dir(model_dirs, tmp_path_factory):
+    """A tiny untied Qwen2 quantized to q4_0 by `python -m engine quantize` (lm_head q8_0)."""
+    out = tmp_path_factory.mktemp("cache") / "tiny-qwen2-q4_0"
+    assert cli_main(["quantize", "--model", str(model_dirs("qwen2-f32")), "--type", "q4_0",
+                     "--output", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    path = tmp_path / "weights"
+    monkeypatch.setenv("ENGINE_WEIGHT_CACHE", str(path))
+    return path
+
+
+def finish_writes():
+    for thread in threading.enumerate():
+        if thread.name == "weight-cache-writer":
+            thread.join()
+
+
+def load(path):
+    llm = engine.load(str(path), kv_cache="f32")
+    finish_writes()
+    return llm
+
+
+def packed_weights(llm) -> dict:
+    out = {}
+    for i, layer in enumerate(llm.model.layers):
+        for attr, value in vars(layer).items():
+            if isinstance(value, Weight) and value.packed:
+                out[f"{i}.{attr}"] = value
+    out["lm_head"] = llm.model.lm_head
+    return out
+
+
+def is_mapped(array) -> bool:
+    while array is not None:
+        if isinstance(array, np.memmap):
+            return True
+        array = getattr(array, "base", None)
+    return False
+
+
+def entries(cache_dir):
+    return sorted(p.name for p in cache_dir.iterdir()) if cache_dir.exists() else []
+
+
+def test_second_load_maps_the_cached_entry(quantized_dir, cache_dir):
+    first = load(quantized_dir)
+    names = entries(cache_dir)
+    assert len(names) == 2 and names[0].endswith(".bin") and names[1].endswith(".json")
+    second = load(quantized_dir)
+    assert entries(cache_dir) == names   # read, not written again
+    a, b = packed_weights(first), packed_weights(second)
+    assert len(a) == 1 + 7 * len(first.model.layers)
+    for name in a:
+        assert not is_mapped(a[name].data) and is_mapped(b[name].data), name
+        assert np.array_equal(a[name].data, b[name].data), name
+    ids = first.tokenize(TEXT)
+    assert np.array_equal(first.logits(ids), second.logits(ids))
+
+
+def test_untied_embedding_stays_in_file_layout(quantized_dir, cache_dir):
+    llm = load(quantized_dir)
+    embed = llm.model.embed
+    assert embed.format.name == "q8_0" and not embed.packed and embed.data.shape == (embed.shape[0], embed.shape[1] // 32 * 34)
+    assert llm.model.lm_head is not embed and llm.model.lm_head.packed
+    with pytest.raises(ValueError, match="row lookups only"):
+        matmul(embed, np.zeros((1, embed.shape[1]), np.float32), np.zeros((1, embed.shape[0]), np.float32))
+
+
+def damage_data(bin_path, index_path):
+    with open(bin_path, "r+b") as f:
+        f.truncate(bin_path.stat().st_size - 4096)
+
+
+def damage_shapes(bin_path, index_path):
+    index = json.loads(index_path.read_text())
+    for entry in index["tensors"].values():
+        entry[1] = [entry[1][0], entry[1][2], entry[1][1]]   # same bytes, other shape
+    index_path.write_text(json.dumps(index))
+
+
+def damage_offsets(bin_path, index_path):
+    index = json.loads(index_path.read_text())
+    for entry in index["tensors"].values():
+        entry[0] = index["bytes"]                           # past the end of the data
+    index_path.write_text(json.dumps(index))
+
+
+def damage_json(bin_path, index_path):
+    index_path.write_text('{"bytes": ')
+
+
+@pytest.mark.parametrize("damage", [damage_data, damage_shapes, damage_offsets, damage_json])
+def test_damaged_entry_is_ignored_and_rewritten(damage, quantized_dir, cache_dir):
+    reference = load(quantized_dir)
+    bin_path, index_path = (cache_dir / name for name in entries(cache_dir))
+    damage(bin_path, index_path)
+    again = load(quantized_dir)
+    for name, weight in packed_weights(again).items():
+        assert not is_mapped(weight.data), name   # repacked from the file
+    ids = reference.tokenize(TEXT)
+    assert np.array_equal(reference.logits(ids), again.logits(ids))
+    index = json.loads(index_path.read_text())
+    assert index["bytes"] == bin_path.stat().st_size      # a whole entry again
+    assert all(is_mapped(w.data) for w in packed_weights(load(quantized_dir)).values())
+
+
+def test_changed_file_gets_a_new_entry(quantized_dir, cache_dir, tmp_path):
+    copy = shutil.copytree(quantized_dir, tmp_path / "copy")
+    load(copy)
+    assert len(entries(cache_dir)) == 2
+    weights = copy / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    load(copy)
+    assert len(entries(cache_dir)) == 4
+
+
+def test_cache_off_reads_and_writes_nothing(quantized_dir, cache_dir, monkeypatch):
+    monkeypatch.setenv("ENGINE_WEIGHT_CACHE", "off")
+    llm = load(quantized_dir)
+    assert not cache_dir.exists()
+    assert not any(is_mapped(w.data) for w in packed_weights(llm).values())
+
+
+def test_unwritable_cache_is_a_note_not_an_error(quantized_dir, tmp_path, monkeypatch, capfd):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("ENGINE_WEIGHT_CACHE", str(blocker / "weights"))
+    llm = load(quantized_dir)
+    assert "could not cache the repacked weights" in capfd.readouterr().err
+    assert len(llm.generate("Hi", max_tokens=3, temperature=0)) > 0
+    assert list(tmp_path.iterdir()) == [blocker]
