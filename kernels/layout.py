@@ -17,6 +17,7 @@ its 64 x row_bytes tile of the file, which is how `pack` computes them.
 import numpy as np
 from numba import njit, prange
 
+from . import SOFTWARE_PREFETCH
 from .bits import f16_to_f32, prefetch
 
 ROW_GROUP = 64         # rows interleaved: 64 byte lanes = one 512-bit vector
@@ -128,7 +129,10 @@ def prefetch_ahead(w, g, b, part, parts):
     """Before reading part `part` of `parts` equal slices of packed block (g, b), prefetch the
     bytes PREFETCH_BYTES further on, one hint per 64-byte cache line: the hardware prefetchers
     stop at every 4 KiB page. Small steady slices beat whole blocks far ahead (Q4_K GEMV:
-    14.4 GB/s with 2 KiB slices, 11.2 GB/s with whole 9 KiB blocks 4 blocks ahead)."""
+    14.4 GB/s with 2 KiB slices, 11.2 GB/s with whole 9 KiB blocks 4 blocks ahead). Nothing on
+    CPUs where the hints measured slower (kernels.SOFTWARE_PREFETCH: AMD Zen)."""
+    if not SOFTWARE_PREFETCH:   # a compile-time constant: nothing is emitted
+        return
     n_groups, n_blocks, group_bytes = w.shape
     size = group_bytes // parts
     ahead = (g * n_blocks + b) * group_bytes + part * size + PREFETCH_BYTES

@@ -6,7 +6,8 @@ generation tokens/s for --tg tokens (greedy, end-of-sequence ignored). GB/s = by
 read per generated token (every matrix except the embedding, of which one row is read) x tg.
 RSS = peak resident memory (VmHWM); budget = weight bytes + KV cache + 300 MB. first token =
 seconds from process start to the first generated token of a 1-token prompt: warm with numba's
-cache filled, cold with an empty one (llama.cpp compiles nothing: one column).
+cache and the repacked-weight cache (engine/weight_cache.py) filled, cold with both empty, as on
+a first run (llama.cpp compiles and caches nothing: one column).
 
     pip install --find-links ../shared/wheels llama-cpp-python==0.3.36
     python scripts/make_synthetic_gguf.py --type q4_0 --out /tmp/r1-1.5b-q4_0.gguf
@@ -133,6 +134,18 @@ def child(args) -> None:
     print(json.dumps(result))
 
 
+def cpu_description() -> str:
+    """The CPU model and its widest SIMD, since the ratios differ between machine types."""
+    import llvmlite.binding as llvm
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                "unknown CPU")
+    features = llvm.get_host_cpu_features()
+    simd = "AVX-512" + (" VNNI" if features.get("avx512vnni") else "") if features.get("avx512f") else \
+        "AVX2" if features.get("avx2") else "no AVX2"
+    return f"{name}, {simd}, {os.cpu_count()} cores"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*")
@@ -149,8 +162,8 @@ def main():
 
     from scripts.bandwidth import measure_read_bandwidth
     bandwidth = measure_read_bandwidth(args.threads)
-    print(f"read bandwidth at {args.threads} thread(s): {bandwidth:.1f} GB/s; pp{args.pp}, tg{args.tg}, "
-          f"median of {args.repeats} alternating runs\n")
+    print(f"{cpu_description()}; read bandwidth at {args.threads} thread(s): {bandwidth:.1f} GB/s; "
+          f"pp{args.pp}, tg{args.tg}, median of {args.repeats} alternating runs\n")
     header = (f"{'model':<30} {'engine':<9} {'pp t/s':>7} {'ratio':>5} {'tg t/s':>7} {'ratio':>5} {'GB/s':>6} "
               f"{'% bw':>5} {'RSS MB':>7} {'budget':>7} {'1st tok warm/cold s':>19}")
     print(header)
@@ -167,9 +180,9 @@ def main():
                     raise SystemExit(f"{name} failed on {model}:\n{out.stderr[-2000:]}")
                 results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
                 first[name].append(time_to_first_token(name, model, args.threads))   # numba cache warm now
-            with tempfile.TemporaryDirectory() as empty_cache:
-                first["ours cold"].append(time_to_first_token("ours", model, args.threads,
-                                                              {"NUMBA_CACHE_DIR": empty_cache}))
+            with tempfile.TemporaryDirectory() as empty:   # a first run ever: nothing compiled, nothing repacked
+                first["ours cold"].append(time_to_first_token("ours", model, args.threads, {
+                    "NUMBA_CACHE_DIR": f"{empty}/numba", "ENGINE_WEIGHT_CACHE": f"{empty}/weights"}))
         per_token = weight_bytes_per_token(model)
         budget = (file_weight_bytes(model) + kv_cache_bytes(model, args.pp + args.tg + 8)) / 2**20 + 300
         medians = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()}
