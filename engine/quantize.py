@@ -44,19 +44,19 @@ def target_format(name: str, quant: str) -> str:
     return OVERRIDES[quant].get(name, quant)
 
 
-def quantize_weight(weight: Weight, fmt: str, for_matmul: bool) -> Weight:
+def quantize_weight(weight: Weight, fmt: str, use: str) -> Weight:
     target = FORMATS[fmt]
     rows, cols = weight.shape
     data = np.empty((rows, target.row_items(cols)), target.storage_dtype)
     for start in range(0, rows, ROWS_PER_CHUNK):
         stop = min(rows, start + ROWS_PER_CHUNK)
         data[start:stop] = target.quantize(weight.dequantize(start, stop))
-    return Weight(target, weight.shape, data, for_matmul)
+    return Weight(target, weight.shape, data, use)
 
 
-def quantize_weights(weights: dict, quant: str, progress: bool = True, for_matmul: bool = True) -> dict:
+def quantize_weights(weights: dict, quant: str, progress: bool = True, to_file: bool = False) -> dict:
     """A copy of `weights` with every float matrix quantized (vectors stay float32).
-    for_matmul=False: only to be written to a file (kept in the file layout, see Weight)."""
+    to_file: only to be written to a file, so kept in the file layout (Weight.use "lookup")."""
     check_quant(quant)
     already = {w.format.name for w in weights.values() if isinstance(w, Weight) and w.format.block_size > 1}
     if already - {quant, *OVERRIDES[quant].values()}:
@@ -69,7 +69,7 @@ def quantize_weights(weights: dict, quant: str, progress: bool = True, for_matmu
               disable=not progress or None) as bar:
         for name in todo:
             out[name] = quantize_weight(weights[name], target_format(name, quant),
-                                        for_matmul and weights[name].for_matmul)
+                                        "lookup" if to_file else weights[name].use)
             release_pages(weights[name].data)   # the float copy is no longer needed in memory
             bar.update(weights[name].shape[0] * weights[name].shape[1])
     return out
@@ -85,7 +85,7 @@ def save_quantized(model: str, output: str, quant: str) -> Path:
     if out.resolve() == source.resolve():
         raise EngineError("the output directory must differ from the model's own directory")
     config = load_config(source)
-    weights = quantize_weights(load_checkpoint(source, config), quant, for_matmul=False)
+    weights = quantize_weights(load_checkpoint(source, config), quant, to_file=True)
     tensors = {name: (w.file_rows() if isinstance(w, Weight) else w) for name, w in weights.items()}
     formats = {name: w.format.name for name, w in weights.items() if isinstance(w, Weight)}
     out.mkdir(parents=True, exist_ok=True)

@@ -180,6 +180,13 @@ def stored_formats(metadata: dict) -> dict:
     return formats
 
 
+def weight_use(name: str, config: ModelConfig) -> str:
+    """How the forward pass reads a matrix (kernels.formats.Weight.use): the LM head with exact
+    float activations, an untied embedding by rows only, every other matrix with int8 ones."""
+    lm_head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
+    return "exact" if name == lm_head else "lookup" if name == "model.embed_tokens.weight" else "matmul"
+
+
 def load_weights(config: ModelConfig, tensors: dict, formats: dict | None = None,
                  cache: WeightCache | None = None) -> dict:
     """Check presence, format and shape of every tensor against the config before any kernel
@@ -199,17 +206,16 @@ def load_weights(config: ModelConfig, tensors: dict, formats: dict | None = None
     weights = {}
     for name, shape in shapes.items():
         dtype_name, array = tensors[name]
-        # an untied embedding is only looked up row by row: no kernel multiplies it
-        for_matmul = name != "model.embed_tokens.weight" or config.tie_word_embeddings
+        use = weight_use(name, config)
         if name in formats:
             fmt = FORMATS[formats[name]]
             try:
-                weights[name] = Weight(fmt, shape, cached[name], for_matmul)
+                weights[name] = Weight(fmt, shape, cached[name], use)
                 continue
             except (KeyError, ValueError):
                 pass   # not in the cache, or cached with other shapes: repack from the file
             try:
-                weights[name] = Weight(fmt, shape, array, for_matmul)
+                weights[name] = Weight(fmt, shape, array, use)
             except ValueError as e:
                 raise EngineError(f"tensor '{name}' does not match the config: {e}") from None
             if weights[name].packed:   # repacked: the mapped file bytes are no longer read
@@ -224,7 +230,7 @@ def load_weights(config: ModelConfig, tensors: dict, formats: dict | None = None
         fmt = SAFETENSORS_DTYPES[dtype_name][1]
         if fmt is None:
             raise EngineError(f"tensor '{name}' has dtype {dtype_name}; float weights must be F32, F16 or BF16")
-        weights[name] = Weight(FORMATS[fmt], shape, array, for_matmul)
+        weights[name] = Weight(FORMATS[fmt], shape, array, use)
     if cache and repacked:
         cache.save({name: w.data for name, w in weights.items() if isinstance(w, Weight) and w.packed})
     return weights

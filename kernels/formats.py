@@ -112,6 +112,7 @@ class Format:
     float_matmul: Callable   # (data, x (tokens, cols) f32, out (tokens, rows) f32) -> None
     int8_matmul: Callable | None  # (data, x int8 blocks, x scales, out): activations rounded to int8
     quantize: Callable | None  # float32 (rows, cols) -> file rows (None: read from files only)
+    quads_from: int | None = None  # packed with bytes from here on in quads, not planes (layout.py)
 
     @property
     def packed(self) -> bool:
@@ -137,9 +138,11 @@ FORMATS = {f.name: f for f in [
                  lambda x: np.ascontiguousarray(x, dtype=np.float32).astype(np.float16).view(np.uint16)),
     float_format("bf16", np.uint16, 2, decode_bf16_row, matmul_bf16, to_bf16),
     Format("q8_0", np.uint8, quant.QK, quant.Q8_0_BYTES, quant.decode_q8_0_row,
-           quant.matmul_q8_0_float, quant.matmul_q8_0, blocks_quantizer(quant.quantize_q8_0, quant.Q8_0_BYTES)),
+           quant.matmul_q8_0_float, quant.matmul_q8_0, blocks_quantizer(quant.quantize_q8_0, quant.Q8_0_BYTES),
+           quads_from=2),
     Format("q4_0", np.uint8, quant.QK, quant.Q4_0_BYTES, quant.decode_q4_0_row,
-           quant.matmul_q4_0_float, quant.matmul_q4_0, blocks_quantizer(quant.quantize_q4_0, quant.Q4_0_BYTES)),
+           quant.matmul_q4_0_float, quant.matmul_q4_0, blocks_quantizer(quant.quantize_q4_0, quant.Q4_0_BYTES),
+           quads_from=2),
     # formats read from GGUF files: no quantizer of ours
     Format("q4_1", np.uint8, 32, kquants.Q4_1_BYTES, kquants.decode_q4_1_row, kquants.matmul_q4_1, None, None),
     Format("q4_k", np.uint8, kquants.QK_K, kquants.Q4_K_BYTES, kquants.decode_q4_k_row, kquants.matmul_q4_k,
@@ -147,6 +150,9 @@ FORMATS = {f.name: f for f in [
     Format("q6_k", np.uint8, kquants.QK_K, kquants.Q6_K_BYTES, kquants.decode_q6_k_row, kquants.matmul_q6_k,
            kquants.matmul_q6_k_int8, None),
 ]}
+
+
+WEIGHT_USES = ("matmul", "exact", "lookup")
 
 
 @dataclass(frozen=True)
@@ -158,18 +164,24 @@ class Weight:
     (kernels/layout.py) for block formats. The constructor checks the storage against the format
     and shape, because the kernels index it without bounds checks.
 
-    for_matmul=False keeps a block format in the file's row layout: for a matrix whose rows are
-    only looked up (an untied embedding: 150,000 rows of which a prompt reads a few) or written
-    back to a file, packing would only cost load time and memory.
+    use says how it is read, and so how a block format is laid out:
+    - "matmul": multiplied by int8 activations where the format has such a kernel (else float);
+      packed as its format prefers (Q8_0's quants in quads, for x86's pairwise byte products);
+    - "exact": multiplied by float activations only (the LM head: it picks the token); packed in
+      byte planes, which the float kernels read;
+    - "lookup": only rows are read (an untied embedding: 150,000 rows of which a prompt reads a
+      few) or written back to a file; kept in the file's row layout, never multiplied.
     """
     format: Format
     shape: tuple
     data: np.ndarray
-    for_matmul: bool = True
+    use: str = "matmul"
 
     def __post_init__(self):
         rows, cols = self.shape
         f = self.format
+        if self.use not in WEIGHT_USES:
+            raise ValueError(f"weight use must be one of {', '.join(WEIGHT_USES)}, got {self.use!r}")
         if cols % f.block_size:
             raise ValueError(f"{f.name} needs a multiple of {f.block_size} columns, got {cols}")
         already_packed = self.packed and self.data.ndim == 3   # e.g. mapped from engine/weight_cache.py
@@ -181,24 +193,29 @@ class Weight:
         if not self.data.flags.c_contiguous:
             raise ValueError("weight storage must be C-contiguous")
         if self.packed and not already_packed:
-            object.__setattr__(self, "data", layout.pack(self.data, f.block_bytes))
+            object.__setattr__(self, "data", layout.pack(self.data, f.block_bytes, self.quads_from))
 
     @property
     def packed(self) -> bool:
         """Whether `data` is in the interleaved layout of the block-format kernels."""
-        return self.format.packed and self.for_matmul
+        return self.format.packed and self.use != "lookup"
+
+    @property
+    def quads_from(self) -> int | None:
+        """Where the quads start in each packed block (kernels/layout.py), None: planes only."""
+        return self.format.quads_from if self.use == "matmul" else None
 
     def file_rows(self, ids=slice(None)) -> np.ndarray:
         """Rows `ids` (an index array or a slice; default: all) as files hold them: row by row."""
         if not self.packed:
             return self.data[ids]
         rows = np.arange(*ids.indices(self.shape[0])) if isinstance(ids, slice) else np.asarray(ids)
-        return layout.unpack(self.data, self.format.block_bytes, rows)
+        return layout.unpack(self.data, self.format.block_bytes, rows, self.quads_from)
 
     @classmethod
-    def quantize(cls, values: np.ndarray, format_name: str, for_matmul: bool = True) -> "Weight":
+    def quantize(cls, values: np.ndarray, format_name: str, use: str = "matmul") -> "Weight":
         f = FORMATS[format_name]
-        return cls(f, values.shape, f.quantize(values), for_matmul)
+        return cls(f, values.shape, f.quantize(values), use)
 
     @property
     def nbytes(self) -> int:
@@ -229,15 +246,16 @@ class Activations:
         return self._int8
 
 
-def matmul(weight: Weight, x, out: np.ndarray, exact_activations: bool = False) -> None:
+def matmul(weight: Weight, x, out: np.ndarray) -> None:
     """out = x @ W.T with x (tokens, cols) float32 (an array or Activations), out (tokens, rows).
 
-    Formats with an integer kernel round the activations to int8 blocks, unless exact_activations."""
+    Weights of use "matmul" round the activations to int8 blocks where their format has an
+    integer kernel; "exact" ones multiply the float activations."""
     f = weight.format
-    if not weight.for_matmul:
+    if weight.use == "lookup":
         raise ValueError(f"this {f.name} weight was loaded for row lookups only, not for matmul")
     acts = x if isinstance(x, Activations) else Activations(x)
-    if f.int8_matmul is None or exact_activations:
+    if f.int8_matmul is None or weight.use == "exact":
         f.float_matmul(weight.data, acts.x, out)
     else:
         f.int8_matmul(weight.data, *acts.int8(), out)

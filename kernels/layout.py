@@ -9,6 +9,12 @@ So byte k of 64 rows is one contiguous 64-byte vector: a GEMV kernel lets each S
 accumulate one output row across a whole block and applies the 64 rows' scales with one vector
 multiply, with no horizontal sum per block (which is what bounded the row-by-row kernels:
 Q4_0 at 2 threads went from 4.9 GB/s to 10 GB/s, and to 17 GB/s with the prefetch hints).
+Quads: a format may keep only the leading bytes of each block (its scale) in planes and lay the
+rest out 4 bytes per lane: packed[g, b, h * 64 + j * 256 + lane * 4 + c] = byte h + 4 j + c of
+that row's block, h being the first such byte. Four consecutive weights of a row are then one
+32-bit word, which is what x86's pairwise byte products (pmaddubsw, bits.dot4_int8) consume:
+the Q8_0 kernel reads its quants this way.
+
 A group of 64 rows is also one parallel work item; its bytes are contiguous, so each thread
 streams through memory. Rows missing from the last group are zero bytes (zero scales): they
 compute zeros and are never stored. For one group the packed bytes are simply the transpose of
@@ -21,6 +27,7 @@ from . import SOFTWARE_PREFETCH
 from .bits import f16_to_f32, prefetch
 
 ROW_GROUP = 64         # rows interleaved: 64 byte lanes = one 512-bit vector
+QUADS = 4              # bytes per lane in the quad layout of the int8 weights
 PREFETCH_BYTES = 2048  # how far ahead of the bytes being read the kernels prefetch
 
 
@@ -88,18 +95,40 @@ def _pack_words(words, packed_words, full_groups):
             packed_words[g, j + 6, lanes], packed_words[g, j + 7, lanes] = a6, a7
 
 
-def pack(rows: np.ndarray, block_bytes: int) -> np.ndarray:
+@njit(parallel=True, cache=True)
+def _pack_quads(rows, packed, quads_from):
+    """_pack, except that bytes quads_from.. of each block go in quads (see pack)."""
+    n_rows = rows.shape[0]
+    n_groups, n_blocks, group_bytes = packed.shape
+    block_bytes = group_bytes // ROW_GROUP
+    for g in prange(n_groups):
+        for b in range(n_blocks):
+            for k in range(block_bytes):
+                if k < quads_from:
+                    at, step = ROW_GROUP * k, 1
+                else:
+                    at, step = ROW_GROUP * quads_from + (k - quads_from) // 4 * 4 * ROW_GROUP + (k - quads_from) % 4, 4
+                for lane in range(ROW_GROUP):
+                    n = g * ROW_GROUP + lane
+                    packed[g, b, at + step * lane] = rows[n, b * block_bytes + k] if n < n_rows else 0
+
+
+def pack(rows: np.ndarray, block_bytes: int, quads_from: int | None = None) -> np.ndarray:
     """GGML rows (n, blocks * block_bytes) uint8 -> the packed layout.
 
     For a group, the packed bytes are the transpose of its 64 x row_bytes tile: done 8 x 8 bytes
     at a time where the rows allow 64-bit words, byte by byte otherwise (and for a last partial
-    group)."""
+    group). quads_from: bytes from there to the end of each block are laid out in quads instead
+    of planes (QUADS above)."""
     n_rows, row_bytes = rows.shape
     packed = np.empty(packed_shape(n_rows, row_bytes // block_bytes, block_bytes), np.uint8)
     # Fault in the (usually memory-mapped) rows first, one byte per page, in one thread: page
     # faults taken by both kernel threads at once contend (1.9 GB of Q8_0: 1.4 s -> 0.6 s).
     if rows.size:
         rows.reshape(-1)[::4096].max()
+    if quads_from is not None:
+        _pack_quads(rows, packed, quads_from)
+        return packed
     full = n_rows // ROW_GROUP if row_bytes % 8 == 0 and rows.ctypes.data % 8 == 0 else 0
     if full:
         _pack_words(rows.view(np.uint64), packed.reshape(len(packed), row_bytes, ROW_GROUP).view(np.uint64), full)
@@ -108,11 +137,17 @@ def pack(rows: np.ndarray, block_bytes: int) -> np.ndarray:
     return packed
 
 
-def unpack(packed: np.ndarray, block_bytes: int, rows: np.ndarray) -> np.ndarray:
+def unpack(packed: np.ndarray, block_bytes: int, rows: np.ndarray, quads_from: int | None = None) -> np.ndarray:
     """The rows with indices `rows` of a packed matrix, as GGML rows."""
     n_groups, n_blocks, _ = packed.shape
-    planes = packed.reshape(n_groups, n_blocks, block_bytes, ROW_GROUP)
-    return np.ascontiguousarray(planes[rows // ROW_GROUP, :, :, rows % ROW_GROUP]).reshape(len(rows), -1)
+    group, lane = rows // ROW_GROUP, rows % ROW_GROUP
+    if quads_from is None:
+        planes = packed.reshape(n_groups, n_blocks, block_bytes, ROW_GROUP)
+        return np.ascontiguousarray(planes[group, :, :, lane]).reshape(len(rows), -1)
+    split = quads_from * ROW_GROUP
+    planes = packed[:, :, :split].reshape(n_groups, n_blocks, quads_from, ROW_GROUP)[group, :, :, lane]
+    quads = packed[:, :, split:].reshape(n_groups, n_blocks, -1, ROW_GROUP, 4)[group, :, :, lane]
+    return np.concatenate([planes, quads.reshape(len(rows), n_blocks, -1)], axis=2).reshape(len(rows), -1)
 
 
 # --- helpers inlined into the kernels ----------------------------------------------------------

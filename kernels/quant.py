@@ -8,7 +8,8 @@ Files (GGUF, our quantized directories) hold these blocks row by row, as ggml do
 quantizers round exactly as ggml's reference code (and the gguf package) do.
 
 The kernels read the blocks repacked at load into the interleaved layout of kernels/layout.py
-(64 rows side by side, byte k of each block in plane k).
+(64 rows side by side: byte k of each block in plane k, except the quants of weights multiplied
+by int8 activations, which are in quads of 4 bytes per row).
 
 Products with int8 activations quantize them per block of 32 with a float32 scale (as llama.cpp
 and llama2.c's runq.c do). Integer products are wrapped in np.int16/np.int32 so that LLVM keeps
@@ -17,8 +18,8 @@ them in 16/32-bit SIMD lanes instead of numba's default int64.
 import numpy as np
 from numba import njit, prange
 
-from .bits import f32_to_f16, half_at_bytes, stack_array
-from .layout import ROW_GROUP, half_at, prefetch_ahead, store_group
+from .bits import DOT4_LANES, dot4_int8, dot4_nibbles, f32_to_f16, half_at_bytes, stack_array
+from .layout import QUADS, ROW_GROUP, half_at, prefetch_ahead, store_group
 
 QK = 32            # weights per block
 Q8_0_BYTES = 34
@@ -122,13 +123,17 @@ def quantize_activations(x, xq, xd):
 # --- matrix products (packed weights) -----------------------------------------------------------
 # out[t, n] = sum over blocks b of d_w[n, b] * (block dot product of row n with x[t]); parallel
 # over groups of 64 rows; for each group, every token (prefill reads the group from cache after
-# the first token). Byte k of a block is plane k: the scale is planes 0-1, quant j is plane 2 + j.
+# the first token). The float kernels read planes (byte k of a block is plane k: the scale is
+# planes 0-1, quant j of Q8_0 plane 2 + j); the int8 kernels read the quants in quads.
 
 @njit(parallel=True, fastmath=True, cache=True)
 def matmul_q8_0(w, xq, xd, out):
-    """Q8_0 weights, int8 activations: int16 products summed in pairs (2 * 128 * 127 fits),
-    int32 block sums per lane."""
-    n_groups, n_blocks, _ = w.shape
+    """Q8_0 weights, int8 activations. The quants are in quads (layout.py): 4 weights of a row
+    per 32-bit word, so bits.dot4_int8 sums 4 products per lane with x86's pairwise byte
+    multiplies; int32 block sums per lane. Measured against the byte-plane kernel it replaces,
+    one core, in cache: 13 -> 26 GB/s (AMD Zen 3, AVX2)."""
+    n_groups, n_blocks, group_bytes = w.shape
+    cols = xq.shape[1]
     for g in prange(n_groups):
         block = stack_array(np.int32, 1, ROW_GROUP)
         acc = stack_array(np.float32, 1, ROW_GROUP)
@@ -137,13 +142,11 @@ def matmul_q8_0(w, xq, xd, out):
             for b in range(n_blocks):
                 prefetch_ahead(w, g, b, 0, 1)
                 block[:] = 0
-                for k in range(0, QK, 2):
-                    x0 = np.int16(xq[t, b * QK + k])
-                    x1 = np.int16(xq[t, b * QK + k + 1])
-                    for lane in range(ROW_GROUP):
-                        w0 = np.int16(np.int8(w[g, b, ROW_GROUP * (2 + k) + lane]))
-                        w1 = np.int16(np.int8(w[g, b, ROW_GROUP * (3 + k) + lane]))
-                        block[lane] = np.int32(block[lane] + np.int32(np.int16(np.int16(w0 * x0) + np.int16(w1 * x1))))
+                quads = (g * n_blocks + b) * group_bytes + 2 * ROW_GROUP   # after the scales' planes
+                for j in range(QK // QUADS):
+                    for lanes in range(0, ROW_GROUP, DOT4_LANES):
+                        dot4_int8(block, lanes, w, quads + QUADS * (j * ROW_GROUP + lanes), xq,
+                                  t * cols + b * QK + QUADS * j)
                 xs = xd[t, b]
                 for lane in range(ROW_GROUP):
                     acc[lane] += np.float32(block[lane]) * (half_at(w, g, b, 0, lane) * xs)
@@ -152,34 +155,38 @@ def matmul_q8_0(w, xq, xd, out):
 
 @njit(parallel=True, fastmath=True, cache=True)
 def matmul_q4_0(w, xq, xd, out):
-    """Q4_0 weights, int8 activations: int16 block sums per lane; |(q - 8) * x| <= 8 * 127 and
-    32 of them fit in int16 (32512)."""
-    n_groups, n_blocks, _ = w.shape
+    """Q4_0 weights, int8 activations. The nibble bytes are in quads, as in matmul_q8_0: quad j
+    of a lane holds weights 4j..4j+3 (low nibbles) and 16+4j.. (high). Sums of q * x in int32,
+    then sum (q - 8) x = sum q x - 8 sum x per block."""
+    n_groups, n_blocks, group_bytes = w.shape
+    cols = xq.shape[1]
     for g in prange(n_groups):
-        block = stack_array(np.int16, 1, ROW_GROUP)
+        block = stack_array(np.int32, 1, ROW_GROUP)
         acc = stack_array(np.float32, 1, ROW_GROUP)
         for t in range(xq.shape[0]):
             acc[:] = 0.0
             for b in range(n_blocks):
                 prefetch_ahead(w, g, b, 0, 1)
                 block[:] = 0
-                for k in range(QK // 2):
-                    x_lo = np.int16(xq[t, b * QK + k])
-                    x_hi = np.int16(xq[t, b * QK + k + 16])
-                    for lane in range(ROW_GROUP):
-                        q = w[g, b, ROW_GROUP * (2 + k) + lane]
-                        lo = np.int16(np.int16(q & np.uint8(15)) - np.int16(8))
-                        hi = np.int16(np.int16(q >> np.uint8(4)) - np.int16(8))
-                        block[lane] = np.int16(block[lane] + np.int16(lo * x_lo) + np.int16(hi * x_hi))
+                quads = (g * n_blocks + b) * group_bytes + 2 * ROW_GROUP   # after the scales' planes
+                x0 = t * cols + b * QK
+                for j in range(QK // 2 // QUADS):
+                    for lanes in range(0, ROW_GROUP, DOT4_LANES):
+                        dot4_nibbles(block, lanes, w, quads + QUADS * (j * ROW_GROUP + lanes), xq,
+                                     x0 + QUADS * j, x0 + QK // 2 + QUADS * j)
+                x_sum = np.int32(0)
+                for k in range(QK):
+                    x_sum += np.int32(xq[t, b * QK + k])
                 xs = xd[t, b]
                 for lane in range(ROW_GROUP):
-                    acc[lane] += np.float32(block[lane]) * (half_at(w, g, b, 0, lane) * xs)
+                    acc[lane] += np.float32(block[lane] - 8 * x_sum) * (half_at(w, g, b, 0, lane) * xs)
             store_group(out, t, g, acc)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
 def matmul_q8_0_float(w, x, out):
-    """Q8_0 weights times float32 activations (no activation rounding: the LM head)."""
+    """Q8_0 weights times float32 activations (no activation rounding: the LM head). Reads
+    byte planes, the layout of weights made for exact activations (formats.Weight.use)."""
     n_groups, n_blocks, _ = w.shape
     for g in prange(n_groups):
         block = stack_array(np.float32, 1, ROW_GROUP)

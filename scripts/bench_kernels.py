@@ -71,10 +71,11 @@ def time_calls(fn, calls, repeats=3):
     return statistics.median(per_call)
 
 
-def bench_matmul(fmt_name, rows, cols, tokens, pool_bytes):
+def bench_matmul(fmt_name, rows, cols, tokens, pool_bytes, use="matmul"):
+    """use: as the forward pass reads the matrix ("exact": the LM head's float activations)."""
     pool, copies, matrix_bytes = weight_pool(fmt_name, rows, cols, pool_bytes)
     fmt = FORMATS[fmt_name]
-    weights = [Weight(fmt, (rows, cols), pool[j * rows:(j + 1) * rows]) for j in range(copies)]
+    weights = [Weight(fmt, (rows, cols), pool[j * rows:(j + 1) * rows], use) for j in range(copies)]
     x = np.random.default_rng(0).standard_normal((tokens, cols)).astype(np.float32)
     out = np.empty((tokens, rows), np.float32)
 
@@ -111,7 +112,8 @@ def main():
                 per_token = 0.0
                 weight_bytes = 0
                 for name, rows, cols, uses in matrices(shape):
-                    seconds, nbytes = bench_matmul(fmt_name, rows, cols, 1, pool_bytes)
+                    use = "exact" if name == "lm_head" else "matmul"   # as the forward pass
+                    seconds, nbytes = bench_matmul(fmt_name, rows, cols, 1, pool_bytes, use)
                     per_token += seconds * uses
                     weight_bytes += nbytes * uses
                     gbs = nbytes / seconds / 1e9

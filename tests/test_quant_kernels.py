@@ -81,25 +81,31 @@ def test_kernels_equal_dequantize_then_matmul(fmt, tokens):
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
 def test_float_activation_kernels_equal_dequantize_then_matmul(fmt):
     rows, cols = 130, 320
-    w = Weight.quantize(random_weights(rows, cols, seed=6), fmt)
+    w = Weight.quantize(random_weights(rows, cols, seed=6), fmt, use="exact")
     x = np.random.default_rng(7).standard_normal((3, cols)).astype(np.float32)
     out = np.empty((3, rows), np.float32)
-    matmul(w, x, out, exact_activations=True)
+    matmul(w, x, out)
     ref = x.astype(np.float64) @ w.dequantize().astype(np.float64).T
     assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("fmt, use", [("q8_0", "matmul"), ("q8_0", "exact"), ("q4_0", "matmul")])
 @pytest.mark.parametrize("rows, cols", [(100, 96), (130, 256)])
-def test_packing_keeps_every_byte(fmt, rows, cols):
+def test_packing_keeps_every_byte(fmt, use, rows, cols):
     """The kernels' interleaved layout is a permutation of the file's blocks: unpacking gives
     back exactly the GGML rows, also for a row count that is not a multiple of the group, with
-    rows of 8-byte words (packed 8 x 8 bytes at a time: 256 columns) or not (96 columns)."""
+    rows of 8-byte words (packed 8 x 8 bytes at a time: 256 columns) or not (96 columns), in
+    planes and in quads (Q8_0 for int8 activations)."""
     blocks = quants.quantize(random_weights(rows, cols, seed=8), GGML_TYPES[fmt])
-    w = Weight(FORMATS[fmt], (rows, cols), blocks)
+    w = Weight(FORMATS[fmt], (rows, cols), blocks, use)
     assert w.data.shape == (-(-rows // 64), cols // 32, quant.ROW_GROUP * FORMATS[fmt].block_bytes)
     assert np.array_equal(w.file_rows(), blocks)
-    assert np.array_equal(w.data[0, 1, 64 * 5:64 * 6], blocks[:64, FORMATS[fmt].block_bytes + 5])
+    assert np.array_equal(w.file_rows(np.array([99, 0, 64])), blocks[[99, 0, 64]])
+    block_bytes, quads_from = FORMATS[fmt].block_bytes, w.quads_from
+    # byte 1 of block 1 (scale) is a plane; byte 5, for Q8_0 quant 3, is byte 3 of each lane's first quad
+    assert np.array_equal(w.data[0, 1, 64:128], blocks[:64, block_bytes + 1])
+    byte_5 = w.data[0, 1, 64 * 5:64 * 6] if quads_from is None else w.data[0, 1, 128 + 3:128 + 256:4]
+    assert np.array_equal(byte_5, blocks[:64, block_bytes + 5])
 
 
 def test_activation_quantization():
@@ -205,13 +211,15 @@ def test_gguf_format_decoders_are_bit_exact(fmt):
 
 @pytest.mark.parametrize("fmt", list(GGUF_TYPES))
 def test_gguf_format_matmul_equals_dequantize_then_matmul(fmt):
-    w = Weight(FORMATS[fmt], (40, 512), random_blocks(fmt, 40, 512, seed=8))
+    blocks = random_blocks(fmt, 40, 512, seed=8)
+    w = Weight(FORMATS[fmt], (40, 512), blocks, "exact")
     x = np.random.default_rng(9).standard_normal((3, 512)).astype(np.float32)
     out = np.empty((3, 40), np.float32)
-    matmul(w, x, out, exact_activations=True)
+    matmul(w, x, out)
     ref = x.astype(np.float64) @ w.dequantize().astype(np.float64).T
     assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
     if FORMATS[fmt].int8_matmul is not None:   # the same arithmetic on int8 activations
+        w = Weight(FORMATS[fmt], (40, 512), blocks)
         matmul(w, x, out)
         ref = reference_matmul(w, x)
         assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
