@@ -116,7 +116,7 @@ def _host_has_avx2() -> bool:
 DOT4_LANES = 8   # output lanes per dot4 call: 32 bytes of weights, one 256-bit register
 
 
-def _dot4_sums(context, builder, weights, x_words, signed, more=None):
+def _dot4_sums(context, builder, weights, x_words, signed):
     """<8 x i32>: lane l gets sum over c < 4 of weights[4 l + c] * x_words[l] byte c, for 32
     weight bytes (int8 if `signed`, else unsigned below 128) and int8 activations.
 
@@ -125,8 +125,7 @@ def _dot4_sums(context, builder, weights, x_words, signed, more=None):
     |w|, with their sign moved onto x: at most 2 * 128 * 127, no saturation, activations being
     within +-127), then pmaddwd by ones adds the pairs into int32. Four to six instructions per
     32 weights, against about sixteen for widening products lane by lane. Elsewhere the same sum
-    is written in plain LLVM vector code. more: (weights, x_words) of unsigned weights below 16
-    whose products are added too, sharing the pmaddwd (their int16 pair sums still fit)."""
+    is written in plain LLVM vector code."""
     i1, i8, i16, i32 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32)
     bytes32, words16, ints8 = ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 8)
     x_bytes = builder.bitcast(x_words, bytes32)
@@ -142,8 +141,6 @@ def _dot4_sums(context, builder, weights, x_words, signed, more=None):
                                            builder.call(sign, [x_bytes, weights])])
         else:
             pairs = builder.call(maddubs, [weights, x_bytes])
-        if more is not None:
-            pairs = builder.add(pairs, builder.call(maddubs, [more[0], builder.bitcast(more[1], bytes32)]))
         return builder.call(madd, [pairs, ir.Constant(words16, [1] * 16)])
     wide = ir.VectorType(i32, 32)
     extend = builder.sext if signed else builder.zext
@@ -153,8 +150,7 @@ def _dot4_sums(context, builder, weights, x_words, signed, more=None):
         return builder.shuffle_vector(source, ir.Constant(source.type, None),
                                       ir.Constant(ir.VectorType(i32, count), list(range(start, 2 * count, 2))))
     pairs = builder.add(every_other(0, products, 16), every_other(1, products, 16))
-    sums = builder.add(every_other(0, pairs, 8), every_other(1, pairs, 8))
-    return sums if more is None else builder.add(sums, _dot4_sums(context, builder, *more, signed=False))
+    return builder.add(every_other(0, pairs, 8), every_other(1, pairs, 8))
 
 
 def _x_words(context, builder, x_type, x, index_type, index):
@@ -192,21 +188,21 @@ def dot4_int8(typingctx, acc, acc_index, w, w_index, x, x_index):
 
 
 @intrinsic
-def dot4_nibbles(typingctx, acc, acc_index, w, w_index, x, x_low_index, x_high_index):
-    """As dot4_int8 for 4-bit weights, two per byte: the low nibbles of the 4 bytes of a lane
-    times x.flat[x_low_index + c], plus the high nibbles times x.flat[x_high_index + c] (Q4_0's
-    weights j and j + 16); unsigned 0..15, so no sign needs moving."""
-    if not _dot4_types_ok(acc, w, x):
+def dot4_nibbles(typingctx, acc, acc_index, w, w_index, x, x_index, shift):
+    """As dot4_int8 for 4-bit weights, two per byte: the nibble at bit `shift` (0 or 4) of each
+    of the 4 bytes of a lane times x.flat[x_index + c] (unsigned 0..15: no sign to move)."""
+    if not (_dot4_types_ok(acc, w, x) and isinstance(shift, types.Integer)):
         return None
 
     def codegen(context, builder, signature, args):
-        (acc_t, acc_i_t, w_t, w_i_t, x_t, lo_t, hi_t), (acc_a, acc_i, w_a, w_i, x_a, lo_i, hi_i) = signature.args, args
+        (acc_t, acc_i_t, w_t, w_i_t, x_t, x_i_t, shift_t), (acc_a, acc_i, w_a, w_i, x_a, x_i, shift) = signature.args, args
         i8 = ir.IntType(8)
         packed = builder.load(_vector_pointer(context, builder, w_t, w_a, w_i_t, w_i, i8, 32), align=1)
-        low = builder.and_(packed, ir.Constant(packed.type, [15] * 32))
-        high = builder.lshr(packed, ir.Constant(packed.type, [4] * 32))
-        sums = _dot4_sums(context, builder, low, _x_words(context, builder, x_t, x_a, lo_t, lo_i), signed=False,
-                          more=(high, _x_words(context, builder, x_t, x_a, hi_t, hi_i)))
+        by = builder.trunc(shift, i8) if shift.type.width > 8 else shift
+        splat = builder.shuffle_vector(builder.insert_element(ir.Constant(packed.type, None), by, ir.Constant(ir.IntType(32), 0)),
+                                       ir.Constant(packed.type, None), ir.Constant(ir.VectorType(ir.IntType(32), 32), [0] * 32))
+        nibbles = builder.and_(builder.lshr(packed, splat), ir.Constant(packed.type, [15] * 32))
+        sums = _dot4_sums(context, builder, nibbles, _x_words(context, builder, x_t, x_a, x_i_t, x_i), signed=False)
         _accumulate(context, builder, acc_t, acc_a, acc_i_t, acc_i, sums)
         return context.get_dummy_value()
-    return types.void(acc, acc_index, w, w_index, x, x_low_index, x_high_index), codegen
+    return types.void(acc, acc_index, w, w_index, x, x_index, shift), codegen

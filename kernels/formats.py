@@ -146,7 +146,7 @@ FORMATS = {f.name: f for f in [
     # formats read from GGUF files: no quantizer of ours
     Format("q4_1", np.uint8, 32, kquants.Q4_1_BYTES, kquants.decode_q4_1_row, kquants.matmul_q4_1, None, None),
     Format("q4_k", np.uint8, kquants.QK_K, kquants.Q4_K_BYTES, kquants.decode_q4_k_row, kquants.matmul_q4_k,
-           kquants.matmul_q4_k_int8, None),
+           kquants.matmul_q4_k_int8, None, quads_from=16),
     Format("q6_k", np.uint8, kquants.QK_K, kquants.Q6_K_BYTES, kquants.decode_q6_k_row, kquants.matmul_q6_k,
            kquants.matmul_q6_k_int8, None),
 ]}

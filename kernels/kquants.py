@@ -16,8 +16,8 @@ so the per-weight work is one conversion and one fused multiply-add.
 import numpy as np
 from numba import njit, prange
 
-from .bits import half_at_bytes, stack_array
-from .layout import ROW_GROUP, half_at, prefetch_ahead, store_group
+from .bits import DOT4_LANES, dot4_nibbles, half_at_bytes, stack_array
+from .layout import QUADS, ROW_GROUP, half_at, prefetch_ahead, store_group
 
 Q4_1_BYTES = 20
 QK_K = 256
@@ -182,11 +182,15 @@ def matmul_q4_k(w, x, out):
 
 @njit(parallel=True, fastmath=True, cache=True)
 def matmul_q4_k_int8(w, xq, xd, out):
-    """Q4_K with int8 activations (blocks of 32 = one sub-block): per sub-block and lane an int16
-    sum of (q - 8) * x (at most 32 * 8 * 127 = 32512), then sum q * x = that + 8 * sum x."""
-    n_groups, n_blocks, _ = w.shape
+    """Q4_K with int8 activations (blocks of 32 = one sub-block). The 128 nibble bytes are in
+    quads (layout.py; planes 0-15 hold d, dmin and the scales): for chunk c, quad j of a lane
+    holds weights 64c + 4j.. (low nibbles, sub-block 2c) and 64c + 32 + 4j.. (high, 2c + 1).
+    Per sub-block and lane an int32 sum of q * x (bits.dot4_nibbles); then
+    d * sc * sum q x - dmin * m * sum x."""
+    n_groups, n_blocks, group_bytes = w.shape
+    cols = xq.shape[1]
     for g in prange(n_groups):
-        part = stack_array(np.int16, 2, ROW_GROUP)
+        part = stack_array(np.int32, 2, ROW_GROUP)
         scales = stack_array(np.float32, 8, ROW_GROUP)
         mins = stack_array(np.float32, 8, ROW_GROUP)
         acc = stack_array(np.float32, 1, ROW_GROUP)
@@ -198,29 +202,25 @@ def matmul_q4_k_int8(w, xq, xd, out):
                     prefetch_ahead(w, g, b, chunk, 4)
                     part[:] = 0
                     x0 = b * QK_K + chunk * 64
+                    quads = (g * n_blocks + b) * group_bytes + ROW_GROUP * (16 + 32 * chunk)
+                    for j in range(32 // QUADS):
+                        for lanes in range(0, ROW_GROUP, DOT4_LANES):
+                            at = quads + QUADS * (j * ROW_GROUP + lanes)
+                            dot4_nibbles(part, lanes, w, at, xq, t * cols + x0 + QUADS * j, 0)
+                            dot4_nibbles(part, ROW_GROUP + lanes, w, at, xq, t * cols + x0 + 32 + QUADS * j, 4)
                     sum_lo = np.int32(0)
                     sum_hi = np.int32(0)
                     for l in range(32):
-                        x_lo = np.int16(xq[t, x0 + l])
-                        x_hi = np.int16(xq[t, x0 + 32 + l])
-                        sum_lo += np.int32(x_lo)
-                        sum_hi += np.int32(x_hi)
-                        for lane in range(ROW_GROUP):
-                            q = w[g, b, ROW_GROUP * (16 + chunk * 32 + l) + lane]
-                            lo = np.int16(np.int16(q & LOW4) - np.int16(8))
-                            hi = np.int16(np.int16(q >> np.uint8(4)) - np.int16(8))
-                            part[lane] = np.int16(part[lane] + np.int16(lo * x_lo))
-                            part[ROW_GROUP + lane] = np.int16(part[ROW_GROUP + lane] + np.int16(hi * x_hi))
+                        sum_lo += np.int32(xq[t, x0 + l])
+                        sum_hi += np.int32(xq[t, x0 + 32 + l])
                     j = 2 * chunk
                     d_lo = xd[t, x0 // 32]
                     d_hi = xd[t, x0 // 32 + 1]
-                    bias_lo = np.int32(8) * sum_lo
-                    bias_hi = np.int32(8) * sum_hi
                     for lane in range(ROW_GROUP):
-                        dot_lo = np.float32(np.int32(np.int32(part[lane]) + bias_lo))
-                        dot_hi = np.float32(np.int32(np.int32(part[ROW_GROUP + lane]) + bias_hi))
-                        acc[lane] += (d_lo * (scales[j * ROW_GROUP + lane] * dot_lo - mins[j * ROW_GROUP + lane] * np.float32(sum_lo))
-                                      + d_hi * (scales[(j + 1) * ROW_GROUP + lane] * dot_hi - mins[(j + 1) * ROW_GROUP + lane] * np.float32(sum_hi)))
+                        acc[lane] += (d_lo * (scales[j * ROW_GROUP + lane] * np.float32(part[lane])
+                                              - mins[j * ROW_GROUP + lane] * np.float32(sum_lo))
+                                      + d_hi * (scales[(j + 1) * ROW_GROUP + lane] * np.float32(part[ROW_GROUP + lane])
+                                                - mins[(j + 1) * ROW_GROUP + lane] * np.float32(sum_hi)))
             store_group(out, t, g, acc)
 
 

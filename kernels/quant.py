@@ -172,8 +172,9 @@ def matmul_q4_0(w, xq, xd, out):
                 x0 = t * cols + b * QK
                 for j in range(QK // 2 // QUADS):
                     for lanes in range(0, ROW_GROUP, DOT4_LANES):
-                        dot4_nibbles(block, lanes, w, quads + QUADS * (j * ROW_GROUP + lanes), xq,
-                                     x0 + QUADS * j, x0 + QK // 2 + QUADS * j)
+                        at = quads + QUADS * (j * ROW_GROUP + lanes)
+                        dot4_nibbles(block, lanes, w, at, xq, x0 + QUADS * j, 0)
+                        dot4_nibbles(block, lanes, w, at, xq, x0 + QK // 2 + QUADS * j, 4)
                 x_sum = np.int32(0)
                 for k in range(QK):
                     x_sum += np.int32(xq[t, b * QK + k])
