@@ -195,7 +195,7 @@ def dot4_nibbles(typingctx, acc, acc_index, w, w_index, x, x_index, shift):
         return None
 
     def codegen(context, builder, signature, args):
-        (acc_t, acc_i_t, w_t, w_i_t, x_t, x_i_t, shift_t), (acc_a, acc_i, w_a, w_i, x_a, x_i, shift) = signature.args, args
+        (acc_t, acc_i_t, w_t, w_i_t, x_t, x_i_t, _), (acc_a, acc_i, w_a, w_i, x_a, x_i, shift) = signature.args, args
         i8 = ir.IntType(8)
         packed = builder.load(_vector_pointer(context, builder, w_t, w_a, w_i_t, w_i, i8, 32), align=1)
         by = builder.trunc(shift, i8) if shift.type.width > 8 else shift
