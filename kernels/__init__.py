@@ -49,9 +49,11 @@ def _software_prefetch_helps() -> bool:
     """Whether the GEMVs issue prefetch hints (kernels/layout.prefetch_ahead). Measured at 2
     threads: on Intel (Xeon, Emerald Rapids) the hints took the Q4_0 GEMV from 12 to 17 GB/s,
     the hardware prefetchers stopping at every 4 KiB page; on AMD Zen 3 (EPYC) they cost 10-20 %
-    (Q8_0 GEMV over a 585 MB pool: 14.1-15.4 GB/s without, 12.9-13.5 with), its prefetchers
-    doing better alone. Decided by the host CPU's name, which numba's cache key includes, so a
-    cached kernel always matches the machine."""
+    (Q8_0 GEMV over a 585 MB pool: 14.1-15.4 GB/s without, 12.9-13.5 with; 1.5B decode, 3 runs
+    each: Q8_0 7.9-8.8 tokens/s without, 6.7-7.3 with; Q4_K_M 8.1-9.2 against 8.0-8.2), its
+    prefetchers doing better alone. The exception, Q4_0's int8 kernel, prefetches everywhere
+    (quant.matmul_q4_0: on Zen 3 10.1-10.5 tokens/s without, 11.0-14.0 with). Decided by the
+    host CPU's name, which numba's cache key includes, so a cached kernel matches the machine."""
     import llvmlite.binding as llvm
     return not llvm.get_host_cpu_name().startswith("znver")
 

@@ -160,13 +160,14 @@ def half_at(w, g, b, k, lane):
 
 
 @njit(inline="always")
-def prefetch_ahead(w, g, b, part, parts):
+def prefetch_ahead(w, g, b, part, parts, always=False):
     """Before reading part `part` of `parts` equal slices of packed block (g, b), prefetch the
     bytes PREFETCH_BYTES further on, one hint per 64-byte cache line: the hardware prefetchers
     stop at every 4 KiB page. Small steady slices beat whole blocks far ahead (Q4_K GEMV:
     14.4 GB/s with 2 KiB slices, 11.2 GB/s with whole 9 KiB blocks 4 blocks ahead). Nothing on
-    CPUs where the hints measured slower (kernels.SOFTWARE_PREFETCH: AMD Zen)."""
-    if not SOFTWARE_PREFETCH:   # a compile-time constant: nothing is emitted
+    CPUs where the hints measured slower (kernels.SOFTWARE_PREFETCH: AMD Zen), unless `always`
+    (a constant: the kernel's own measured choice)."""
+    if not (always or SOFTWARE_PREFETCH):   # constants: nothing is emitted
         return
     n_groups, n_blocks, group_bytes = w.shape
     size = group_bytes // parts

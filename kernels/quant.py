@@ -166,7 +166,7 @@ def matmul_q4_0(w, xq, xd, out):
         for t in range(xq.shape[0]):
             acc[:] = 0.0
             for b in range(n_blocks):
-                prefetch_ahead(w, g, b, 0, 1)
+                prefetch_ahead(w, g, b, 0, 1, always=True)   # faster with the hints on AMD too (kernels/__init__.py)
                 block[:] = 0
                 quads = (g * n_blocks + b) * group_bytes + 2 * ROW_GROUP   # after the scales' planes
                 x0 = t * cols + b * QK
