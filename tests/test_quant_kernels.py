@@ -223,3 +223,31 @@ def test_gguf_format_matmul_equals_dequantize_then_matmul(fmt):
         matmul(w, x, out)
         ref = reference_matmul(w, x)
         assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("avx2", [True, False])
+def test_dot4_intrinsics_equal_integer_sums(avx2, monkeypatch):
+    """bits.dot4_int8 / dot4_nibbles against numpy, on the extremes of their ranges, in both
+    code paths: x86's pmaddubsw (where the host has AVX2) and the plain vector IR of other CPUs."""
+    import numba
+    from kernels import bits
+    if avx2 and not bits._host_has_avx2():
+        pytest.skip("this CPU has no AVX2")
+    monkeypatch.setattr(bits, "_host_has_avx2", lambda: avx2)
+
+    def run(acc, w, x):   # compiled afresh below, so the chosen code path is the one generated
+        for lanes in range(0, 16, bits.DOT4_LANES):
+            bits.dot4_int8(acc[0], lanes, w, 4 * lanes, x, 0)
+            bits.dot4_nibbles(acc[1], lanes, w, 4 * lanes, x, 4, 0)
+            bits.dot4_nibbles(acc[2], lanes, w, 4 * lanes, x, 8, 4)
+    run = numba.njit(run)
+    rng = np.random.default_rng(11)
+    for w, x in [(rng.integers(0, 256, 64, dtype=np.uint8), rng.integers(-127, 128, 12).astype(np.int8)),
+                 (np.full(64, 0x80, np.uint8), np.full(12, -127, np.int8)),     # -128 * -127, four times
+                 (np.full(64, 0xFF, np.uint8), np.full(12, 127, np.int8))]:
+        acc = np.zeros((3, 16), np.int32)
+        run(acc, w, x)
+        q = w.reshape(16, 4).astype(np.int64)
+        assert np.array_equal(acc[0], (q.astype(np.uint8).view(np.int8).astype(np.int64) * x[:4]).sum(1))
+        assert np.array_equal(acc[1], ((q & 15) * x[4:8]).sum(1))
+        assert np.array_equal(acc[2], ((q >> 4) * x[8:12]).sum(1))
