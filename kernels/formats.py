@@ -110,7 +110,7 @@ class Format:
     block_bytes: int         # bytes per block
     decode_row: Callable     # njit (file row, float32 out) -> None
     float_matmul: Callable   # (data, x (tokens, cols) f32, out (tokens, rows) f32) -> None
-    int8_matmul: Callable | None  # (data, x int8 blocks, x scales, out): activations rounded to int8
+    int8_matmul: Callable | None  # (data, x int8 blocks, x scales, x block sums, out): activations rounded to int8
     quantize: Callable | None  # float32 (rows, cols) -> file rows (None: read from files only)
     quads_from: int | None = None  # packed with bytes from here on in quads, not planes (layout.py)
 
@@ -237,12 +237,15 @@ class Activations:
         self.x = x
         self._int8 = None
 
-    def int8(self) -> tuple[np.ndarray, np.ndarray]:
+    def int8(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(int8 values, float32 scale per block of 32, int32 sum per block)."""
         if self._int8 is None:
             xq = np.empty(self.x.shape, np.int8)
             xd = np.empty((self.x.shape[0], self.x.shape[1] // quant.QK), np.float32)
+            xs = np.empty(xd.shape, np.int32)
             quant.quantize_activations(self.x, xq, xd)
-            self._int8 = xq, xd
+            quant.activation_block_sums(xq, xs)
+            self._int8 = xq, xd, xs
         return self._int8
 
 

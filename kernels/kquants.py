@@ -181,12 +181,12 @@ def matmul_q4_k(w, x, out):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def matmul_q4_k_int8(w, xq, xd, out):
+def matmul_q4_k_int8(w, xq, xd, xs, out):
     """Q4_K with int8 activations (blocks of 32 = one sub-block). The 128 nibble bytes are in
     quads (layout.py; planes 0-15 hold d, dmin and the scales): for chunk c, quad j of a lane
     holds weights 64c + 4j.. (low nibbles, sub-block 2c) and 64c + 32 + 4j.. (high, 2c + 1).
     Per sub-block and lane an int32 sum of q * x (bits.dot4_nibbles); then
-    d * sc * sum q x - dmin * m * sum x."""
+    d * sc * sum q x - dmin * m * sum x, sum x from xs (quant.activation_block_sums)."""
     n_groups, n_blocks, group_bytes = w.shape
     cols = xq.shape[1]
     for g in prange(n_groups):
@@ -208,11 +208,8 @@ def matmul_q4_k_int8(w, xq, xd, out):
                             at = quads + QUADS * (j * ROW_GROUP + lanes)
                             dot4_nibbles(part, lanes, w, at, xq, t * cols + x0 + QUADS * j, 0)
                             dot4_nibbles(part, ROW_GROUP + lanes, w, at, xq, t * cols + x0 + 32 + QUADS * j, 4)
-                    sum_lo = np.int32(0)
-                    sum_hi = np.int32(0)
-                    for l in range(32):
-                        sum_lo += np.int32(xq[t, x0 + l])
-                        sum_hi += np.int32(xq[t, x0 + 32 + l])
+                    sum_lo = xs[t, x0 // 32]
+                    sum_hi = xs[t, x0 // 32 + 1]
                     j = 2 * chunk
                     d_lo = xd[t, x0 // 32]
                     d_hi = xd[t, x0 // 32 + 1]
@@ -281,8 +278,8 @@ def matmul_q6_k(w, x, out):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def matmul_q6_k_int8(w, xq, xd, out):
-    """Q6_K with int8 activations. |q - 32| <= 32 and |x| <= 127, so 8 products fit in int16
+def matmul_q6_k_int8(w, xq, xd, xs, out):
+    """Q6_K with int8 activations (xs, their block sums, is not needed). |q - 32| <= 32 and |x| <= 127, so 8 products fit in int16
     (32512): each 16-weight scale group sums two runs of 8 in int16, then in int32."""
     n_groups, n_blocks, _ = w.shape
     for g in prange(n_groups):
