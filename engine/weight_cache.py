@@ -81,16 +81,12 @@ class WeightCache:
         except (OSError, ValueError, TypeError, AttributeError):
             return {}   # no entry, or one that is not ours to trust
 
-    def save(self, packed: dict[str, np.ndarray], background: bool = True) -> threading.Thread | None:
-        """Write an entry for {tensor name: packed array} (the arrays are only read).
-
-        In a background thread by default: writing costs about as long as repacking did, and
-        the model can generate meanwhile (the thread is not a daemon, so the process finishes
-        the entry before it exits). A failure (disk full, read-only home) only costs the next
-        load its speed: it is reported, not raised."""
-        if not background:
-            self._write(packed)
-            return None
+    def save(self, packed: dict[str, np.ndarray]) -> threading.Thread:
+        """Write an entry for {tensor name: packed array} (the arrays are only read), in a
+        background thread: writing costs about as long as repacking did, and the model can
+        generate meanwhile (the thread is not a daemon, so the process finishes the entry before
+        it exits). A failure (disk full, read-only home) only costs the next load its speed: it
+        is reported, not raised."""
         thread = threading.Thread(target=self._write, args=(packed,), name="weight-cache-writer")
         thread.start()
         return thread

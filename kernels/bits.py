@@ -4,6 +4,8 @@ numba has no float16 type on the CPU. The conversions reinterpret uint16 bit pat
 LLVM's own `half` type, so LLVM emits the hardware conversion (vcvtph2ps with F16C) and can
 vectorize loops that use them.
 """
+import functools
+
 import numpy as np
 from llvmlite import ir
 from numba import carray, njit, types
@@ -107,6 +109,7 @@ def _vector_pointer(context, builder, array_type, array, index_type, index, elem
     return builder.bitcast(builder.gep(data, [index]), ir.VectorType(element, count).as_pointer())
 
 
+@functools.cache
 def _host_has_avx2() -> bool:
     import llvmlite.binding as llvm
     from numba.core import config

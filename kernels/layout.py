@@ -35,24 +35,6 @@ def packed_shape(rows: int, blocks_per_row: int, block_bytes: int) -> tuple:
     return (-(-rows // ROW_GROUP), blocks_per_row, block_bytes * ROW_GROUP)
 
 
-@njit(parallel=True, cache=True)
-def _pack(rows, packed):
-    n_rows = rows.shape[0]
-    n_groups, n_blocks, group_bytes = packed.shape
-    block_bytes = group_bytes // ROW_GROUP
-    for g in prange(n_groups):
-        full = (g + 1) * ROW_GROUP <= n_rows
-        for b in range(n_blocks):
-            for k in range(block_bytes):   # writes contiguous, reads one byte of each row
-                if full:
-                    for lane in range(ROW_GROUP):
-                        packed[g, b, ROW_GROUP * k + lane] = rows[g * ROW_GROUP + lane, b * block_bytes + k]
-                else:
-                    for lane in range(ROW_GROUP):
-                        n = g * ROW_GROUP + lane
-                        packed[g, b, ROW_GROUP * k + lane] = rows[n, b * block_bytes + k] if n < n_rows else 0
-
-
 _BYTE_PAIRS = np.uint64(0x00FF00FF00FF00FF)
 _HALF_PAIRS = np.uint64(0x0000FFFF0000FFFF)
 _WORD_PAIRS = np.uint64(0x00000000FFFFFFFF)
@@ -67,7 +49,7 @@ def _swap(x, y, shift, mask):
 
 @njit(parallel=True, cache=True)
 def _pack_words(words, packed_words, full_groups):
-    """_pack for whole groups, 8 x 8 bytes at a time: 8 rows' 64-bit words are transposed in
+    """The planes of whole groups, 8 x 8 bytes at a time: 8 rows' 64-bit words are transposed in
     registers (three rounds of swaps), about 1.6x faster than moving single bytes.
     words: the rows as uint64 (n, row_bytes / 8); packed_words: (groups, row_bytes, 8)."""
     for task in prange(full_groups * 8):
@@ -96,8 +78,10 @@ def _pack_words(words, packed_words, full_groups):
 
 
 @njit(parallel=True, cache=True)
-def _pack_quads(rows, packed, quads_from):
-    """_pack, except that bytes quads_from.. of each block go in quads (see pack)."""
+def _pack_bytes(rows, packed, quads_from):
+    """The packed layout byte by byte (see pack): bytes 0..quads_from-1 of each block in planes,
+    the rest in quads; quads_from = block_bytes gives planes only. Rows missing from the last
+    group are zeros."""
     n_rows = rows.shape[0]
     n_groups, n_blocks, group_bytes = packed.shape
     block_bytes = group_bytes // ROW_GROUP
@@ -107,7 +91,8 @@ def _pack_quads(rows, packed, quads_from):
                 if k < quads_from:
                     at, step = ROW_GROUP * k, 1
                 else:
-                    at, step = ROW_GROUP * quads_from + (k - quads_from) // 4 * 4 * ROW_GROUP + (k - quads_from) % 4, 4
+                    quad, byte = (k - quads_from) // QUADS, (k - quads_from) % QUADS
+                    at, step = ROW_GROUP * (quads_from + QUADS * quad) + byte, QUADS
                 for lane in range(ROW_GROUP):
                     n = g * ROW_GROUP + lane
                     packed[g, b, at + step * lane] = rows[n, b * block_bytes + k] if n < n_rows else 0
@@ -127,13 +112,13 @@ def pack(rows: np.ndarray, block_bytes: int, quads_from: int | None = None) -> n
     if rows.size:
         rows.reshape(-1)[::4096].max()
     if quads_from is not None:
-        _pack_quads(rows, packed, quads_from)
+        _pack_bytes(rows, packed, quads_from)
         return packed
     full = n_rows // ROW_GROUP if row_bytes % 8 == 0 and rows.ctypes.data % 8 == 0 else 0
     if full:
         _pack_words(rows.view(np.uint64), packed.reshape(len(packed), row_bytes, ROW_GROUP).view(np.uint64), full)
     if full < len(packed):
-        _pack(rows[full * ROW_GROUP:], packed[full:])
+        _pack_bytes(rows[full * ROW_GROUP:], packed[full:], block_bytes)
     return packed
 
 
@@ -146,7 +131,7 @@ def unpack(packed: np.ndarray, block_bytes: int, rows: np.ndarray, quads_from: i
         return np.ascontiguousarray(planes[group, :, :, lane]).reshape(len(rows), -1)
     split = quads_from * ROW_GROUP
     planes = packed[:, :, :split].reshape(n_groups, n_blocks, quads_from, ROW_GROUP)[group, :, :, lane]
-    quads = packed[:, :, split:].reshape(n_groups, n_blocks, -1, ROW_GROUP, 4)[group, :, :, lane]
+    quads = packed[:, :, split:].reshape(n_groups, n_blocks, -1, ROW_GROUP, QUADS)[group, :, :, lane]
     return np.concatenate([planes, quads.reshape(len(rows), n_blocks, -1)], axis=2).reshape(len(rows), -1)
 
 
