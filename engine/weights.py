@@ -181,10 +181,11 @@ def stored_formats(metadata: dict) -> dict:
 
 
 def weight_use(name: str, config: ModelConfig) -> str:
-    """How the forward pass reads a matrix (kernels.formats.Weight.use): the LM head with exact
-    float activations, an untied embedding by rows only, every other matrix with int8 ones."""
+    """How the forward pass reads a matrix (kernels.formats.Weight.use): the LM head with
+    activations rounded to int16 ("fine"), an untied embedding by rows only, every other matrix
+    with int8 ones."""
     lm_head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-    return "exact" if name == lm_head else "lookup" if name == "model.embed_tokens.weight" else "matmul"
+    return "fine" if name == lm_head else "lookup" if name == "model.embed_tokens.weight" else "matmul"
 
 
 def load_weights(config: ModelConfig, tensors: dict, formats: dict | None = None,

@@ -119,48 +119,74 @@ def _host_has_avx2() -> bool:
 DOT4_LANES = 8   # output lanes per dot4 call: 32 bytes of weights, one 256-bit register
 
 
-def _dot4_sums(context, builder, weights, x_words, signed):
-    """<8 x i32>: lane l gets sum over c < 4 of weights[4 l + c] * x_words[l] byte c, for 32
-    weight bytes (int8 if `signed`, else unsigned below 128) and int8 activations.
+def _declare(builder, name, result, *arguments):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(result, list(arguments)), name)
 
-    With AVX2 this is llama.cpp's idiom, which LLVM does not find on its own: pmaddubsw
-    multiplies unsigned bytes by signed ones and adds pairs into int16 (signed weights go in as
-    |w|, with their sign moved onto x: at most 2 * 128 * 127, no saturation, activations being
-    within +-127), then pmaddwd by ones adds the pairs into int32. Four to six instructions per
-    32 weights, against about sixteen for widening products lane by lane. Elsewhere the same sum
-    is written in plain LLVM vector code."""
+
+def _dot4_sums(builder, weights, x, signed):
+    """<8 x i32>: lane l gets sum over c < 4 of weights[4 l + c] * x[c], for 32 weight bytes
+    (int8 if `signed`, else unsigned below 128) and 4 activations x (<4 x i8> or <4 x i16>).
+
+    With AVX2 and int8 activations this is llama.cpp's idiom, which LLVM does not find on its
+    own: pmaddubsw multiplies unsigned bytes by signed ones and adds pairs into int16 (signed
+    weights go in as |w|, with their sign moved onto x: at most 2 * 128 * 127, no saturation,
+    activations being within +-127), then pmaddwd by ones adds the pairs into int32. Four to six
+    instructions per 32 weights, against about sixteen for widening products lane by lane.
+    int16 activations (the LM head's finer rounding) widen the weights to int16 and pmaddwd them
+    directly: lanes 0-3 and 4-7 in two registers, whose pair sums are then added across. Without
+    AVX2 the same sums are written in plain LLVM vector code."""
     i1, i8, i16, i32 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32)
-    bytes32, words16, ints8 = ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 8)
-    x_bytes = builder.bitcast(x_words, bytes32)
-    if _host_has_avx2():
-        def declare(name, result, *arguments):
-            return cgutils.get_or_insert_function(builder.module, ir.FunctionType(result, list(arguments)), name)
-        maddubs = declare("llvm.x86.avx2.pmadd.ub.sw", words16, bytes32, bytes32)
-        madd = declare("llvm.x86.avx2.pmadd.wd", ints8, words16, words16)
-        if signed:
-            sign = declare("llvm.x86.avx2.psign.b", bytes32, bytes32, bytes32)
-            absolute = declare("llvm.abs.v32i8", bytes32, bytes32, i1)
-            pairs = builder.call(maddubs, [builder.call(absolute, [weights, ir.Constant(i1, 0)]),
-                                           builder.call(sign, [x_bytes, weights])])
-        else:
-            pairs = builder.call(maddubs, [weights, x_bytes])
-        return builder.call(madd, [pairs, ir.Constant(words16, [1] * 16)])
-    wide = ir.VectorType(i32, 32)
-    extend = builder.sext if signed else builder.zext
-    products = builder.mul(extend(weights, wide), builder.sext(x_bytes, wide))
 
-    def every_other(start, source, count):
+    def repeat(vector, times):   # <4 x T> -> <4 * times x T>: x[0..3] again and again
+        return builder.shuffle_vector(vector, ir.Constant(vector.type, None),
+                                      ir.Constant(ir.VectorType(i32, 4 * times), [0, 1, 2, 3] * times))
+
+    def every_other(start, source):
+        count = source.type.count // 2
         return builder.shuffle_vector(source, ir.Constant(source.type, None),
                                       ir.Constant(ir.VectorType(i32, count), list(range(start, 2 * count, 2))))
-    pairs = builder.add(every_other(0, products, 16), every_other(1, products, 16))
-    return builder.add(every_other(0, pairs, 8), every_other(1, pairs, 8))
+    extend = builder.sext if signed else builder.zext
+    x_is_int8 = x.type.element.width == 8
+    if _host_has_avx2():
+        bytes32, words16, ints8 = ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 8)
+        madd = _declare(builder, "llvm.x86.avx2.pmadd.wd", ints8, words16, words16)
+        if x_is_int8:
+            maddubs = _declare(builder, "llvm.x86.avx2.pmadd.ub.sw", words16, bytes32, bytes32)
+            x_bytes = repeat(x, 8)
+            if signed:
+                sign = _declare(builder, "llvm.x86.avx2.psign.b", bytes32, bytes32, bytes32)
+                absolute = _declare(builder, "llvm.abs.v32i8", bytes32, bytes32, i1)
+                pairs = builder.call(maddubs, [builder.call(absolute, [weights, ir.Constant(i1, 0)]),
+                                               builder.call(sign, [x_bytes, weights])])
+            else:
+                pairs = builder.call(maddubs, [weights, x_bytes])
+            return builder.call(madd, [pairs, ir.Constant(words16, [1] * 16)])
+        wide = extend(weights, ir.VectorType(i16, 32))
+        x_words = repeat(x, 4)
+        halves = [builder.shuffle_vector(wide, ir.Constant(wide.type, None),
+                                         ir.Constant(ir.VectorType(i32, 16), list(range(h, h + 16))))
+                  for h in (0, 16)]
+        low, high = (builder.call(madd, [half, x_words]) for half in halves)   # lanes 0-3, 4-7: 2 sums each
+        both = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(i32, 16), list(range(16))))
+        return builder.add(every_other(0, both), every_other(1, both))
+    wide = ir.VectorType(i32, 32)
+    products = builder.mul(extend(weights, wide), builder.sext(repeat(x, 8), wide))
+    pairs = builder.add(every_other(0, products), every_other(1, products))
+    return builder.add(every_other(0, pairs), every_other(1, pairs))
 
 
-def _x_words(context, builder, x_type, x, index_type, index):
-    """The 4 int8 activations at x.flat[index], repeated for 8 lanes (<8 x i32>)."""
-    i32 = ir.IntType(32)
-    word = builder.load(_vector_pointer(context, builder, x_type, x, index_type, index, i32, 1), align=1)
-    return builder.shuffle_vector(word, ir.Constant(word.type, None), ir.Constant(ir.VectorType(i32, 8), [0] * 8))
+def _load(context, builder, array_type, array, index_type, index, count):
+    """<count x item>: the items array.flat[index:index + count] (no alignment assumed)."""
+    item = context.get_value_type(array_type.dtype)
+    return builder.load(_vector_pointer(context, builder, array_type, array, index_type, index, item, count), align=1)
+
+
+def _shifted_right(context, builder, vector, shift, shift_type):
+    """<32 x i8> vector >> shift in every byte, shift a run-time integer."""
+    by = context.cast(builder, shift, shift_type, types.uint8)
+    splat = builder.shuffle_vector(builder.insert_element(ir.Constant(vector.type, None), by, ir.Constant(ir.IntType(32), 0)),
+                                   ir.Constant(vector.type, None), ir.Constant(ir.VectorType(ir.IntType(32), 32), [0] * 32))
+    return builder.lshr(vector, splat)
 
 
 def _accumulate(context, builder, acc_type, acc, index_type, index, sums):
@@ -170,21 +196,22 @@ def _accumulate(context, builder, acc_type, acc, index_type, index, sums):
 
 def _dot4_types_ok(acc, w, x):
     return (isinstance(acc, types.Array) and acc.dtype == types.int32 and isinstance(w, types.Array)
-            and w.dtype in (types.uint8, types.int8) and isinstance(x, types.Array) and x.dtype == types.int8)
+            and w.dtype in (types.uint8, types.int8) and isinstance(x, types.Array)
+            and x.dtype in (types.int8, types.int16))
 
 
 @intrinsic
 def dot4_int8(typingctx, acc, acc_index, w, w_index, x, x_index):
     """acc.flat[acc_index + l] += sum over c < 4 of w.flat[w_index + 4 l + c] * x.flat[x_index + c]
     for l < 8: int8 weights, 4 consecutive bytes per lane (the quads of kernels/layout.py), times
-    4 int8 activations, summed into int32."""
+    4 int8 or int16 activations, summed into int32."""
     if not _dot4_types_ok(acc, w, x):
         return None
 
     def codegen(context, builder, signature, args):
         (acc_t, acc_i_t, w_t, w_i_t, x_t, x_i_t), (acc_a, acc_i, w_a, w_i, x_a, x_i) = signature.args, args
-        weights = builder.load(_vector_pointer(context, builder, w_t, w_a, w_i_t, w_i, ir.IntType(8), 32), align=1)
-        sums = _dot4_sums(context, builder, weights, _x_words(context, builder, x_t, x_a, x_i_t, x_i), signed=True)
+        weights = _load(context, builder, w_t, w_a, w_i_t, w_i, 32)
+        sums = _dot4_sums(builder, weights, _load(context, builder, x_t, x_a, x_i_t, x_i, 4), signed=True)
         _accumulate(context, builder, acc_t, acc_a, acc_i_t, acc_i, sums)
         return context.get_dummy_value()
     return types.void(acc, acc_index, w, w_index, x, x_index), codegen
@@ -198,14 +225,37 @@ def dot4_nibbles(typingctx, acc, acc_index, w, w_index, x, x_index, shift):
         return None
 
     def codegen(context, builder, signature, args):
-        (acc_t, acc_i_t, w_t, w_i_t, x_t, x_i_t, _), (acc_a, acc_i, w_a, w_i, x_a, x_i, shift) = signature.args, args
-        i8 = ir.IntType(8)
-        packed = builder.load(_vector_pointer(context, builder, w_t, w_a, w_i_t, w_i, i8, 32), align=1)
-        by = builder.trunc(shift, i8) if shift.type.width > 8 else shift
-        splat = builder.shuffle_vector(builder.insert_element(ir.Constant(packed.type, None), by, ir.Constant(ir.IntType(32), 0)),
-                                       ir.Constant(packed.type, None), ir.Constant(ir.VectorType(ir.IntType(32), 32), [0] * 32))
-        nibbles = builder.and_(builder.lshr(packed, splat), ir.Constant(packed.type, [15] * 32))
-        sums = _dot4_sums(context, builder, nibbles, _x_words(context, builder, x_t, x_a, x_i_t, x_i), signed=False)
+        (acc_t, acc_i_t, w_t, w_i_t, x_t, x_i_t, shift_t), (acc_a, acc_i, w_a, w_i, x_a, x_i, shift) = signature.args, args
+        packed = _load(context, builder, w_t, w_a, w_i_t, w_i, 32)
+        nibbles = builder.and_(_shifted_right(context, builder, packed, shift, shift_t), ir.Constant(packed.type, [15] * 32))
+        sums = _dot4_sums(builder, nibbles, _load(context, builder, x_t, x_a, x_i_t, x_i, 4), signed=False)
         _accumulate(context, builder, acc_t, acc_a, acc_i_t, acc_i, sums)
         return context.get_dummy_value()
     return types.void(acc, acc_index, w, w_index, x, x_index, shift), codegen
+
+
+@intrinsic
+def dot4_six_bits(typingctx, acc, acc_index, w, low_index, low_shift, high_index, high_shift, x, x_index):
+    """As dot4_nibbles for Q6_K's 6-bit weights (0..63, before Q6_K's offset of -32, which the
+    caller applies to the sum): 4 low bits at bit `low_shift` (0 or 4) of the quad at
+    low_index, 2 high bits at bit `high_shift` (0, 2, 4 or 6) of the quad at high_index."""
+    if not (_dot4_types_ok(acc, w, x) and isinstance(low_shift, types.Integer)
+            and isinstance(high_shift, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        acc_t, acc_i_t, w_t, low_i_t, low_shift_t, high_i_t, high_shift_t, x_t, x_i_t = signature.args
+        acc_a, acc_i, w_a, low_i, low_shift, high_i, high_shift, x_a, x_i = args
+        bytes32 = ir.VectorType(ir.IntType(8), 32)
+
+        def splat(value):
+            return ir.Constant(bytes32, [value] * 32)
+        low = _shifted_right(context, builder, _load(context, builder, w_t, w_a, low_i_t, low_i, 32), low_shift, low_shift_t)
+        high = _shifted_right(context, builder, _load(context, builder, w_t, w_a, high_i_t, high_i, 32), high_shift,
+                              high_shift_t)
+        low, high = builder.and_(low, splat(15)), builder.and_(high, splat(3))
+        q = builder.or_(low, builder.shl(high, splat(4)))
+        sums = _dot4_sums(builder, q, _load(context, builder, x_t, x_a, x_i_t, x_i, 4), signed=False)
+        _accumulate(context, builder, acc_t, acc_a, acc_i_t, acc_i, sums)
+        return context.get_dummy_value()
+    return (types.void(acc, acc_index, w, low_index, low_shift, high_index, high_shift, x, x_index), codegen)

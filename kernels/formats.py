@@ -7,8 +7,9 @@ mapped); block formats are repacked at load into the interleaved layout of kerne
 (the same bytes in a new order: twice as fast), and unpacked again only to write files.
 
 Each row of FORMATS says, for one format: its block geometry, how to decode a row to float32
-(embedding lookups, dequantization, tests), how to multiply it by float or int8 activations,
-and how to make it from float32. The forward pass only calls `matmul` and `embedding_rows`;
+(embedding lookups, dequantization, tests), which kernel multiplies it (by float32
+activations, or by integer ones: int8, or int16 for the LM head), and how to make it from
+float32. The forward pass only calls `matmul` and `embedding_rows`;
 adding a format is adding a row here (and, for a block format, its kernels for the layout).
 """
 from dataclasses import dataclass
@@ -109,10 +110,11 @@ class Format:
     block_size: int          # weights per block (1 for plain floats)
     block_bytes: int         # bytes per block
     decode_row: Callable     # njit (file row, float32 out) -> None
-    float_matmul: Callable   # (data, x (tokens, cols) f32, out (tokens, rows) f32) -> None
-    int8_matmul: Callable | None  # (data, x int8 blocks, x scales, x block sums, out): activations rounded to int8
+    # how it multiplies: exactly one of the two kernels
+    float_matmul: Callable | None  # (data, x (tokens, cols) f32, out (tokens, rows) f32) -> None
+    int_matmul: Callable | None    # (data, x int8 or int16, x scale and int32 sum per block of 32, out)
     quantize: Callable | None  # float32 (rows, cols) -> file rows (None: read from files only)
-    quads_from: int | None = None  # packed with bytes from here on in quads, not planes (layout.py)
+    quads: tuple | None = None  # (start, end) bytes of each block packed in quads, not planes (layout.py)
 
     @property
     def packed(self) -> bool:
@@ -127,6 +129,10 @@ class Format:
         return cols // self.block_size * self.block_bytes
 
 
+    def __post_init__(self):
+        assert (self.float_matmul is None) != (self.int_matmul is None), f"{self.name}: one matmul kernel"
+
+
 def float_format(name, dtype, item_bytes, decode_row, kernel, quantize):
     return Format(name, dtype, 1, item_bytes, decode_row, kernel, None, quantize)
 
@@ -138,21 +144,21 @@ FORMATS = {f.name: f for f in [
                  lambda x: np.ascontiguousarray(x, dtype=np.float32).astype(np.float16).view(np.uint16)),
     float_format("bf16", np.uint16, 2, decode_bf16_row, matmul_bf16, to_bf16),
     Format("q8_0", np.uint8, quant.QK, quant.Q8_0_BYTES, quant.decode_q8_0_row,
-           quant.matmul_q8_0_float, quant.matmul_q8_0, blocks_quantizer(quant.quantize_q8_0, quant.Q8_0_BYTES),
-           quads_from=2),
+           None, quant.matmul_q8_0, blocks_quantizer(quant.quantize_q8_0, quant.Q8_0_BYTES),
+           quads=(2, quant.Q8_0_BYTES)),
     Format("q4_0", np.uint8, quant.QK, quant.Q4_0_BYTES, quant.decode_q4_0_row,
-           quant.matmul_q4_0_float, quant.matmul_q4_0, blocks_quantizer(quant.quantize_q4_0, quant.Q4_0_BYTES),
-           quads_from=2),
+           None, quant.matmul_q4_0, blocks_quantizer(quant.quantize_q4_0, quant.Q4_0_BYTES),
+           quads=(2, quant.Q4_0_BYTES)),
     # formats read from GGUF files: no quantizer of ours
     Format("q4_1", np.uint8, 32, kquants.Q4_1_BYTES, kquants.decode_q4_1_row, kquants.matmul_q4_1, None, None),
-    Format("q4_k", np.uint8, kquants.QK_K, kquants.Q4_K_BYTES, kquants.decode_q4_k_row, kquants.matmul_q4_k,
-           kquants.matmul_q4_k_int8, None, quads_from=16),
-    Format("q6_k", np.uint8, kquants.QK_K, kquants.Q6_K_BYTES, kquants.decode_q6_k_row, kquants.matmul_q6_k,
-           kquants.matmul_q6_k_int8, None),
+    Format("q4_k", np.uint8, kquants.QK_K, kquants.Q4_K_BYTES, kquants.decode_q4_k_row, None,
+           kquants.matmul_q4_k, None, quads=(16, kquants.Q4_K_BYTES)),
+    Format("q6_k", np.uint8, kquants.QK_K, kquants.Q6_K_BYTES, kquants.decode_q6_k_row, None,
+           kquants.matmul_q6_k, None, quads=(0, 192)),
 ]}
 
 
-WEIGHT_USES = ("matmul", "exact", "lookup")
+WEIGHT_USES = ("matmul", "fine", "lookup")
 
 
 @dataclass(frozen=True)
@@ -164,13 +170,13 @@ class Weight:
     (kernels/layout.py) for block formats. The constructor checks the storage against the format
     and shape, because the kernels index it without bounds checks.
 
-    use says how it is read, and so how a block format is laid out:
-    - "matmul": multiplied by int8 activations where the format has such a kernel (else float);
-      packed as its format prefers (Q8_0's quants in quads, for x86's pairwise byte products);
-    - "exact": multiplied by float activations only (the LM head: it picks the token); packed in
-      byte planes, which the float kernels read;
+    use says how it is read:
+    - "matmul": multiplied by activations rounded to int8 blocks where the format has an integer
+      kernel (float32 otherwise);
+    - "fine": the same with int16 blocks (the LM head: its logits pick the token, and int8
+      rounding there visibly changes answers of small models);
     - "lookup": only rows are read (an untied embedding: 150,000 rows of which a prompt reads a
-      few) or written back to a file; kept in the file's row layout, never multiplied.
+      few) or written back to a file; kept in the file's row layout, never packed or multiplied.
     """
     format: Format
     shape: tuple
@@ -193,7 +199,7 @@ class Weight:
         if not self.data.flags.c_contiguous:
             raise ValueError("weight storage must be C-contiguous")
         if self.packed and not already_packed:
-            object.__setattr__(self, "data", layout.pack(self.data, f.block_bytes, self.quads_from))
+            object.__setattr__(self, "data", layout.pack(self.data, f.block_bytes, self.quads))
 
     @property
     def packed(self) -> bool:
@@ -201,16 +207,16 @@ class Weight:
         return self.format.packed and self.use != "lookup"
 
     @property
-    def quads_from(self) -> int | None:
-        """Where the quads start in each packed block (kernels/layout.py), None: planes only."""
-        return self.format.quads_from if self.use == "matmul" else None
+    def quads(self) -> tuple | None:
+        """The bytes of each packed block in quads (kernels/layout.py), None: planes only."""
+        return self.format.quads if self.packed else None
 
     def file_rows(self, ids=slice(None)) -> np.ndarray:
         """Rows `ids` (an index array or a slice; default: all) as files hold them: row by row."""
         if not self.packed:
             return self.data[ids]
         rows = np.arange(*ids.indices(self.shape[0])) if isinstance(ids, slice) else np.asarray(ids)
-        return layout.unpack(self.data, self.format.block_bytes, rows, self.quads_from)
+        return layout.unpack(self.data, self.format.block_bytes, rows, self.quads)
 
     @classmethod
     def quantize(cls, values: np.ndarray, format_name: str, use: str = "matmul") -> "Weight":
@@ -230,38 +236,38 @@ class Weight:
 
 
 class Activations:
-    """Activations x (tokens, cols) float32, and their int8 blocks, computed at most once: the
-    q/k/v and gate/up products share an input, so it is quantized once for all of them."""
+    """Activations x (tokens, cols) float32, and their integer blocks, each computed at most
+    once: the q/k/v and gate/up products share an input, so it is quantized once for all."""
 
     def __init__(self, x: np.ndarray):
         self.x = x
-        self._int8 = None
+        self._integer = {}
 
-    def int8(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(int8 values, float32 scale per block of 32, int32 sum per block)."""
-        if self._int8 is None:
-            xq = np.empty(self.x.shape, np.int8)
+    def integer(self, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(int8 or int16 values, float32 scale per block of 32, int32 sum per block)."""
+        if dtype not in self._integer:
+            xq = np.empty(self.x.shape, dtype)
             xd = np.empty((self.x.shape[0], self.x.shape[1] // quant.QK), np.float32)
             xs = np.empty(xd.shape, np.int32)
             quant.quantize_activations(self.x, xq, xd)
             quant.activation_block_sums(xq, xs)
-            self._int8 = xq, xd, xs
-        return self._int8
+            self._integer[dtype] = xq, xd, xs
+        return self._integer[dtype]
 
 
 def matmul(weight: Weight, x, out: np.ndarray) -> None:
     """out = x @ W.T with x (tokens, cols) float32 (an array or Activations), out (tokens, rows).
 
-    Weights of use "matmul" round the activations to int8 blocks where their format has an
-    integer kernel; "exact" ones multiply the float activations."""
+    Block formats round the activations to int8 blocks, or int16 for weights of use "fine";
+    float formats and Q4_1 multiply the float activations."""
     f = weight.format
     if weight.use == "lookup":
         raise ValueError(f"this {f.name} weight was loaded for row lookups only, not for matmul")
     acts = x if isinstance(x, Activations) else Activations(x)
-    if f.int8_matmul is None or weight.use == "exact":
+    if f.int_matmul is None:
         f.float_matmul(weight.data, acts.x, out)
     else:
-        f.int8_matmul(weight.data, *acts.int8(), out)
+        f.int_matmul(weight.data, *acts.integer(np.int16 if weight.use == "fine" else np.int8), out)
 
 
 def embedding_rows(weight: Weight, ids: np.ndarray, out: np.ndarray) -> None:

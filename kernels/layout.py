@@ -9,11 +9,11 @@ So byte k of 64 rows is one contiguous 64-byte vector: a GEMV kernel lets each S
 accumulate one output row across a whole block and applies the 64 rows' scales with one vector
 multiply, with no horizontal sum per block (which is what bounded the row-by-row kernels:
 Q4_0 at 2 threads went from 4.9 GB/s to 10 GB/s, and to 17 GB/s with the prefetch hints).
-Quads: a format may keep only the leading bytes of each block (its scale) in planes and lay the
-rest out 4 bytes per lane: packed[g, b, h * 64 + j * 256 + lane * 4 + c] = byte h + 4 j + c of
-that row's block, h being the first such byte. Four consecutive weights of a row are then one
-32-bit word, which is what x86's pairwise byte products (pmaddubsw, bits.dot4_int8) consume:
-the Q8_0 kernel reads its quants this way.
+Quads: a format may lay out a range of bytes of each block (its quants) 4 bytes per lane
+instead: for the range start..end, packed[g, b, start * 64 + j * 256 + lane * 4 + c] = byte
+start + 4 j + c of that row's block; bytes outside the range stay in planes, at the same place
+as without quads. Four consecutive weights of a row are then one 32-bit word, which is what
+x86's pairwise byte products (pmaddubsw, bits.dot4) consume.
 
 A group of 64 rows is also one parallel work item; its bytes are contiguous, so each thread
 streams through memory. Rows missing from the last group are zero bytes (zero scales): they
@@ -78,9 +78,9 @@ def _pack_words(words, packed_words, full_groups):
 
 
 @njit(parallel=True, cache=True)
-def _pack_bytes(rows, packed, quads_from):
-    """The packed layout byte by byte (see pack): bytes 0..quads_from-1 of each block in planes,
-    the rest in quads; quads_from = block_bytes gives planes only. Rows missing from the last
+def _pack_bytes(rows, packed, quads_start, quads_end):
+    """The packed layout byte by byte (see pack): bytes quads_start..quads_end - 1 of each block
+    in quads, the others in planes (an empty range: planes only). Rows missing from the last
     group are zeros."""
     n_rows = rows.shape[0]
     n_groups, n_blocks, group_bytes = packed.shape
@@ -88,51 +88,51 @@ def _pack_bytes(rows, packed, quads_from):
     for g in prange(n_groups):
         for b in range(n_blocks):
             for k in range(block_bytes):
-                if k < quads_from:
-                    at, step = ROW_GROUP * k, 1
+                if quads_start <= k < quads_end:
+                    quad, byte = (k - quads_start) // QUADS, (k - quads_start) % QUADS
+                    at, step = ROW_GROUP * (quads_start + QUADS * quad) + byte, QUADS
                 else:
-                    quad, byte = (k - quads_from) // QUADS, (k - quads_from) % QUADS
-                    at, step = ROW_GROUP * (quads_from + QUADS * quad) + byte, QUADS
+                    at, step = ROW_GROUP * k, 1
                 for lane in range(ROW_GROUP):
                     n = g * ROW_GROUP + lane
                     packed[g, b, at + step * lane] = rows[n, b * block_bytes + k] if n < n_rows else 0
 
 
-def pack(rows: np.ndarray, block_bytes: int, quads_from: int | None = None) -> np.ndarray:
+def pack(rows: np.ndarray, block_bytes: int, quads: tuple | None = None) -> np.ndarray:
     """GGML rows (n, blocks * block_bytes) uint8 -> the packed layout.
 
     For a group, the packed bytes are the transpose of its 64 x row_bytes tile: done 8 x 8 bytes
     at a time where the rows allow 64-bit words, byte by byte otherwise (and for a last partial
-    group). quads_from: bytes from there to the end of each block are laid out in quads instead
-    of planes (QUADS above)."""
+    group). quads: the (start, end) bytes of each block laid out in quads instead of planes
+    (QUADS above)."""
     n_rows, row_bytes = rows.shape
     packed = np.empty(packed_shape(n_rows, row_bytes // block_bytes, block_bytes), np.uint8)
     # Fault in the (usually memory-mapped) rows first, one byte per page, in one thread: page
     # faults taken by both kernel threads at once contend (1.9 GB of Q8_0: 1.4 s -> 0.6 s).
     if rows.size:
         rows.reshape(-1)[::4096].max()
-    if quads_from is not None:
-        _pack_bytes(rows, packed, quads_from)
+    if quads is not None:
+        _pack_bytes(rows, packed, *quads)
         return packed
     full = n_rows // ROW_GROUP if row_bytes % 8 == 0 and rows.ctypes.data % 8 == 0 else 0
     if full:
         _pack_words(rows.view(np.uint64), packed.reshape(len(packed), row_bytes, ROW_GROUP).view(np.uint64), full)
     if full < len(packed):
-        _pack_bytes(rows[full * ROW_GROUP:], packed[full:], block_bytes)
+        _pack_bytes(rows[full * ROW_GROUP:], packed[full:], 0, 0)
     return packed
 
 
-def unpack(packed: np.ndarray, block_bytes: int, rows: np.ndarray, quads_from: int | None = None) -> np.ndarray:
+def unpack(packed: np.ndarray, block_bytes: int, rows: np.ndarray, quads: tuple | None = None) -> np.ndarray:
     """The rows with indices `rows` of a packed matrix, as GGML rows."""
     n_groups, n_blocks, _ = packed.shape
     group, lane = rows // ROW_GROUP, rows % ROW_GROUP
-    if quads_from is None:
-        planes = packed.reshape(n_groups, n_blocks, block_bytes, ROW_GROUP)
-        return np.ascontiguousarray(planes[group, :, :, lane]).reshape(len(rows), -1)
-    split = quads_from * ROW_GROUP
-    planes = packed[:, :, :split].reshape(n_groups, n_blocks, quads_from, ROW_GROUP)[group, :, :, lane]
-    quads = packed[:, :, split:].reshape(n_groups, n_blocks, -1, ROW_GROUP, QUADS)[group, :, :, lane]
-    return np.concatenate([planes, quads.reshape(len(rows), n_blocks, -1)], axis=2).reshape(len(rows), -1)
+    start, end = quads or (0, 0)
+    planes = packed.reshape(n_groups, n_blocks, block_bytes, ROW_GROUP)
+    parts = [planes[group, :, :start, lane],
+             packed[:, :, start * ROW_GROUP:end * ROW_GROUP].reshape(n_groups, n_blocks, -1, ROW_GROUP, QUADS)
+             [group, :, :, lane].reshape(len(rows), n_blocks, end - start),
+             planes[group, :, end:, lane]]
+    return np.concatenate(parts, axis=2).reshape(len(rows), -1)
 
 
 # --- helpers inlined into the kernels ----------------------------------------------------------

@@ -8,12 +8,12 @@ Files (GGUF, our quantized directories) hold these blocks row by row, as ggml do
 quantizers round exactly as ggml's reference code (and the gguf package) do.
 
 The kernels read the blocks repacked at load into the interleaved layout of kernels/layout.py
-(64 rows side by side: byte k of each block in plane k, except the quants of weights multiplied
-by int8 activations, which are in quads of 4 bytes per row).
+(64 rows side by side: the scale bytes in planes, the quants in quads of 4 bytes per row).
 
-Products with int8 activations quantize them per block of 32 with a float32 scale (as llama.cpp
-and llama2.c's runq.c do). Integer products are wrapped in np.int16/np.int32 so that LLVM keeps
-them in 16/32-bit SIMD lanes instead of numba's default int64.
+Matrix products quantize the activations per block of 32 with a float32 scale, to int8 (as
+llama.cpp and llama2.c's runq.c do) or, for the LM head, to int16; the same kernel source
+serves both (numba compiles one version per activation type). Integer products are wrapped in
+np.int16/np.int32 so that LLVM keeps them in 16/32-bit SIMD lanes instead of numba's default int64.
 """
 import numpy as np
 from numba import njit, prange
@@ -102,22 +102,25 @@ def decode_q4_0_row(row, dst):
 
 @njit(cache=True)
 def quantize_activations(x, xq, xd):
-    """x (tokens, cols) float32 -> xq int8 and xd (tokens, cols/32) float32 scales.
+    """x (tokens, cols) float32 -> xq int8 (or int16) and xd (tokens, cols/32) float32 scales.
 
     Like Q8_0, but the scale stays float32: activations are quantized per call, never
-    stored, so there is no reason to lose precision to fp16.
+    stored, so there is no reason to lose precision to fp16. int16 (steps of 1/32767 of each
+    block's largest value) is for the LM head, whose logits pick the token: its rounding error
+    is 250 times smaller than int8's, far below the weights' own.
     """
     n_tokens, n_cols = x.shape
+    top = np.float32(127.0) if xq.itemsize == 1 else np.float32(32767.0)
     for t in range(n_tokens):   # not parallel: in decode it runs once per matmul on one row
         for b in range(n_cols // QK):
             amax = np.float32(0.0)
             for j in range(QK):
                 amax = max(amax, abs(x[t, b * QK + j]))
-            d = amax / np.float32(127.0)
+            d = amax / top
             inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
             xd[t, b] = d
             for j in range(QK):
-                xq[t, b * QK + j] = np.int8(_round_half_away(x[t, b * QK + j] * inv))
+                xq[t, b * QK + j] = _round_half_away(x[t, b * QK + j] * inv)
 
 
 @njit(cache=True)
@@ -134,14 +137,14 @@ def activation_block_sums(xq, xs):
 
 
 # --- matrix products (packed weights) -----------------------------------------------------------
-# out[t, n] = sum over blocks b of d_w[n, b] * (block dot product of row n with x[t]); parallel
-# over groups of 64 rows; for each group, every token (prefill reads the group from cache after
-# the first token). The float kernels read planes (byte k of a block is plane k: the scale is
-# planes 0-1, quant j of Q8_0 plane 2 + j); the int8 kernels read the quants in quads.
+# out[t, n] = sum over blocks b of d_w[n, b] * d_x[t, b] * (integer dot product of the block of
+# row n with x[t]); parallel over groups of 64 rows; for each group, every token (prefill reads
+# the group from cache after the first token). xq is int8 or int16 (int32 block sums cannot
+# overflow: 32 * 127 * 32767 < 2^31).
 
 @njit(parallel=True, fastmath=True, cache=True)
 def matmul_q8_0(w, xq, xd, xs, out):
-    """Q8_0 weights, int8 activations. The quants are in quads (layout.py): 4 weights of a row
+    """Q8_0 weights, integer activations. The quants are in quads (layout.py): 4 weights of a row
     per 32-bit word, so bits.dot4_int8 sums 4 products per lane with x86's pairwise byte
     multiplies; int32 block sums per lane (xs, the activations' block sums, is not needed).
     Measured against the byte-plane kernel it replaces, one core, in cache: 13 -> 26 GB/s
@@ -169,7 +172,7 @@ def matmul_q8_0(w, xq, xd, xs, out):
 
 @njit(parallel=True, fastmath=True, cache=True)
 def matmul_q4_0(w, xq, xd, xs, out):
-    """Q4_0 weights, int8 activations. The nibble bytes are in quads, as in matmul_q8_0: quad j
+    """Q4_0 weights, integer activations. The nibble bytes are in quads, as in matmul_q8_0: quad j
     of a lane holds weights 4j..4j+3 (low nibbles) and 16+4j.. (high). Sums of q * x in int32,
     then sum (q - 8) x = sum q x - 8 sum x per block (xs: activation_block_sums)."""
     n_groups, n_blocks, group_bytes = w.shape
@@ -193,50 +196,4 @@ def matmul_q4_0(w, xq, xd, xs, out):
                 x_scale = xd[t, b]
                 for lane in range(ROW_GROUP):
                     acc[lane] += np.float32(block[lane] - 8 * x_sum) * (half_at(w, g, b, 0, lane) * x_scale)
-            store_group(out, t, g, acc)
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def matmul_q8_0_float(w, x, out):
-    """Q8_0 weights times float32 activations (no activation rounding: the LM head). Reads
-    byte planes, the layout of weights made for exact activations (formats.Weight.use)."""
-    n_groups, n_blocks, _ = w.shape
-    for g in prange(n_groups):
-        block = stack_array(np.float32, 1, ROW_GROUP)
-        acc = stack_array(np.float32, 1, ROW_GROUP)
-        for t in range(x.shape[0]):
-            acc[:] = 0.0
-            for b in range(n_blocks):
-                prefetch_ahead(w, g, b, 0, 1)
-                block[:] = 0.0
-                for k in range(QK):
-                    xk = x[t, b * QK + k]
-                    for lane in range(ROW_GROUP):
-                        block[lane] += np.float32(np.int8(w[g, b, ROW_GROUP * (2 + k) + lane])) * xk
-                for lane in range(ROW_GROUP):
-                    acc[lane] += block[lane] * half_at(w, g, b, 0, lane)
-            store_group(out, t, g, acc)
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def matmul_q4_0_float(w, x, out):
-    """Q4_0 weights times float32 activations."""
-    n_groups, n_blocks, _ = w.shape
-    for g in prange(n_groups):
-        block = stack_array(np.float32, 1, ROW_GROUP)
-        acc = stack_array(np.float32, 1, ROW_GROUP)
-        for t in range(x.shape[0]):
-            acc[:] = 0.0
-            for b in range(n_blocks):
-                prefetch_ahead(w, g, b, 0, 1)
-                block[:] = 0.0
-                for k in range(QK // 2):
-                    x_lo = x[t, b * QK + k]
-                    x_hi = x[t, b * QK + k + 16]
-                    for lane in range(ROW_GROUP):
-                        q = w[g, b, ROW_GROUP * (2 + k) + lane]
-                        block[lane] += ((np.float32(np.int32(q & np.uint8(15))) - np.float32(8.0)) * x_lo
-                                        + (np.float32(np.int32(q >> np.uint8(4))) - np.float32(8.0)) * x_hi)
-                for lane in range(ROW_GROUP):
-                    acc[lane] += block[lane] * half_at(w, g, b, 0, lane)
             store_group(out, t, g, acc)

@@ -72,7 +72,7 @@ def time_calls(fn, calls, repeats=3):
 
 
 def bench_matmul(fmt_name, rows, cols, tokens, pool_bytes, use="matmul"):
-    """use: as the forward pass reads the matrix ("exact": the LM head's float activations)."""
+    """use: as the forward pass reads the matrix ("fine": the LM head's int16 activations)."""
     pool, copies, matrix_bytes = weight_pool(fmt_name, rows, cols, pool_bytes)
     fmt = FORMATS[fmt_name]
     weights = [Weight(fmt, (rows, cols), pool[j * rows:(j + 1) * rows], use) for j in range(copies)]
@@ -112,7 +112,7 @@ def main():
                 per_token = 0.0
                 weight_bytes = 0
                 for name, rows, cols, uses in matrices(shape):
-                    use = "exact" if name == "lm_head" else "matmul"   # as the forward pass
+                    use = "fine" if name == "lm_head" else "matmul"   # as the forward pass
                     seconds, nbytes = bench_matmul(fmt_name, rows, cols, 1, pool_bytes, use)
                     per_token += seconds * uses
                     weight_bytes += nbytes * uses

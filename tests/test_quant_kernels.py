@@ -53,8 +53,9 @@ def test_round_trip_error_bound(fmt):
 
 
 def reference_matmul(weight: Weight, x: np.ndarray) -> np.ndarray:
-    """What the kernels compute, in float64: dequantized weights times quantize-dequantized activations."""
-    xq = np.empty(x.shape, np.int8)
+    """What the kernels compute, in float64: dequantized weights times quantize-dequantized
+    activations (int16 for weights of use "fine", else int8)."""
+    xq = np.empty(x.shape, np.int16 if weight.use == "fine" else np.int8)
     xd = np.empty((x.shape[0], x.shape[1] // 32), np.float32)
     quant.quantize_activations(x, xq, xd)
     x_back = xq.astype(np.float64).reshape(len(x), -1, 32) * xd[:, :, None]
@@ -79,33 +80,42 @@ def test_kernels_equal_dequantize_then_matmul(fmt, tokens):
 
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
-def test_float_activation_kernels_equal_dequantize_then_matmul(fmt):
+def test_fine_kernels_equal_dequantize_then_matmul(fmt):
+    """The LM head's int16 activations: the same arithmetic as the reference, and within 1e-4
+    of the product with unrounded activations (int8 ones are only within 2e-2, above)."""
     rows, cols = 130, 320
-    w = Weight.quantize(random_weights(rows, cols, seed=6), fmt, use="exact")
+    w = Weight.quantize(random_weights(rows, cols, seed=6), fmt, use="fine")
     x = np.random.default_rng(7).standard_normal((3, cols)).astype(np.float32)
     out = np.empty((3, rows), np.float32)
     matmul(w, x, out)
-    ref = x.astype(np.float64) @ w.dequantize().astype(np.float64).T
-    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+    assert np.abs(out - reference_matmul(w, x)).max() <= 1e-5 * np.abs(out).max()
+    exact = x.astype(np.float64) @ w.dequantize().astype(np.float64).T
+    assert np.abs(out - exact).max() <= 1e-4 * np.abs(exact).max()
 
 
-@pytest.mark.parametrize("fmt, use", [("q8_0", "matmul"), ("q8_0", "exact"), ("q4_0", "matmul")])
-@pytest.mark.parametrize("rows, cols", [(100, 96), (130, 256)])
-def test_packing_keeps_every_byte(fmt, use, rows, cols):
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1", "q4_k", "q6_k"])
+@pytest.mark.parametrize("rows, cols", [(100, 512), (130, 768)])
+def test_packing_keeps_every_byte(fmt, rows, cols):
     """The kernels' interleaved layout is a permutation of the file's blocks: unpacking gives
     back exactly the GGML rows, also for a row count that is not a multiple of the group, with
-    rows of 8-byte words (packed 8 x 8 bytes at a time: 256 columns) or not (96 columns), in
-    planes and in quads (Q8_0 for int8 activations)."""
-    blocks = quants.quantize(random_weights(rows, cols, seed=8), GGML_TYPES[fmt])
-    w = Weight(FORMATS[fmt], (rows, cols), blocks, use)
-    assert w.data.shape == (-(-rows // 64), cols // 32, quant.ROW_GROUP * FORMATS[fmt].block_bytes)
+    rows of 8-byte words (packed 8 x 8 bytes at a time) or not (Q4_0's 18-byte blocks), in
+    planes (Q4_1) and with quads (the others: Q6_K's range starts at byte 0)."""
+    f = FORMATS[fmt]
+    blocks = random_blocks(fmt, rows, cols, seed=8)
+    w = Weight(f, (rows, cols), blocks)
+    assert w.data.shape == (-(-rows // 64), cols // f.block_size, quant.ROW_GROUP * f.block_bytes)
     assert np.array_equal(w.file_rows(), blocks)
     assert np.array_equal(w.file_rows(np.array([99, 0, 64])), blocks[[99, 0, 64]])
-    block_bytes, quads_from = FORMATS[fmt].block_bytes, w.quads_from
-    # byte 1 of block 1 (scale) is a plane; byte 5, for Q8_0 quant 3, is byte 3 of each lane's first quad
-    assert np.array_equal(w.data[0, 1, 64:128], blocks[:64, block_bytes + 1])
-    byte_5 = w.data[0, 1, 64 * 5:64 * 6] if quads_from is None else w.data[0, 1, 128 + 3:128 + 256:4]
-    assert np.array_equal(byte_5, blocks[:64, block_bytes + 5])
+    start, end = w.quads or (0, 0)
+    second_block = w.data[0, 1]   # 64 rows' second block: the file's bytes block_bytes + k
+    for k in range(f.block_bytes):
+        if start <= k < end:      # byte (k - start) % 4 of quad (k - start) // 4 of each lane
+            at = 64 * start + 256 * ((k - start) // 4) + (k - start) % 4
+            assert np.array_equal(second_block[at:at + 256:4], blocks[:64, f.block_bytes + k])
+        else:                     # plane k
+            assert np.array_equal(second_block[64 * k:64 * k + 64], blocks[:64, f.block_bytes + k])
+    lookup = Weight(f, (rows, cols), blocks, "lookup")   # not packed
+    assert lookup.data is blocks and np.array_equal(lookup.file_rows(np.array([5])), blocks[[5]])
 
 
 def test_activation_quantization():
@@ -118,6 +128,10 @@ def test_activation_quantization():
     back = xq.reshape(3, 3, 32) * xd[:, :, None]
     assert np.abs(back.reshape(3, 96) - x).max() <= 0.5 * xd.max() * 1.0001
     assert np.abs(xq).max() == 127
+    fine, fine_d = np.empty(x.shape, np.int16), np.empty((3, 3), np.float32)   # the LM head's
+    quant.quantize_activations(x, fine, fine_d)
+    assert np.abs((fine.reshape(3, 3, 32) * fine_d[:, :, None]).reshape(3, 96) - x).max() <= 0.5 * fine_d.max() * 1.0001
+    assert np.abs(fine).max() == 32767 and np.allclose(fine_d * 32767, xd * 127)
     xs = np.empty((3, 3), np.int32)
     quant.activation_block_sums(xq, xs)
     assert np.array_equal(xs, xq.reshape(3, 3, 32).astype(np.int64).sum(axis=2))
@@ -172,7 +186,7 @@ def test_hot_kernels_use_simd_integer_dot_products(fmt):
 def test_k_quant_int8_kernels_use_simd_integer_multiplies(fmt):
     w = Weight(FORMATS[fmt], (64, 256), random_blocks(fmt, 64, 256))
     xq, xd = np.ones((1, 256), np.int8), np.ones((1, 8), np.float32)
-    asm = fresh_asm(FORMATS[fmt].int8_matmul, w.data, xq, xd, np.full((1, 8), 32, np.int32),
+    asm = fresh_asm(FORMATS[fmt].int_matmul, w.data, xq, xd, np.full((1, 8), 32, np.int32),
                     np.empty((1, 64), np.float32))
     assert re.search(INT_SIMD_MULTIPLY, asm), f"{fmt} kernel lost its vectorized integer dot product"
     assert not re.search(r"\b(vpmuldq|vpmullq|vcvtqq2ps)\b", asm)
@@ -195,7 +209,7 @@ def random_blocks(fmt, rows, cols, seed=0):
     data = rng.integers(0, 256, (rows, f.row_bytes(cols)), dtype=np.uint8)
     blocks = data.reshape(-1, f.block_bytes)
     scales = rng.uniform(-0.05, 0.05, (len(blocks), 2)).astype(np.float16).view(np.uint8)
-    at = {"q4_1": [0, 2], "q4_k": [0, 2], "q6_k": [208]}[fmt]
+    at = {"q8_0": [0], "q4_0": [0], "q4_1": [0, 2], "q4_k": [0, 2], "q6_k": [208]}[fmt]
     for k, offset in enumerate(at):
         blocks[:, offset:offset + 2] = scales[:, 2 * k:2 * k + 2]
     return data
@@ -214,25 +228,24 @@ def test_gguf_format_decoders_are_bit_exact(fmt):
 
 
 @pytest.mark.parametrize("fmt", list(GGUF_TYPES))
-def test_gguf_format_matmul_equals_dequantize_then_matmul(fmt):
+@pytest.mark.parametrize("use", ["matmul", "fine"])
+def test_gguf_format_matmul_equals_dequantize_then_matmul(fmt, use):
     blocks = random_blocks(fmt, 40, 512, seed=8)
-    w = Weight(FORMATS[fmt], (40, 512), blocks, "exact")
+    w = Weight(FORMATS[fmt], (40, 512), blocks, use)
     x = np.random.default_rng(9).standard_normal((3, 512)).astype(np.float32)
     out = np.empty((3, 40), np.float32)
     matmul(w, x, out)
-    ref = x.astype(np.float64) @ w.dequantize().astype(np.float64).T
+    ref = x.astype(np.float64) @ w.dequantize().astype(np.float64).T if FORMATS[fmt].int_matmul is None \
+        else reference_matmul(w, x)   # the same arithmetic as the kernel (integer activations)
     assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
-    if FORMATS[fmt].int8_matmul is not None:   # the same arithmetic on int8 activations
-        w = Weight(FORMATS[fmt], (40, 512), blocks)
-        matmul(w, x, out)
-        ref = reference_matmul(w, x)
-        assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("x_type", [np.int8, np.int16])
 @pytest.mark.parametrize("avx2", [True, False])
-def test_dot4_intrinsics_equal_integer_sums(avx2, monkeypatch):
-    """bits.dot4_int8 / dot4_nibbles against numpy, on the extremes of their ranges, in both
-    code paths: x86's pmaddubsw (where the host has AVX2) and the plain vector IR of other CPUs."""
+def test_dot4_intrinsics_equal_integer_sums(avx2, x_type, monkeypatch):
+    """bits.dot4_int8 / dot4_nibbles / dot4_six_bits against numpy, on the extremes of their
+    ranges, with int8 and int16 activations, in both code paths: x86's pmaddubsw / pmaddwd
+    (where the host has AVX2) and the plain vector IR of other CPUs."""
     import numba
     from kernels import bits
     if avx2 and not bits._host_has_avx2():
@@ -244,14 +257,23 @@ def test_dot4_intrinsics_equal_integer_sums(avx2, monkeypatch):
             bits.dot4_int8(acc[0], lanes, w, 4 * lanes, x, 0)
             bits.dot4_nibbles(acc[1], lanes, w, 4 * lanes, x, 4, 0)
             bits.dot4_nibbles(acc[2], lanes, w, 4 * lanes, x, 8, 4)
+            for k, (low_shift, high_shift) in enumerate([(0, 0), (4, 2), (0, 4), (4, 6)]):
+                bits.dot4_six_bits(acc[3 + k], lanes, w, 4 * lanes, low_shift, 64 + 4 * lanes, high_shift, x, 12)
     run = numba.njit(run)
     rng = np.random.default_rng(11)
-    for w, x in [(rng.integers(0, 256, 64, dtype=np.uint8), rng.integers(-127, 128, 12).astype(np.int8)),
-                 (np.full(64, 0x80, np.uint8), np.full(12, -127, np.int8)),     # -128 * -127, four times
-                 (np.full(64, 0xFF, np.uint8), np.full(12, 127, np.int8))]:
-        acc = np.zeros((3, 16), np.int32)
+    top = np.iinfo(x_type).max
+    for w, x in [(rng.integers(0, 256, 128, dtype=np.uint8), rng.integers(-top, top + 1, 16).astype(x_type)),
+                 (np.full(128, 0x80, np.uint8), np.full(16, -top, x_type)),     # -128 * -127, four times
+                 (np.full(128, 0xFF, np.uint8), np.full(16, top, x_type)),
+                 (np.full(128, 0x7F, np.uint8), np.full(16, -top, x_type))]:
+        acc = np.zeros((7, 16), np.int32)
         run(acc, w, x)
-        q = w.reshape(16, 4).astype(np.int64)
+        q = w[:64].reshape(16, 4).astype(np.int64)
+        high = w[64:].reshape(16, 4).astype(np.int64)
+        x = x.astype(np.int64)
         assert np.array_equal(acc[0], (q.astype(np.uint8).view(np.int8).astype(np.int64) * x[:4]).sum(1))
         assert np.array_equal(acc[1], ((q & 15) * x[4:8]).sum(1))
         assert np.array_equal(acc[2], ((q >> 4) * x[8:12]).sum(1))
+        for k, (low_shift, high_shift) in enumerate([(0, 0), (4, 2), (0, 4), (4, 6)]):
+            six = (q >> low_shift) & 15 | ((high >> high_shift) & 3) << 4
+            assert np.array_equal(acc[3 + k], (six * x[12:16]).sum(1))

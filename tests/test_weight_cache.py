@@ -86,7 +86,7 @@ def test_untied_embedding_stays_in_file_layout(quantized_dir, cache_dir):
     embed = llm.model.embed
     assert embed.format.name == "q8_0" and embed.use == "lookup" and not embed.packed
     assert embed.data.shape == (embed.shape[0], embed.shape[1] // 32 * 34)
-    assert llm.model.lm_head is not embed and llm.model.lm_head.packed and llm.model.lm_head.use == "exact"
+    assert llm.model.lm_head is not embed and llm.model.lm_head.packed and llm.model.lm_head.use == "fine"
     with pytest.raises(ValueError, match="row lookups only"):
         matmul(embed, np.zeros((1, embed.shape[1]), np.float32), np.zeros((1, embed.shape[0]), np.float32))
 
