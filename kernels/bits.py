@@ -132,8 +132,10 @@ def _dot4_sums(builder, weights, x, signed):
     weights go in as |w|, with their sign moved onto x: at most 2 * 128 * 127, no saturation,
     activations being within +-127), then pmaddwd by ones adds the pairs into int32. Four to six
     instructions per 32 weights, against about sixteen for widening products lane by lane.
-    int16 activations (the LM head's finer rounding) widen the weights to int16 and pmaddwd them
-    directly: lanes 0-3 and 4-7 in two registers, whose pair sums are then added across. Without
+    int16 activations (the LM head's finer rounding) times unsigned weights are two such byte
+    products, with the high and the low byte of x (the low one unsigned, on the other side); signed
+    weights are widened to int16 and multiplied with pmaddwd: lanes 0-3 and 4-7 in two registers,
+    whose pair sums are then added across (more shuffles: only Q8_0 takes this path). Without
     AVX2 the same sums are written in plain LLVM vector code."""
     i1, i8, i16, i32 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32)
 
@@ -161,6 +163,17 @@ def _dot4_sums(builder, weights, x, signed):
             else:
                 pairs = builder.call(maddubs, [weights, x_bytes])
             return builder.call(madd, [pairs, ir.Constant(words16, [1] * 16)])
+        if not signed:
+            # unsigned weights (< 128) by int16 x = 256 hi + lo: pmaddubsw with the bytes of x,
+            # lo (unsigned) on the other side: 2 * 255 * 127 fits int16, no saturation
+            x_bytes = builder.bitcast(x, ir.VectorType(i8, 8))
+            lo, hi = (builder.shuffle_vector(x_bytes, ir.Constant(x_bytes.type, None),
+                                             ir.Constant(ir.VectorType(i32, 32), [start, start + 2, start + 4, start + 6] * 8))
+                      for start in (0, 1))
+            maddubs = _declare(builder, "llvm.x86.avx2.pmadd.ub.sw", words16, bytes32, bytes32)
+            high_sums = builder.call(madd, [builder.call(maddubs, [weights, hi]), ir.Constant(words16, [256] * 16)])
+            low_sums = builder.call(madd, [builder.call(maddubs, [lo, weights]), ir.Constant(words16, [1] * 16)])
+            return builder.add(high_sums, low_sums)
         wide = extend(weights, ir.VectorType(i16, 32))
         x_words = repeat(x, 4)
         halves = [builder.shuffle_vector(wide, ir.Constant(wide.type, None),

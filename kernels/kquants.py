@@ -195,6 +195,29 @@ def _q6_scales(w, g, b, scales):
                 np.int8(w[g, b, ROW_GROUP * (192 + k) + lane]))
 
 
+@njit(inline="always")
+def _q6_quarter(w, block, half, i, low_shift, high_shift, xq, xd, t, x0, part, scales, acc):
+    """acc += the products of quarter i (weights 32 i .. 32 i + 31) of a half-block of Q6_K, for
+    the 64 lanes; the shifts are constants of each call (see matmul_q6_k)."""
+    cols = xq.shape[1]
+    x_scale = xd[t, x0 // 32]
+    low_at = block + ROW_GROUP * (64 * half + 32 * (i % 2))   # quad j at + 256 j
+    high_at = block + ROW_GROUP * (128 + 32 * half)
+    for s in range(2):   # 16 weights share a scale
+        part[:] = 0
+        x_sum = np.int32(0)
+        for k in range(16 * s, 16 * s + 16):
+            x_sum += np.int32(xq[t, x0 + k])
+        for j in range(4 * s, 4 * s + 4):
+            for lanes in range(0, ROW_GROUP, DOT4_LANES):
+                dot4_six_bits(part, lanes, w, low_at + ROW_GROUP * QUADS * j + QUADS * lanes, low_shift,
+                              high_at + ROW_GROUP * QUADS * j + QUADS * lanes, high_shift, xq, t * cols + x0 + QUADS * j)
+        sc = 8 * half + 2 * i + s
+        offset = np.int32(32 * x_sum)
+        for lane in range(ROW_GROUP):   # int32 until here: numba would widen to int64
+            acc[lane] += scales[sc * ROW_GROUP + lane] * x_scale * np.float32(np.int32(part[lane] - offset))
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def matmul_q6_k(w, xq, xd, xs, out):
     """Q6_K with integer activations (xs, their block sums, is not needed). Bytes 0-191 (128 of
@@ -207,7 +230,6 @@ def matmul_q6_k(w, xq, xd, xs, out):
     makes fewer instructions but reads the block out of order: 1.5B Q4_K_M decode 10.2 -> 8.4
     tokens/s on AMD Zen 3.)"""
     n_groups, n_blocks, group_bytes = w.shape
-    cols = xq.shape[1]
     for g in prange(n_groups):
         part = stack_array(np.int32, 1, ROW_GROUP)
         scales = stack_array(np.float32, 16, ROW_GROUP)
@@ -219,23 +241,9 @@ def matmul_q6_k(w, xq, xd, xs, out):
                 block = (g * n_blocks + b) * group_bytes
                 for half in range(2):
                     prefetch_ahead(w, g, b, half, 2)
-                    for i in range(4):
-                        x0 = b * QK_K + half * 128 + 32 * i
-                        x_scale = xd[t, x0 // 32]
-                        low_at = block + ROW_GROUP * (64 * half + 32 * (i % 2))   # quad j at + 256 j
-                        high_at = block + ROW_GROUP * (128 + 32 * half)
-                        for s in range(2):   # 16 weights share a scale
-                            part[:] = 0
-                            x_sum = np.int32(0)
-                            for k in range(16 * s, 16 * s + 16):
-                                x_sum += np.int32(xq[t, x0 + k])
-                            for j in range(4 * s, 4 * s + 4):
-                                for lanes in range(0, ROW_GROUP, DOT4_LANES):
-                                    dot4_six_bits(part, lanes, w, low_at + ROW_GROUP * QUADS * j + QUADS * lanes,
-                                                  4 * (i // 2), high_at + ROW_GROUP * QUADS * j + QUADS * lanes, 2 * i,
-                                                  xq, t * cols + x0 + QUADS * j)
-                            sc = 8 * half + 2 * i + s
-                            offset = np.int32(32 * x_sum)
-                            for lane in range(ROW_GROUP):   # int32 until here: numba would widen to int64
-                                acc[lane] += scales[sc * ROW_GROUP + lane] * x_scale * np.float32(np.int32(part[lane] - offset))
+                    x0 = b * QK_K + half * 128
+                    _q6_quarter(w, block, half, 0, 0, 0, xq, xd, t, x0, part, scales, acc)
+                    _q6_quarter(w, block, half, 1, 0, 2, xq, xd, t, x0 + 32, part, scales, acc)
+                    _q6_quarter(w, block, half, 2, 4, 4, xq, xd, t, x0 + 64, part, scales, acc)
+                    _q6_quarter(w, block, half, 3, 4, 6, xq, xd, t, x0 + 96, part, scales, acc)
             store_group(out, t, g, acc)

@@ -192,8 +192,8 @@ def matmul_q4_0(w, xq, xd, xs, out):
                         at = quads + QUADS * (j * ROW_GROUP + lanes)
                         dot4_nibbles(block, lanes, w, at, xq, x0 + QUADS * j, 0)
                         dot4_nibbles(block, lanes, w, at, xq, x0 + QK // 2 + QUADS * j, 4)
-                x_sum = xs[t, b]
+                x_offset = np.int32(8 * xs[t, b])
                 x_scale = xd[t, b]
-                for lane in range(ROW_GROUP):
-                    acc[lane] += np.float32(block[lane] - 8 * x_sum) * (half_at(w, g, b, 0, lane) * x_scale)
+                for lane in range(ROW_GROUP):   # int32 until converted: numba would widen to int64
+                    acc[lane] += np.float32(np.int32(block[lane] - x_offset)) * (half_at(w, g, b, 0, lane) * x_scale)
             store_group(out, t, g, acc)
