@@ -11,7 +11,9 @@ An entry is named by a hash of the model files' paths, sizes and modification ti
 layout version, so a changed file or a changed layout makes a new entry. It is a data file (each
 tensor at a 4 KiB-aligned offset) and an index, each written under a temporary name and renamed
 into place, index last: a reader sees a whole entry or none. An entry that does not match what
-the loader expects (torn, edited, other shapes) is ignored and written again.
+the loader expects (torn, edited, other shapes) is ignored and written again. Writing an entry
+removes the entries it supersedes (the same files before a change, or an older layout), so the
+cache holds one entry per model file.
 
 ENGINE_WEIGHT_CACHE: a directory (default ~/.cache/engine/weights, or under XDG_CACHE_HOME), or
 "off" to never read or write one. Entries take about as much disk as the model file; delete the
@@ -49,8 +51,9 @@ class WeightCache:
 
     def __init__(self, root: Path, files: list[Path]):
         identity = [f"layout {LAYOUT_VERSION} x {ROW_GROUP}"]
-        for path in sorted(Path(f).resolve() for f in files):
-            stat = path.stat()
+        self.source = [str(path) for path in sorted(Path(f).resolve() for f in files)]
+        for path in self.source:
+            stat = os.stat(path)
             identity.append(f"{path}|{stat.st_size}|{stat.st_mtime_ns}")
         key = hashlib.sha256("\n".join(identity).encode()).hexdigest()[:32]
         self.data_path = root / f"{key}.bin"
@@ -107,11 +110,24 @@ class WeightCache:
                     f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
                 f.truncate(offset)
             os.replace(data_tmp, self.data_path)
-            index_tmp.write_text(json.dumps({"bytes": offset, "tensors": tensors}))
+            index_tmp.write_text(json.dumps({"bytes": offset, "tensors": tensors, "source": self.source}))
             os.replace(index_tmp, self.index_path)
+            self._remove_superseded()
         except OSError as e:
             for tmp in (data_tmp, index_tmp):
                 with contextlib.suppress(OSError):
                     tmp.unlink()
             print(f"note: could not cache the repacked weights in {self.data_path.parent} ({e}); "
                   f"set {CACHE_ENV}=off to stop trying", file=sys.stderr)
+
+    def _remove_superseded(self) -> None:
+        """Delete the other entries made from the same files (before they changed, or by another
+        layout version). A process still mapping one keeps its pages until it unmaps them."""
+        for index_path in self.index_path.parent.glob("*.json"):
+            if index_path == self.index_path:
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                other = json.loads(index_path.read_text())
+                if isinstance(other, dict) and other.get("source") == self.source:
+                    index_path.unlink()
+                    index_path.with_suffix(".bin").unlink()

@@ -129,14 +129,18 @@ def test_damaged_entry_is_ignored_and_rewritten(damage, quantized_dir, cache_dir
     assert all(is_mapped(w.data) for w in packed_weights(load(quantized_dir)).values())
 
 
-def test_changed_file_gets_a_new_entry(quantized_dir, cache_dir, tmp_path):
+def test_changed_file_gets_a_new_entry_that_replaces_the_old(quantized_dir, cache_dir, tmp_path):
     copy = shutil.copytree(quantized_dir, tmp_path / "copy")
     load(copy)
-    assert len(entries(cache_dir)) == 2
+    load(quantized_dir)                      # another model's entry stays
+    before = set(entries(cache_dir))
+    assert len(before) == 4
     weights = copy / "model.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     load(copy)
-    assert len(entries(cache_dir)) == 4
+    after = set(entries(cache_dir))
+    assert len(after) == 4 and len(after - before) == 2   # the copy's old entry is gone
+    assert all(is_mapped(w.data) for w in packed_weights(load(copy)).values())
 
 
 def test_cache_off_reads_and_writes_nothing(quantized_dir, cache_dir, monkeypatch):
