@@ -114,7 +114,7 @@ class Format:
     float_matmul: Callable | None  # (data, x (tokens, cols) f32, out (tokens, rows) f32) -> None
     int_matmul: Callable | None    # (data, x int8 or int16, x scale and int32 sum per block of 32, out)
     quantize: Callable | None  # float32 (rows, cols) -> file rows (None: read from files only)
-    quads: tuple | None = None  # (start, end) bytes of each block packed in quads, not planes (layout.py)
+    runs: tuple | None = layout.PLANES  # where the bytes of a block go when packed (layout.byte_positions)
 
     @property
     def packed(self) -> bool:
@@ -145,16 +145,16 @@ FORMATS = {f.name: f for f in [
     float_format("bf16", np.uint16, 2, decode_bf16_row, matmul_bf16, to_bf16),
     Format("q8_0", np.uint8, quant.QK, quant.Q8_0_BYTES, quant.decode_q8_0_row,
            None, quant.matmul_q8_0, blocks_quantizer(quant.quantize_q8_0, quant.Q8_0_BYTES),
-           quads=(2, quant.Q8_0_BYTES)),
+           runs=((0, 2, False), (2, quant.Q8_0_BYTES, True))),
     Format("q4_0", np.uint8, quant.QK, quant.Q4_0_BYTES, quant.decode_q4_0_row,
            None, quant.matmul_q4_0, blocks_quantizer(quant.quantize_q4_0, quant.Q4_0_BYTES),
-           quads=(2, quant.Q4_0_BYTES)),
+           runs=((0, 2, False), (2, quant.Q4_0_BYTES, True))),
     # formats read from GGUF files: no quantizer of ours
     Format("q4_1", np.uint8, 32, kquants.Q4_1_BYTES, kquants.decode_q4_1_row, kquants.matmul_q4_1, None, None),
     Format("q4_k", np.uint8, kquants.QK_K, kquants.Q4_K_BYTES, kquants.decode_q4_k_row, None,
-           kquants.matmul_q4_k, None, quads=(16, kquants.Q4_K_BYTES)),
+           kquants.matmul_q4_k, None, runs=((0, 16, False), (16, kquants.Q4_K_BYTES, True))),
     Format("q6_k", np.uint8, kquants.QK_K, kquants.Q6_K_BYTES, kquants.decode_q6_k_row, None,
-           kquants.matmul_q6_k, None, quads=(0, 192)),
+           kquants.matmul_q6_k, None, runs=kquants.Q6_K_RUNS),
 ]}
 
 
@@ -199,24 +199,19 @@ class Weight:
         if not self.data.flags.c_contiguous:
             raise ValueError("weight storage must be C-contiguous")
         if self.packed and not already_packed:
-            object.__setattr__(self, "data", layout.pack(self.data, f.block_bytes, self.quads))
+            object.__setattr__(self, "data", layout.pack(self.data, f.block_bytes, f.runs))
 
     @property
     def packed(self) -> bool:
         """Whether `data` is in the interleaved layout of the block-format kernels."""
         return self.format.packed and self.use != "lookup"
 
-    @property
-    def quads(self) -> tuple | None:
-        """The bytes of each packed block in quads (kernels/layout.py), None: planes only."""
-        return self.format.quads if self.packed else None
-
     def file_rows(self, ids=slice(None)) -> np.ndarray:
         """Rows `ids` (an index array or a slice; default: all) as files hold them: row by row."""
         if not self.packed:
             return self.data[ids]
         rows = np.arange(*ids.indices(self.shape[0])) if isinstance(ids, slice) else np.asarray(ids)
-        return layout.unpack(self.data, self.format.block_bytes, rows, self.quads)
+        return layout.unpack(self.data, self.format.block_bytes, rows, self.format.runs)
 
     @classmethod
     def quantize(cls, values: np.ndarray, format_name: str, use: str = "matmul") -> "Weight":

@@ -186,32 +186,45 @@ def matmul_q4_k(w, xq, xd, xs, out):
             store_group(out, t, g, acc)
 
 
+# Q6_K's packed block, in the order matmul_q6_k reads it: the 16 scales and d in planes, then per
+# half of 128 weights the quads of ql[0:32] and of qh side by side (one quad of each, 256 bytes
+# apiece, in turn), then the quads of ql[32:64].
+Q6_K_RUNS = ((192, Q6_K_BYTES, False),) + tuple(
+    run for half in range(2)
+    for run in [r for j in range(8) for r in ((64 * half + 4 * j, 64 * half + 4 * j + 4, True),
+                                               (128 + 32 * half + 4 * j, 128 + 32 * half + 4 * j + 4, True))]
+    + [(64 * half + 32, 64 * half + 64, True)])
+Q6_K_HALF = 18 * ROW_GROUP   # where the first half's quads start, after the scales and d
+Q6_K_HALF_BYTES = 96 * ROW_GROUP
+
+
 @njit(inline="always")
 def _q6_scales(w, g, b, scales):
-    """scales[k * 64 + lane] = d * sc_k for the 16 int8 scales (planes 192-207, d in 208-209)."""
+    """scales[k * 64 + lane] = d * sc_k for the 16 int8 scales (planes 0-15, d in 16-17)."""
     for k in range(16):
         for lane in range(ROW_GROUP):
-            scales[k * ROW_GROUP + lane] = half_at(w, g, b, 208, lane) * np.float32(
-                np.int8(w[g, b, ROW_GROUP * (192 + k) + lane]))
+            scales[k * ROW_GROUP + lane] = half_at(w, g, b, 16, lane) * np.float32(
+                np.int8(w[g, b, ROW_GROUP * k + lane]))
 
 
 @njit(inline="always")
-def _q6_quarter(w, block, half, i, low_shift, high_shift, xq, xd, t, x0, part, scales, acc):
+def _q6_quarter(w, half_start, half, i, low_shift, high_shift, xq, xd, t, x0, part, scales, acc):
     """acc += the products of quarter i (weights 32 i .. 32 i + 31) of a half-block of Q6_K, for
     the 64 lanes; the shifts are constants of each call (see matmul_q6_k)."""
     cols = xq.shape[1]
     x_scale = xd[t, x0 // 32]
-    low_at = block + ROW_GROUP * (64 * half + 32 * (i % 2))   # quad j at + 256 j
-    high_at = block + ROW_GROUP * (128 + 32 * half)
     for s in range(2):   # 16 weights share a scale
         part[:] = 0
         x_sum = np.int32(0)
         for k in range(16 * s, 16 * s + 16):
             x_sum += np.int32(xq[t, x0 + k])
         for j in range(4 * s, 4 * s + 4):
+            # Q6_K_RUNS: quad j of ql[0:32] at 512 j, of qh at 512 j + 256, of ql[32:64] at 4096 + 256 j
+            low = half_start + (2 * QUADS * ROW_GROUP * j if i % 2 == 0 else 64 * ROW_GROUP + QUADS * ROW_GROUP * j)
+            high = half_start + 2 * QUADS * ROW_GROUP * j + QUADS * ROW_GROUP
             for lanes in range(0, ROW_GROUP, DOT4_LANES):
-                dot4_six_bits(part, lanes, w, low_at + ROW_GROUP * QUADS * j + QUADS * lanes, low_shift,
-                              high_at + ROW_GROUP * QUADS * j + QUADS * lanes, high_shift, xq, t * cols + x0 + QUADS * j)
+                dot4_six_bits(part, lanes, w, low + QUADS * lanes, low_shift, high + QUADS * lanes, high_shift,
+                              xq, t * cols + x0 + QUADS * j)
         sc = 8 * half + 2 * i + s
         offset = np.int32(32 * x_sum)
         for lane in range(ROW_GROUP):   # int32 until here: numba would widen to int64
@@ -220,15 +233,14 @@ def _q6_quarter(w, block, half, i, low_shift, high_shift, xq, xd, t, x0, part, s
 
 @njit(parallel=True, fastmath=True, cache=True)
 def matmul_q6_k(w, xq, xd, xs, out):
-    """Q6_K with integer activations (xs, their block sums, is not needed). Bytes 0-191 (128 of
-    low nibbles ql, 64 of high bits qh) are in quads; the 16 int8 scales and d in planes.
+    """Q6_K with integer activations (xs, their block sums, is not needed), packed as Q6_K_RUNS.
     In each half of 128 weights, weight 32 i + l (l < 32) is the nibble at bit 4 (i // 2) of
     ql[32 (i % 2) + l] with the 2 bits at bit 2 i of qh[l] above it, minus 32; its scale is
     sc[8 half + 2 i + l // 16]. So quad j of ql and of qh gives 4 consecutive weights of each
     quarter i (bits.dot4_six_bits), summed for all 64 lanes per 16 weights; the -32 is applied
-    then, as -32 * sum x. (Keeping the four quarters' sums in registers, 8 lanes at a time,
-    makes fewer instructions but reads the block out of order: 1.5B Q4_K_M decode 10.2 -> 8.4
-    tokens/s on AMD Zen 3.)"""
+    then, as -32 * sum x. Each quarter is its own call, so that its shifts are constants.
+    (Keeping the four quarters' sums in registers, 8 lanes at a time, makes fewer instructions
+    but reads the block out of order: 1.5B Q4_K_M decode 10.2 -> 8.4 tokens/s on AMD Zen 3.)"""
     n_groups, n_blocks, group_bytes = w.shape
     for g in prange(n_groups):
         part = stack_array(np.int32, 1, ROW_GROUP)
@@ -238,12 +250,12 @@ def matmul_q6_k(w, xq, xd, xs, out):
             acc[:] = 0.0
             for b in range(n_blocks):
                 _q6_scales(w, g, b, scales)
-                block = (g * n_blocks + b) * group_bytes
                 for half in range(2):
                     prefetch_ahead(w, g, b, half, 2)
+                    at = (g * n_blocks + b) * group_bytes + Q6_K_HALF + half * Q6_K_HALF_BYTES
                     x0 = b * QK_K + half * 128
-                    _q6_quarter(w, block, half, 0, 0, 0, xq, xd, t, x0, part, scales, acc)
-                    _q6_quarter(w, block, half, 1, 0, 2, xq, xd, t, x0 + 32, part, scales, acc)
-                    _q6_quarter(w, block, half, 2, 4, 4, xq, xd, t, x0 + 64, part, scales, acc)
-                    _q6_quarter(w, block, half, 3, 4, 6, xq, xd, t, x0 + 96, part, scales, acc)
+                    _q6_quarter(w, at, half, 0, 0, 0, xq, xd, t, x0, part, scales, acc)
+                    _q6_quarter(w, at, half, 1, 0, 2, xq, xd, t, x0 + 32, part, scales, acc)
+                    _q6_quarter(w, at, half, 2, 4, 4, xq, xd, t, x0 + 64, part, scales, acc)
+                    _q6_quarter(w, at, half, 3, 4, 6, xq, xd, t, x0 + 96, part, scales, acc)
             store_group(out, t, g, acc)

@@ -9,17 +9,21 @@ So byte k of 64 rows is one contiguous 64-byte vector: a GEMV kernel lets each S
 accumulate one output row across a whole block and applies the 64 rows' scales with one vector
 multiply, with no horizontal sum per block (which is what bounded the row-by-row kernels:
 Q4_0 at 2 threads went from 4.9 GB/s to 10 GB/s, and to 17 GB/s with the prefetch hints).
-Quads: a format may lay out a range of bytes of each block (its quants) 4 bytes per lane
-instead: for the range start..end, packed[g, b, start * 64 + j * 256 + lane * 4 + c] = byte
-start + 4 j + c of that row's block; bytes outside the range stay in planes, at the same place
-as without quads. Four consecutive weights of a row are then one 32-bit word, which is what
-x86's pairwise byte products (pmaddubsw, bits.dot4) consume.
+Quads: a format may lay out some bytes of each block (its quants) 4 bytes per lane instead: for
+4 bytes k..k+3 of a block in quads, 256 packed bytes hold those 4 bytes of lane 0, then of lane
+1, ... Four consecutive weights of a row are then one 32-bit word, which is what x86's pairwise
+byte products (pmaddubsw, bits.dot4_*) consume. A format's `runs` say where each byte goes: runs
+of block bytes (start, end, in_quads), placed one after the other in the packed block, so that
+a kernel reads its block front to back (a stream the hardware prefetchers follow; Q6_K's blocks
+read out of order streamed at 8-11 GB/s where reading in order gave 13-17 here).
 
 A group of 64 rows is also one parallel work item; its bytes are contiguous, so each thread
 streams through memory. Rows missing from the last group are zero bytes (zero scales): they
 compute zeros and are never stored. For one group the packed bytes are simply the transpose of
 its 64 x row_bytes tile of the file, which is how `pack` computes them.
 """
+import functools
+
 import numpy as np
 from numba import njit, prange
 
@@ -77,10 +81,34 @@ def _pack_words(words, packed_words, full_groups):
             packed_words[g, j + 6, lanes], packed_words[g, j + 7, lanes] = a6, a7
 
 
+PLANES = None   # runs of a block kept in planes, in order: what a format without quads uses
+
+
+@functools.cache
+def byte_positions(runs: tuple | None, block_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(position, step) per byte k of a block: lane l's copy of byte k is at packed offset
+    position[k] + step[k] * l within its packed block (step 1 in planes, QUADS in quads)."""
+    runs = runs or ((0, block_bytes, False),)
+    position, step = np.full(block_bytes, -1, np.int64), np.zeros(block_bytes, np.int64)
+    at = 0
+    for start, end, in_quads in runs:
+        k = np.arange(start, end)
+        if in_quads:
+            assert (end - start) % QUADS == 0, "a run of quads holds whole quads"
+            position[k] = at + (k - start) // QUADS * QUADS * ROW_GROUP + (k - start) % QUADS
+            step[k] = QUADS
+        else:
+            position[k] = at + (k - start) * ROW_GROUP
+            step[k] = 1
+        at += (end - start) * ROW_GROUP
+    assert at == block_bytes * ROW_GROUP and (position >= 0).all(), "runs must cover each byte once"
+    position.flags.writeable = step.flags.writeable = False
+    return position, step
+
+
 @njit(parallel=True, cache=True)
-def _pack_bytes(rows, packed, quads_start, quads_end):
-    """The packed layout byte by byte (see pack): bytes quads_start..quads_end - 1 of each block
-    in quads, the others in planes (an empty range: planes only). Rows missing from the last
+def _pack_bytes(rows, packed, position, step):
+    """The packed layout byte by byte (see pack and byte_positions). Rows missing from the last
     group are zeros."""
     n_rows = rows.shape[0]
     n_groups, n_blocks, group_bytes = packed.shape
@@ -88,51 +116,42 @@ def _pack_bytes(rows, packed, quads_start, quads_end):
     for g in prange(n_groups):
         for b in range(n_blocks):
             for k in range(block_bytes):
-                if quads_start <= k < quads_end:
-                    quad, byte = (k - quads_start) // QUADS, (k - quads_start) % QUADS
-                    at, step = ROW_GROUP * (quads_start + QUADS * quad) + byte, QUADS
-                else:
-                    at, step = ROW_GROUP * k, 1
                 for lane in range(ROW_GROUP):
                     n = g * ROW_GROUP + lane
-                    packed[g, b, at + step * lane] = rows[n, b * block_bytes + k] if n < n_rows else 0
+                    packed[g, b, position[k] + step[k] * lane] = rows[n, b * block_bytes + k] if n < n_rows else 0
 
 
-def pack(rows: np.ndarray, block_bytes: int, quads: tuple | None = None) -> np.ndarray:
-    """GGML rows (n, blocks * block_bytes) uint8 -> the packed layout.
+def pack(rows: np.ndarray, block_bytes: int, runs: tuple | None = PLANES) -> np.ndarray:
+    """GGML rows (n, blocks * block_bytes) uint8 -> the packed layout, bytes placed as `runs`
+    say (byte_positions; PLANES: every byte in planes, in order).
 
-    For a group, the packed bytes are the transpose of its 64 x row_bytes tile: done 8 x 8 bytes
-    at a time where the rows allow 64-bit words, byte by byte otherwise (and for a last partial
-    group). quads: the (start, end) bytes of each block laid out in quads instead of planes
-    (QUADS above)."""
+    In planes, the packed bytes of a group are the transpose of its 64 x row_bytes tile: done
+    8 x 8 bytes at a time where the rows allow 64-bit words, byte by byte otherwise (and for a
+    last partial group)."""
     n_rows, row_bytes = rows.shape
     packed = np.empty(packed_shape(n_rows, row_bytes // block_bytes, block_bytes), np.uint8)
     # Fault in the (usually memory-mapped) rows first, one byte per page, in one thread: page
     # faults taken by both kernel threads at once contend (1.9 GB of Q8_0: 1.4 s -> 0.6 s).
     if rows.size:
         rows.reshape(-1)[::4096].max()
-    if quads is not None:
-        _pack_bytes(rows, packed, *quads)
-        return packed
-    full = n_rows // ROW_GROUP if row_bytes % 8 == 0 and rows.ctypes.data % 8 == 0 else 0
-    if full:
-        _pack_words(rows.view(np.uint64), packed.reshape(len(packed), row_bytes, ROW_GROUP).view(np.uint64), full)
+    full = 0
+    if runs is PLANES and row_bytes % 8 == 0 and rows.ctypes.data % 8 == 0:
+        full = n_rows // ROW_GROUP
+        if full:
+            _pack_words(rows.view(np.uint64), packed.reshape(len(packed), row_bytes, ROW_GROUP).view(np.uint64), full)
     if full < len(packed):
-        _pack_bytes(rows[full * ROW_GROUP:], packed[full:], 0, 0)
+        _pack_bytes(rows[full * ROW_GROUP:], packed[full:], *byte_positions(runs, block_bytes))
     return packed
 
 
-def unpack(packed: np.ndarray, block_bytes: int, rows: np.ndarray, quads: tuple | None = None) -> np.ndarray:
+def unpack(packed: np.ndarray, block_bytes: int, rows: np.ndarray, runs: tuple | None = PLANES) -> np.ndarray:
     """The rows with indices `rows` of a packed matrix, as GGML rows."""
     n_groups, n_blocks, _ = packed.shape
-    group, lane = rows // ROW_GROUP, rows % ROW_GROUP
-    start, end = quads or (0, 0)
-    planes = packed.reshape(n_groups, n_blocks, block_bytes, ROW_GROUP)
-    parts = [planes[group, :, :start, lane],
-             packed[:, :, start * ROW_GROUP:end * ROW_GROUP].reshape(n_groups, n_blocks, -1, ROW_GROUP, QUADS)
-             [group, :, :, lane].reshape(len(rows), n_blocks, end - start),
-             planes[group, :, end:, lane]]
-    return np.concatenate(parts, axis=2).reshape(len(rows), -1)
+    position, step = byte_positions(runs, block_bytes)
+    rows = np.asarray(rows)
+    columns = position[None, :] + step[None, :] * (rows % ROW_GROUP)[:, None]   # (rows, block_bytes)
+    blocks = packed[(rows // ROW_GROUP)[:, None, None], np.arange(n_blocks)[None, :, None], columns[:, None, :]]
+    return blocks.reshape(len(rows), n_blocks * block_bytes)
 
 
 # --- helpers inlined into the kernels ----------------------------------------------------------

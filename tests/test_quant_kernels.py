@@ -7,7 +7,7 @@ import pytest
 from gguf import GGMLQuantizationType, quants
 
 import kernels
-from kernels import quant
+from kernels import layout, quant
 from kernels.formats import FORMATS, Weight, matmul
 
 GGML_TYPES = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}
@@ -99,21 +99,20 @@ def test_packing_keeps_every_byte(fmt, rows, cols):
     """The kernels' interleaved layout is a permutation of the file's blocks: unpacking gives
     back exactly the GGML rows, also for a row count that is not a multiple of the group, with
     rows of 8-byte words (packed 8 x 8 bytes at a time) or not (Q4_0's 18-byte blocks), in
-    planes (Q4_1) and with quads (the others: Q6_K's range starts at byte 0)."""
+    planes (Q4_1) and with quads (the others; Q6_K's bytes out of their file order)."""
     f = FORMATS[fmt]
     blocks = random_blocks(fmt, rows, cols, seed=8)
     w = Weight(f, (rows, cols), blocks)
     assert w.data.shape == (-(-rows // 64), cols // f.block_size, quant.ROW_GROUP * f.block_bytes)
     assert np.array_equal(w.file_rows(), blocks)
     assert np.array_equal(w.file_rows(np.array([99, 0, 64])), blocks[[99, 0, 64]])
-    start, end = w.quads or (0, 0)
+    position, step = layout.byte_positions(f.runs, f.block_bytes)
     second_block = w.data[0, 1]   # 64 rows' second block: the file's bytes block_bytes + k
-    for k in range(f.block_bytes):
-        if start <= k < end:      # byte (k - start) % 4 of quad (k - start) // 4 of each lane
-            at = 64 * start + 256 * ((k - start) // 4) + (k - start) % 4
-            assert np.array_equal(second_block[at:at + 256:4], blocks[:64, f.block_bytes + k])
-        else:                     # plane k
-            assert np.array_equal(second_block[64 * k:64 * k + 64], blocks[:64, f.block_bytes + k])
+    for k in range(f.block_bytes):   # lane l's byte k at position[k] + step[k] * l: planes or quads
+        at = position[k]
+        assert np.array_equal(second_block[at:at + step[k] * 64:step[k]], blocks[:64, f.block_bytes + k])
+    every = np.sort((position[:, None] + step[:, None] * np.arange(64)).ravel())
+    assert np.array_equal(every, np.arange(64 * f.block_bytes))   # each packed byte used once
     lookup = Weight(f, (rows, cols), blocks, "lookup")   # not packed
     assert lookup.data is blocks and np.array_equal(lookup.file_rows(np.array([5])), blocks[[5]])
 
