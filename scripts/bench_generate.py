@@ -5,7 +5,8 @@ repetitions, medians. pp = prompt processing tokens/s for a prompt of --pp token
 generation tokens/s for --tg tokens (greedy, end-of-sequence ignored). GB/s = bytes of weights
 read per generated token (every matrix except the embedding, of which one row is read) x tg.
 RSS = peak resident memory (VmHWM); budget = weight bytes + KV cache + 300 MB. first token =
-seconds from process start to the first generated token of a 1-token prompt: warm with numba's
+seconds from process start until it prints its first generated token, for a 1-token prompt
+(not counting its exit afterwards, for either engine): warm with numba's
 cache and the repacked-weight cache (engine/weight_cache.py) filled, cold with both empty, as on
 a first run (llama.cpp compiles and caches nothing: one column).
 
@@ -94,12 +95,18 @@ def first_token_llama_cpp(path: str, threads: int) -> None:
 
 
 def time_to_first_token(engine_name: str, model: str, threads: int, env: dict | None = None) -> float:
+    """Seconds from starting a process to its first generated token (the child's first line of
+    output; its exit, freeing everything, comes after and is not counted)."""
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, __file__, "--engine", engine_name + "-ttft", "--model", model,
-                          "--threads", str(threads)], capture_output=True, text=True, env={**os.environ, **(env or {})})
-    if out.returncode != 0:
-        raise SystemExit(f"{engine_name} failed on {model}:\n{out.stderr[-2000:]}")
-    return time.perf_counter() - started
+    child_process = subprocess.Popen([sys.executable, __file__, "--engine", engine_name + "-ttft", "--model", model,
+                                      "--threads", str(threads)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env={**os.environ, **(env or {})})
+    token = child_process.stdout.readline()
+    seconds = time.perf_counter() - started
+    _, errors = child_process.communicate()
+    if child_process.returncode != 0 or not token.strip():
+        raise SystemExit(f"{engine_name} failed on {model}:\n{errors[-2000:]}")
+    return seconds
 
 
 def kv_cache_bytes(path: str, positions: int) -> int:
