@@ -3,6 +3,9 @@
 This package knows nothing of models, files or tokenizers. It offers
 - `formats`: the table of weight storage formats, each with the kernels that read it;
 - `quant`: the Q8_0 / Q4_0 block formats and their integer kernels;
+- `kquants`: the formats read from GGUF files (Q4_1, Q4_K, Q6_K) and their kernels;
+- `layout`: how block formats are repacked at load (64 rows side by side, planes and quads);
+- `bits`: LLVM intrinsics numba lacks (half floats, prefetch, stack arrays, byte dot products);
 - `ops`: RMSNorm, rotary embeddings, SwiGLU;
 - `attention`: the KV cache and causal grouped-query attention.
 

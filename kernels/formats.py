@@ -116,6 +116,9 @@ class Format:
     quantize: Callable | None  # float32 (rows, cols) -> file rows (None: read from files only)
     runs: tuple | None = layout.PLANES  # where the bytes of a block go when packed (layout.byte_positions)
 
+    def __post_init__(self):
+        assert (self.float_matmul is None) != (self.int_matmul is None), f"{self.name}: one matmul kernel"
+
     @property
     def packed(self) -> bool:
         """Block formats are repacked at load (kernels/layout.py); floats are read as stored."""
@@ -127,10 +130,6 @@ class Format:
 
     def row_bytes(self, cols: int) -> int:
         return cols // self.block_size * self.block_bytes
-
-
-    def __post_init__(self):
-        assert (self.float_matmul is None) != (self.int_matmul is None), f"{self.name}: one matmul kernel"
 
 
 def float_format(name, dtype, item_bytes, decode_row, kernel, quantize):

@@ -19,8 +19,8 @@ read out of order streamed at 8-11 GB/s where reading in order gave 13-17 here).
 
 A group of 64 rows is also one parallel work item; its bytes are contiguous, so each thread
 streams through memory. Rows missing from the last group are zero bytes (zero scales): they
-compute zeros and are never stored. For one group the packed bytes are simply the transpose of
-its 64 x row_bytes tile of the file, which is how `pack` computes them.
+compute zeros and are never stored. In planes, the packed bytes of a group are simply the
+transpose of its 64 x row_bytes tile of the file, which is how `pack` computes them.
 """
 import functools
 
@@ -31,7 +31,7 @@ from . import SOFTWARE_PREFETCH
 from .bits import f16_to_f32, prefetch
 
 ROW_GROUP = 64         # rows interleaved: 64 byte lanes = one 512-bit vector
-QUADS = 4              # bytes per lane in the quad layout of the int8 weights
+QUADS = 4              # bytes per lane in the quad layout of the quants
 PREFETCH_BYTES = 2048  # how far ahead of the bytes being read the kernels prefetch
 
 
