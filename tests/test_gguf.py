@@ -345,9 +345,10 @@ def test_info_on_gguf(smollm2, capsys):
 
 
 def test_smollm2_logits_match_transformers_on_the_dequantized_file(smollm2, smollm2_llm):
-    """transformers reads the same GGUF (dequantizing it to float32): with every activation in
-    float (Q4_1 layers decode-then-FMA, the LM head without int8 rounding) we agree to float
-    rounding, far closer than to llama.cpp, which rounds activations to 8 bits."""
+    """transformers reads the same GGUF (dequantizing it to float32). Q4_1 layers multiply float
+    activations, the LM head (Q8_0) rounds them to int16: measured 1.8e-3 at most over 49152
+    logits of range 38 (float activations gave 8.4e-5, int8 ones 0.35, enough to change the
+    answer below). llama.cpp, rounding every activation to 8 bits, is much further off."""
     import torch
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(smollm2.parent, gguf_file=smollm2.name, dtype=torch.float32)
@@ -357,7 +358,7 @@ def test_smollm2_logits_match_transformers_on_the_dequantized_file(smollm2, smol
     ours = engine.load(str(smollm2), kv_cache="f32").logits(ids)
     diff = np.abs(ours - ref).max()
     print(f"SmolLM2 GGUF vs transformers: max |logit diff| {diff:.2e} (logit range {np.abs(ref).max():.1f})")
-    assert diff <= 2e-3
+    assert diff <= 5e-3
     assert smollm2_llm.generate("What is the capital of France?", temperature=0, max_tokens=20) == \
         "The capital of France is Paris."
 
