@@ -12,8 +12,8 @@ layout version, so a changed file or a changed layout makes a new entry. It is a
 tensor at a 4 KiB-aligned offset) and an index, each written under a temporary name and renamed
 into place, index last: a reader sees a whole entry or none. An entry that does not match what
 the loader expects (torn, edited, other shapes) is ignored and written again. Writing an entry
-removes the entries it supersedes (the same files before a change, or an older layout), so the
-cache holds one entry per model file.
+removes the entries it supersedes: the same files before a change, and every entry of another
+layout version (which no load of this version reads), so the cache holds one entry per model.
 
 ENGINE_WEIGHT_CACHE: a directory (default ~/.cache/engine/weights, or under XDG_CACHE_HOME), or
 "off" to never read or write one. Entries take about as much disk as the model file; delete the
@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import sys
 import threading
 from pathlib import Path
@@ -110,7 +111,8 @@ class WeightCache:
                     f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
                 f.truncate(offset)
             os.replace(data_tmp, self.data_path)
-            index_tmp.write_text(json.dumps({"bytes": offset, "tensors": tensors, "source": self.source}))
+            index_tmp.write_text(json.dumps({"bytes": offset, "tensors": tensors, "source": self.source,
+                                              "layout": LAYOUT_VERSION}))
             os.replace(index_tmp, self.index_path)
             self._remove_superseded()
         except OSError as e:
@@ -121,13 +123,16 @@ class WeightCache:
                   f"set {CACHE_ENV}=off to stop trying", file=sys.stderr)
 
     def _remove_superseded(self) -> None:
-        """Delete the other entries made from the same files (before they changed, or by another
-        layout version). A process still mapping one keeps its pages until it unmaps them."""
+        """Delete the other entries made from the same files (before they changed) and those of
+        other layout versions (older entries have no "layout"). A process still mapping one keeps
+        its pages until it unmaps them. Only files named and shaped as entries are touched: the
+        directory may be one the user chose."""
         for index_path in self.index_path.parent.glob("*.json"):
-            if index_path == self.index_path:
+            if index_path == self.index_path or not re.fullmatch(r"[0-9a-f]{32}\.json", index_path.name):
                 continue
             with contextlib.suppress(OSError, ValueError):
                 other = json.loads(index_path.read_text())
-                if isinstance(other, dict) and other.get("source") == self.source:
+                is_entry = isinstance(other, dict) and "tensors" in other and "bytes" in other
+                if is_entry and (other.get("source") == self.source or other.get("layout") != LAYOUT_VERSION):
                     index_path.unlink()
                     index_path.with_suffix(".bin").unlink()

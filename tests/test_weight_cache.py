@@ -143,6 +143,18 @@ def test_changed_file_gets_a_new_entry_that_replaces_the_old(quantized_dir, cach
     assert all(is_mapped(w.data) for w in packed_weights(load(copy)).values())
 
 
+def test_entries_of_older_layouts_are_removed_and_other_files_kept(quantized_dir, cache_dir):
+    cache_dir.mkdir(parents=True)
+    old = cache_dir / ("0" * 32)   # as an older version wrote it: no "layout", another file
+    old.with_suffix(".bin").write_bytes(b"x" * 4096)
+    old.with_suffix(".json").write_text(json.dumps({"bytes": 4096, "tensors": {}, "source": ["/elsewhere"]}))
+    mine = cache_dir / "notes.json"   # not an entry: never touched
+    mine.write_text("{}")
+    load(quantized_dir)
+    assert not old.with_suffix(".bin").exists() and not old.with_suffix(".json").exists()
+    assert mine.exists() and len(entries(cache_dir)) == 3
+
+
 def test_cache_off_reads_and_writes_nothing(quantized_dir, cache_dir, monkeypatch):
     monkeypatch.setenv("ENGINE_WEIGHT_CACHE", "off")
     llm = load(quantized_dir)
