@@ -186,15 +186,20 @@ def matmul_q4_k(w, xq, xd, xs, out):
             store_group(out, t, g, acc)
 
 
-# Q6_K's packed block, in the order matmul_q6_k reads it: the 16 scales and d in planes, then per
-# half of 128 weights the quads of ql[0:32] and of qh side by side (one quad of each, 256 bytes
-# apiece, in turn), then the quads of ql[32:64].
-Q6_K_RUNS = ((192, Q6_K_BYTES, False),) + tuple(
-    run for half in range(2)
-    for run in [r for j in range(8) for r in ((64 * half + 4 * j, 64 * half + 4 * j + 4, True),
-                                               (128 + 32 * half + 4 * j, 128 + 32 * half + 4 * j + 4, True))]
-    + [(64 * half + 32, 64 * half + 64, True)])
-Q6_K_HALF = 18 * ROW_GROUP   # where the first half's quads start, after the scales and d
+def _q6_k_runs() -> tuple:
+    """Q6_K's packed block (layout.byte_positions), in the order matmul_q6_k reads it."""
+    runs = [(192, Q6_K_BYTES, False)]   # the 16 int8 scales and d, in planes
+    for half in range(2):               # 128 weights: ql[64 half:][:64], qh[128 + 32 half:][:32]
+        ql, qh = 64 * half, 128 + 32 * half
+        for j in range(8):              # quad j of ql[0:32] and quad j of qh, in turn
+            runs += [(ql + 4 * j, ql + 4 * j + 4, True), (qh + 4 * j, qh + 4 * j + 4, True)]
+        runs.append((ql + 32, ql + 64, True))   # then ql[32:64]
+    return tuple(runs)
+
+
+Q6_K_RUNS = _q6_k_runs()
+QUAD_BYTES = QUADS * ROW_GROUP      # one quad of 64 lanes
+Q6_K_HALF = 18 * ROW_GROUP          # where the first half's quads start, after the scales and d
 Q6_K_HALF_BYTES = 96 * ROW_GROUP
 
 
@@ -219,9 +224,9 @@ def _q6_quarter(w, half_start, half, i, low_shift, high_shift, xq, xd, t, x0, pa
         for k in range(16 * s, 16 * s + 16):
             x_sum += np.int32(xq[t, x0 + k])
         for j in range(4 * s, 4 * s + 4):
-            # Q6_K_RUNS: quad j of ql[0:32] at 512 j, of qh at 512 j + 256, of ql[32:64] at 4096 + 256 j
-            low = half_start + (2 * QUADS * ROW_GROUP * j if i % 2 == 0 else 64 * ROW_GROUP + QUADS * ROW_GROUP * j)
-            high = half_start + 2 * QUADS * ROW_GROUP * j + QUADS * ROW_GROUP
+            pair = half_start + 2 * QUAD_BYTES * j   # Q6_K_RUNS: quad j of ql[0:32], then of qh
+            low = pair if i % 2 == 0 else half_start + 16 * QUAD_BYTES + QUAD_BYTES * j   # or of ql[32:64]
+            high = pair + QUAD_BYTES
             for lanes in range(0, ROW_GROUP, DOT4_LANES):
                 dot4_six_bits(part, lanes, w, low + QUADS * lanes, low_shift, high + QUADS * lanes, high_shift,
                               xq, t * cols + x0 + QUADS * j)
