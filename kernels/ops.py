@@ -38,11 +38,18 @@ def rope(x, cos, sin, start_pos, interleaved):
                 x[t, h, first + stride] = b * cos[pos, i] + a * sin[pos, i]
 
 
+SWIGLU_CHUNK = 2048   # columns per parallel task: a decode row of 8960 is split across threads
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def swiglu(gate, up, out):
-    """out = silu(gate) * up, the gated activation of the Llama/Qwen MLP."""
+    """out = silu(gate) * up, the gated activation of the Llama/Qwen MLP. Parallel over chunks
+    of columns, not rows: in decode there is one row, and its exponentials (one scalar call
+    each) took 29 us per layer on one core for 8960 columns, 21 us on two."""
     n_tokens, width = gate.shape
-    for t in prange(n_tokens):
-        for j in range(width):
+    chunks = (width + SWIGLU_CHUNK - 1) // SWIGLU_CHUNK
+    for task in prange(n_tokens * chunks):
+        t, c = task // chunks, task % chunks
+        for j in range(c * SWIGLU_CHUNK, min(width, (c + 1) * SWIGLU_CHUNK)):
             g = gate[t, j]
             out[t, j] = g / (np.float32(1.0) + np.exp(-g)) * up[t, j]
