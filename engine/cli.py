@@ -3,9 +3,12 @@
 generate streams only the generated text to stdout; statistics and errors go to stderr.
 """
 import argparse
+import contextlib
 import json
 import sys
 import time
+
+from numba.core import event
 
 from kernels.attention import KV_KINDS
 
@@ -114,11 +117,36 @@ def cmd_tokenize(args) -> int:
     return 0
 
 
+class _CompileNote(event.Listener):
+    """Says once, on stderr, that numba is compiling kernels: on a machine's first run (or after
+    an upgrade) that takes 10-30 s before anything else shows, which would look like a hang.
+    numba reports only real compilations, not kernels loaded from its cache."""
+
+    def __init__(self):
+        self.said = False
+
+    def on_start(self, _event):
+        if not self.said:
+            self.said = True
+            print("compiling kernels for this CPU (once: they are cached for later runs)...", file=sys.stderr,
+                  flush=True)
+
+    def on_end(self, _event):
+        pass
+
+
+@contextlib.contextmanager
+def compile_note():
+    with event.install_listener("numba:compile", _CompileNote()):
+        yield
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"generate": cmd_generate, "info": cmd_info, "quantize": cmd_quantize, "tokenize": cmd_tokenize}
-        return commands[args.command](args)
+        with compile_note():
+            return commands[args.command](args)
     except EngineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

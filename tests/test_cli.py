@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 
@@ -120,3 +121,22 @@ def test_aliases_cover_every_distill():
     assert ALIASES["deepseek-r1:8b"] == "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"
     assert ALIASES["deepseek-r1:70b"] == "deepseek-ai/DeepSeek-R1-Distill-Llama-70B"
     assert {k.split(":")[1] for k in ALIASES} == {"1.5b", "7b", "8b", "14b", "32b", "70b"}
+
+
+def test_first_compilation_is_announced_once(capsys):
+    """A first run compiles kernels for 10-30 s: the command line says so, once, on stderr;
+    kernels already compiled (or loaded from numba's cache) say nothing."""
+    import numba
+    from engine.cli import compile_note
+    with compile_note():
+        numba.njit(lambda a: a + 1)(1)     # two fresh compilations
+        numba.njit(lambda a: a * 2)(1)
+    err = capsys.readouterr().err
+    assert err.count("compiling kernels for this CPU") == 1
+    from kernels.ops import rmsnorm
+    args = np.ones((1, 8), np.float32), np.ones(8, np.float32), 1e-6, np.empty((1, 8), np.float32)
+    rmsnorm(*args)   # compiled or loaded from the cache before
+    capsys.readouterr()
+    with compile_note():
+        rmsnorm(*args)
+    assert capsys.readouterr().err == ""
