@@ -112,7 +112,7 @@ class Format:
     decode_row: Callable     # njit (file row, float32 out) -> None
     # how it multiplies: exactly one of the two kernels
     float_matmul: Callable | None  # (data, x (tokens, cols) f32, out (tokens, rows) f32) -> None
-    int_matmul: Callable | None    # (data, x int8 or int16, x scale and int32 sum per block of 32, out)
+    int_matmul: Callable | None    # (data, x int8 or int16, x scale per 32, x int32 sum per 16, out)
     quantize: Callable | None  # float32 (rows, cols) -> file rows (None: read from files only)
     runs: tuple | None = layout.PLANES  # where the bytes of a block go when packed (layout.byte_positions)
 
@@ -238,11 +238,11 @@ class Activations:
         self._integer = {}
 
     def integer(self, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(int8 or int16 values, float32 scale per block of 32, int32 sum per block)."""
+        """(int8 or int16 values, float32 scale per block of 32, int32 sum per 16 values)."""
         if dtype not in self._integer:
             xq = np.empty(self.x.shape, dtype)
             xd = np.empty((self.x.shape[0], self.x.shape[1] // quant.QK), np.float32)
-            xs = np.empty(xd.shape, np.int32)
+            xs = np.empty((self.x.shape[0], self.x.shape[1] // quant.SUM_BLOCK), np.int32)
             quant.quantize_activations(self.x, xq, xd)
             quant.activation_block_sums(xq, xs)
             self._integer[dtype] = xq, xd, xs

@@ -96,9 +96,6 @@ def decode_q6_k_row(row, dst):
 
 # --- matrix products (packed weights, float32 activations) --------------------------------------
 
-LOW4 = np.uint8(15)
-
-
 @njit(parallel=True, fastmath=True, cache=True)
 def matmul_q4_1(w, x, out):
     """Q4_1: planes 0-1 d, 2-3 m, 4 + j the nibbles of weights j and j + 16."""
@@ -173,8 +170,8 @@ def matmul_q4_k(w, xq, xd, xs, out):
                             at = quads + QUADS * (j * ROW_GROUP + lanes)
                             dot4_nibbles(part, lanes, w, at, xq, t * cols + x0 + QUADS * j, 0)
                             dot4_nibbles(part, ROW_GROUP + lanes, w, at, xq, t * cols + x0 + 32 + QUADS * j, 4)
-                    sum_lo = xs[t, x0 // 32]
-                    sum_hi = xs[t, x0 // 32 + 1]
+                    sum_lo = xs[t, x0 // 16] + xs[t, x0 // 16 + 1]   # sums of 16 activations
+                    sum_hi = xs[t, x0 // 16 + 2] + xs[t, x0 // 16 + 3]
                     j = 2 * chunk
                     d_lo = xd[t, x0 // 32]
                     d_hi = xd[t, x0 // 32 + 1]
@@ -213,16 +210,13 @@ def _q6_scales(w, g, b, scales):
 
 
 @njit(inline="always")
-def _q6_quarter(w, half_start, half, i, low_shift, high_shift, xq, xd, t, x0, part, scales, acc):
+def _q6_quarter(w, half_start, half, i, low_shift, high_shift, xq, xd, xs, t, x0, part, scales, acc):
     """acc += the products of quarter i (weights 32 i .. 32 i + 31) of a half-block of Q6_K, for
     the 64 lanes; the shifts are constants of each call (see matmul_q6_k)."""
     cols = xq.shape[1]
     x_scale = xd[t, x0 // 32]
     for s in range(2):   # 16 weights share a scale
         part[:] = 0
-        x_sum = np.int32(0)
-        for k in range(16 * s, 16 * s + 16):
-            x_sum += np.int32(xq[t, x0 + k])
         for j in range(4 * s, 4 * s + 4):
             pair = half_start + 2 * QUAD_BYTES * j   # Q6_K_RUNS: quad j of ql[0:32], then of qh
             low = pair if i % 2 == 0 else half_start + 16 * QUAD_BYTES + QUAD_BYTES * j   # or of ql[32:64]
@@ -231,14 +225,14 @@ def _q6_quarter(w, half_start, half, i, low_shift, high_shift, xq, xd, t, x0, pa
                 dot4_six_bits(part, lanes, w, low + QUADS * lanes, low_shift, high + QUADS * lanes, high_shift,
                               xq, t * cols + x0 + QUADS * j)
         sc = 8 * half + 2 * i + s
-        offset = np.int32(32 * x_sum)
+        offset = np.int32(32 * xs[t, x0 // 16 + s])   # the sum of these 16 activations
         for lane in range(ROW_GROUP):   # int32 until here: numba would widen to int64
             acc[lane] += scales[sc * ROW_GROUP + lane] * x_scale * np.float32(np.int32(part[lane] - offset))
 
 
 @njit(parallel=True, fastmath=True, cache=True)
 def matmul_q6_k(w, xq, xd, xs, out):
-    """Q6_K with integer activations (xs, their block sums, is not needed), packed as Q6_K_RUNS.
+    """Q6_K with integer activations (xs: their sums per 16), packed as Q6_K_RUNS.
     In each half of 128 weights, weight 32 i + l (l < 32) is the nibble at bit 4 (i // 2) of
     ql[32 (i % 2) + l] with the 2 bits at bit 2 i of qh[l] above it, minus 32; its scale is
     sc[8 half + 2 i + l // 16]. So quad j of ql and of qh gives 4 consecutive weights of each
@@ -259,8 +253,8 @@ def matmul_q6_k(w, xq, xd, xs, out):
                     prefetch_ahead(w, g, b, half, 2)
                     at = (g * n_blocks + b) * group_bytes + Q6_K_HALF + half * Q6_K_HALF_BYTES
                     x0 = b * QK_K + half * 128
-                    _q6_quarter(w, at, half, 0, 0, 0, xq, xd, t, x0, part, scales, acc)
-                    _q6_quarter(w, at, half, 1, 0, 2, xq, xd, t, x0 + 32, part, scales, acc)
-                    _q6_quarter(w, at, half, 2, 4, 4, xq, xd, t, x0 + 64, part, scales, acc)
-                    _q6_quarter(w, at, half, 3, 4, 6, xq, xd, t, x0 + 96, part, scales, acc)
+                    _q6_quarter(w, at, half, 0, 0, 0, xq, xd, xs, t, x0, part, scales, acc)
+                    _q6_quarter(w, at, half, 1, 0, 2, xq, xd, xs, t, x0 + 32, part, scales, acc)
+                    _q6_quarter(w, at, half, 2, 4, 4, xq, xd, xs, t, x0 + 64, part, scales, acc)
+                    _q6_quarter(w, at, half, 3, 4, 6, xq, xd, xs, t, x0 + 96, part, scales, acc)
             store_group(out, t, g, acc)

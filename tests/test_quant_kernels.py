@@ -131,9 +131,9 @@ def test_activation_quantization():
     quant.quantize_activations(x, fine, fine_d)
     assert np.abs((fine.reshape(3, 3, 32) * fine_d[:, :, None]).reshape(3, 96) - x).max() <= 0.5 * fine_d.max() * 1.0001
     assert np.abs(fine).max() == 32767 and np.allclose(fine_d * 32767, xd * 127)
-    xs = np.empty((3, 3), np.int32)
-    quant.activation_block_sums(xq, xs)
-    assert np.array_equal(xs, xq.reshape(3, 3, 32).astype(np.int64).sum(axis=2))
+    xs = np.empty((3, 6), np.int32)   # sums of 16
+    quant.activation_block_sums(fine, xs)
+    assert np.array_equal(xs, fine.reshape(3, 6, 16).astype(np.int64).sum(axis=2))
 
 
 def test_float_formats_round_trip():
@@ -171,7 +171,7 @@ def test_hot_kernels_use_simd_integer_dot_products(fmt):
     w = Weight.quantize(random_weights(32, 64), fmt)
     xq, xd = np.ones((1, 64), np.int8), np.ones((1, 2), np.float32)
     kernel = {"q8_0": quant.matmul_q8_0, "q4_0": quant.matmul_q4_0}[fmt]
-    asm = fresh_asm(kernel, w.data, xq, xd, np.full((1, 2), 32, np.int32), np.empty((1, 32), np.float32))
+    asm = fresh_asm(kernel, w.data, xq, xd, np.full((1, 4), 16, np.int32), np.empty((1, 32), np.float32))
     assert re.search(INT_SIMD_MULTIPLY, asm), f"{fmt} kernel lost its vectorized integer dot product"
     # numba's default int64 arithmetic would show up as 64-bit lane multiplies or conversions
     assert not re.search(r"\b(vpmuldq|vpmullq|vcvtqq2ps)\b", asm)
@@ -185,7 +185,7 @@ def test_hot_kernels_use_simd_integer_dot_products(fmt):
 def test_k_quant_int8_kernels_use_simd_integer_multiplies(fmt):
     w = Weight(FORMATS[fmt], (64, 256), random_blocks(fmt, 64, 256))
     xq, xd = np.ones((1, 256), np.int8), np.ones((1, 8), np.float32)
-    asm = fresh_asm(FORMATS[fmt].int_matmul, w.data, xq, xd, np.full((1, 8), 32, np.int32),
+    asm = fresh_asm(FORMATS[fmt].int_matmul, w.data, xq, xd, np.full((1, 16), 16, np.int32),
                     np.empty((1, 64), np.float32))
     assert re.search(INT_SIMD_MULTIPLY, asm), f"{fmt} kernel lost its vectorized integer dot product"
     assert not re.search(r"\b(vpmuldq|vpmullq|vcvtqq2ps)\b", asm)
