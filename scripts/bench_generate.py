@@ -96,16 +96,19 @@ def first_token_llama_cpp(path: str, threads: int) -> None:
 
 def time_to_first_token(engine_name: str, model: str, threads: int, env: dict | None = None) -> float:
     """Seconds from starting a process to its first generated token (the child's first line of
-    output; its exit, freeing everything, comes after and is not counted)."""
-    started = time.perf_counter()
-    child_process = subprocess.Popen([sys.executable, __file__, "--engine", engine_name + "-ttft", "--model", model,
-                                      "--threads", str(threads)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env={**os.environ, **(env or {})})
-    token = child_process.stdout.readline()
-    seconds = time.perf_counter() - started
-    _, errors = child_process.communicate()
-    if child_process.returncode != 0 or not token.strip():
-        raise SystemExit(f"{engine_name} failed on {model}:\n{errors[-2000:]}")
+    output; its exit, freeing everything, comes after and is not counted). Its stderr goes to a
+    file, not a pipe: a pipe left unread while waiting for stdout could fill and stall the child."""
+    with tempfile.TemporaryFile("w+") as errors:
+        started = time.perf_counter()
+        child_process = subprocess.Popen([sys.executable, __file__, "--engine", engine_name + "-ttft", "--model", model,
+                                          "--threads", str(threads)], stdout=subprocess.PIPE, stderr=errors,
+                                         text=True, env={**os.environ, **(env or {})})
+        token = child_process.stdout.readline()
+        seconds = time.perf_counter() - started
+        child_process.communicate()
+        if child_process.returncode != 0 or not token.strip():
+            errors.seek(0)
+            raise SystemExit(f"{engine_name} failed on {model}:\n{errors.read()[-2000:]}")
     return seconds
 
 
