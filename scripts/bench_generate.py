@@ -132,6 +132,15 @@ def weight_bytes_per_token(path: str) -> int:
         (g.tensors["token_embd.weight"].nbytes if "output.weight" not in g.tensors else 0)
 
 
+def run_engine(name: str, model: str, threads: int, pp: int, tg: int) -> dict:
+    """One timed run of an engine in a fresh process (so that its peak RSS is its own)."""
+    out = subprocess.run([sys.executable, __file__, "--engine", name, "--model", model, "--threads", str(threads),
+                          "--pp", str(pp), "--tg", str(tg)], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"{name} failed on {model}:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def child(args) -> None:
     if args.engine.endswith("-ttft"):
         (first_token if args.engine == "ours-ttft" else first_token_llama_cpp)(args.model, args.threads)
@@ -181,14 +190,13 @@ def main():
     for model in args.models:
         results = {"ours": [], "llama.cpp": []}
         first = {"ours": [], "ours cold": [], "llama.cpp": []}
+        # an untimed first run fills numba's cache and the weight cache: on a machine that never
+        # ran the model, the first run also compiles and repacks (more time, and ~180 MB more peak
+        # RSS for LLVM), which the cold first-token column measures on its own
+        run_engine("ours", model, args.threads, 8, 2)
         for _ in range(args.repeats):
             for name in results:
-                out = subprocess.run([sys.executable, __file__, "--engine", name, "--model", model,
-                                      "--threads", str(args.threads), "--pp", str(args.pp), "--tg", str(args.tg)],
-                                     capture_output=True, text=True)
-                if out.returncode != 0:
-                    raise SystemExit(f"{name} failed on {model}:\n{out.stderr[-2000:]}")
-                results[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                results[name].append(run_engine(name, model, args.threads, args.pp, args.tg))
                 first[name].append(time_to_first_token(name, model, args.threads))   # numba cache warm now
             with tempfile.TemporaryDirectory() as empty:   # a first run ever: nothing compiled, nothing repacked
                 first["ours cold"].append(time_to_first_token("ours", model, args.threads, {
