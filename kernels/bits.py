@@ -247,6 +247,71 @@ def dot4_nibbles(typingctx, acc, acc_index, w, w_index, x, x_index, shift):
     return types.void(acc, acc_index, w, w_index, x, x_index, shift), codegen
 
 
+def _pair_sums_fast(x_type) -> bool:
+    """Whether partial sums are kept as int16 pairs (pmaddubsw results): AVX2 and int8 activations."""
+    return _host_has_avx2() and x_type.dtype == types.int8
+
+
+@intrinsic
+def dot4_nibbles_partial(typingctx, acc, acc_index, w, w_index, x, x_index, shift):
+    """As dot4_nibbles, but into a partial sum that scaled_sums finishes: 32 bytes of acc per 8
+    lanes (acc.flat[acc_index:acc_index + 8], int32). With AVX2 and int8 activations it holds
+    pmaddubsw's 16 int16 pair sums, added without widening: the pmaddwd that widens them runs
+    once per sub-block instead of once per quad, and multiplies by the scales at the same time.
+    At most 8 calls per partial sum: 8 * 2 * 15 * 127 < 2^15. Otherwise plain int32 sums."""
+    if not (_dot4_types_ok(acc, w, x) and isinstance(shift, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        (acc_t, acc_i_t, w_t, w_i_t, x_t, x_i_t, shift_t), (acc_a, acc_i, w_a, w_i, x_a, x_i, shift) = signature.args, args
+        i16, i32 = ir.IntType(16), ir.IntType(32)
+        packed = _load(context, builder, w_t, w_a, w_i_t, w_i, 32)
+        nibbles = builder.and_(_shifted_right(context, builder, packed, shift, shift_t), ir.Constant(packed.type, [15] * 32))
+        xq = _load(context, builder, x_t, x_a, x_i_t, x_i, 4)
+        if _pair_sums_fast(x_t):
+            words16 = ir.VectorType(i16, 16)
+            maddubs = _declare(builder, "llvm.x86.avx2.pmadd.ub.sw", words16, packed.type, packed.type)
+            x_bytes = builder.shuffle_vector(xq, ir.Constant(xq.type, None),
+                                             ir.Constant(ir.VectorType(i32, 32), [0, 1, 2, 3] * 8))
+            sums, element, count = builder.call(maddubs, [nibbles, x_bytes]), i16, 16
+        else:
+            sums, element, count = _dot4_sums(builder, nibbles, xq, signed=False), i32, 8
+        pointer = _vector_pointer(context, builder, acc_t, acc_a, acc_i_t, acc_i, element, count)
+        builder.store(builder.add(builder.load(pointer, align=4), sums), pointer, align=4)
+        return context.get_dummy_value()
+    return types.void(acc, acc_index, w, w_index, x, x_index, shift), codegen
+
+
+@intrinsic
+def scaled_sums(typingctx, out, out_index, acc, acc_index, scales, scales_index, x):
+    """out.flat[out_index + l] = scales.flat[scales_index + l] * (the partial sum of lane l at
+    acc_index, dot4_nibbles_partial's), int32, for 8 lanes; scales uint8 below 64 (Q4_K's); x
+    only says which activation type made the partial sums. With int16 pairs this is one pmaddwd
+    by the scales (each lane's two halves hold its scale)."""
+    if not (isinstance(out, types.Array) and out.dtype == types.int32 and isinstance(acc, types.Array)
+            and acc.dtype == types.int32 and isinstance(scales, types.Array) and scales.dtype == types.uint8
+            and isinstance(x, types.Array)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        out_t, out_i_t, acc_t, acc_i_t, scales_t, scales_i_t, x_t = signature.args
+        out_a, out_i, acc_a, acc_i, scales_a, scales_i, _ = args
+        i16, i32 = ir.IntType(16), ir.IntType(32)
+        ints8, words16 = ir.VectorType(i32, 8), ir.VectorType(i16, 16)
+        scale = builder.zext(_load(context, builder, scales_t, scales_a, scales_i_t, scales_i, DOT4_LANES), ints8)
+        if _pair_sums_fast(x_t):
+            madd = _declare(builder, "llvm.x86.avx2.pmadd.wd", ints8, words16, words16)
+            pairs = builder.load(_vector_pointer(context, builder, acc_t, acc_a, acc_i_t, acc_i, i16, 16), align=4)
+            scale_pairs = builder.bitcast(builder.or_(scale, builder.shl(scale, ir.Constant(ints8, [16] * 8))), words16)
+            result = builder.call(madd, [pairs, scale_pairs])
+        else:
+            result = builder.mul(builder.load(_vector_pointer(context, builder, acc_t, acc_a, acc_i_t, acc_i, i32, 8),
+                                              align=4), scale)
+        builder.store(result, _vector_pointer(context, builder, out_t, out_a, out_i_t, out_i, i32, 8), align=4)
+        return context.get_dummy_value()
+    return types.void(out, out_index, acc, acc_index, scales, scales_index, x), codegen
+
+
 @intrinsic
 def dot4_six_bits(typingctx, acc, acc_index, w, low_index, low_shift, high_index, high_shift, x, x_index):
     """As dot4_nibbles for Q6_K's 6-bit weights (0..63, before Q6_K's offset of -32, which the

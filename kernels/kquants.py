@@ -17,7 +17,7 @@ their quants in quads: int32 sums of q * x per sub-block (bits.dot4_*), then per
 import numpy as np
 from numba import njit, prange
 
-from .bits import DOT4_LANES, dot4_nibbles, dot4_six_bits, half_at_bytes, stack_array
+from .bits import DOT4_LANES, dot4_nibbles_partial, dot4_six_bits, half_at_bytes, scaled_sums, stack_array
 from .layout import QUADS, ROW_GROUP, half_at, prefetch_ahead, store_group
 
 Q4_1_BYTES = 20
@@ -123,23 +123,21 @@ def matmul_q4_1(w, x, out):
 
 
 @njit(inline="always")
-def _k4_scales(w, g, b, scales, mins):
-    """scales[j * 64 + lane] = d * sc_j and mins[j * 64 + lane] = dmin * m_j of the 8 sub-blocks, from the
-    12 bytes of 6-bit values (planes 4-15) as ggml's get_scale_min_k4 unpacks them. Written as
-    two branch-free loops so that LLVM vectorizes them across lanes."""
+def _k4_scale_bytes(w, g, b, scales, mins):
+    """scales[j * 64 + lane] and mins[j * 64 + lane]: the 6-bit scale and min of sub-block j, from
+    the 12 bytes (planes 4-15) as ggml's get_scale_min_k4 unpacks them; branch-free loops over
+    the lanes, which LLVM vectorizes."""
     for j in range(4):
         for lane in range(ROW_GROUP):
-            sc = w[g, b, ROW_GROUP * (4 + j) + lane] & np.uint8(63)
-            m = w[g, b, ROW_GROUP * (8 + j) + lane] & np.uint8(63)
-            scales[j * ROW_GROUP + lane] = half_at(w, g, b, 0, lane) * np.float32(np.int32(sc))
-            mins[j * ROW_GROUP + lane] = half_at(w, g, b, 2, lane) * np.float32(np.int32(m))
+            scales[j * ROW_GROUP + lane] = w[g, b, ROW_GROUP * (4 + j) + lane] & np.uint8(63)
+            mins[j * ROW_GROUP + lane] = w[g, b, ROW_GROUP * (8 + j) + lane] & np.uint8(63)
     for j in range(4, 8):
         for lane in range(ROW_GROUP):
             packed = w[g, b, ROW_GROUP * (8 + j) + lane]
-            sc = np.uint8((packed & np.uint8(15)) | ((w[g, b, ROW_GROUP * j + lane] >> np.uint8(6)) << np.uint8(4)))
-            m = np.uint8((packed >> np.uint8(4)) | ((w[g, b, ROW_GROUP * (4 + j) + lane] >> np.uint8(6)) << np.uint8(4)))
-            scales[j * ROW_GROUP + lane] = half_at(w, g, b, 0, lane) * np.float32(np.int32(sc))
-            mins[j * ROW_GROUP + lane] = half_at(w, g, b, 2, lane) * np.float32(np.int32(m))
+            scales[j * ROW_GROUP + lane] = np.uint8(
+                (packed & np.uint8(15)) | ((w[g, b, ROW_GROUP * j + lane] >> np.uint8(6)) << np.uint8(4)))
+            mins[j * ROW_GROUP + lane] = np.uint8(
+                (packed >> np.uint8(4)) | ((w[g, b, ROW_GROUP * (4 + j) + lane] >> np.uint8(6)) << np.uint8(4)))
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -147,39 +145,51 @@ def matmul_q4_k(w, xq, xd, xs, out):
     """Q4_K with integer activations (blocks of 32 = one sub-block). The 128 nibble bytes are in
     quads (layout.py; planes 0-15 hold d, dmin and the scales): for chunk c, quad j of a lane
     holds weights 64c + 4j.. (low nibbles, sub-block 2c) and 64c + 32 + 4j.. (high, 2c + 1).
-    Per sub-block and lane an int32 sum of q * x (bits.dot4_nibbles); then
-    d * sc * sum q x - dmin * m * sum x, sum x from xs (quant.activation_block_sums)."""
+    Per block and lane, with x_j the activations' scale of sub-block j:
+        d * sum_j x_j * (sc_j * sum q x)  -  dmin * sum_j m_j * (x_j * sum x)
+    sc_j * sum q x is integer: partial sums per quad (bits.dot4_nibbles_partial), multiplied by
+    the 6-bit scales as they are widened (bits.scaled_sums); sum x comes from xs
+    (quant.activation_block_sums). The scales and mins stay bytes until then: converting all
+    of them to float32 in every block took about a third of the kernel's time."""
     n_groups, n_blocks, group_bytes = w.shape
     cols = xq.shape[1]
     for g in prange(n_groups):
+        partial = stack_array(np.int32, 2, ROW_GROUP)
         part = stack_array(np.int32, 2, ROW_GROUP)
-        scales = stack_array(np.float32, 8, ROW_GROUP)
-        mins = stack_array(np.float32, 8, ROW_GROUP)
+        scales = stack_array(np.uint8, 8, ROW_GROUP)
+        mins = stack_array(np.uint8, 8, ROW_GROUP)
+        block = stack_array(np.float32, 1, ROW_GROUP)
+        block_min = stack_array(np.float32, 1, ROW_GROUP)
         acc = stack_array(np.float32, 1, ROW_GROUP)
         for t in range(xq.shape[0]):
             acc[:] = 0.0
             for b in range(n_blocks):
-                _k4_scales(w, g, b, scales, mins)
+                _k4_scale_bytes(w, g, b, scales, mins)
+                block[:] = 0.0
+                block_min[:] = 0.0
                 for chunk in range(4):
                     prefetch_ahead(w, g, b, chunk, 4)
-                    part[:] = 0
+                    partial[:] = 0
                     x0 = b * QK_K + chunk * 64
                     quads = (g * n_blocks + b) * group_bytes + ROW_GROUP * (16 + 32 * chunk)
                     for j in range(32 // QUADS):
                         for lanes in range(0, ROW_GROUP, DOT4_LANES):
                             at = quads + QUADS * (j * ROW_GROUP + lanes)
-                            dot4_nibbles(part, lanes, w, at, xq, t * cols + x0 + QUADS * j, 0)
-                            dot4_nibbles(part, ROW_GROUP + lanes, w, at, xq, t * cols + x0 + 32 + QUADS * j, 4)
-                    sum_lo = xs[t, x0 // 16] + xs[t, x0 // 16 + 1]   # sums of 16 activations
-                    sum_hi = xs[t, x0 // 16 + 2] + xs[t, x0 // 16 + 3]
+                            dot4_nibbles_partial(partial, lanes, w, at, xq, t * cols + x0 + QUADS * j, 0)
+                            dot4_nibbles_partial(partial, ROW_GROUP + lanes, w, at, xq, t * cols + x0 + 32 + QUADS * j, 4)
                     j = 2 * chunk
+                    for lanes in range(0, 2 * ROW_GROUP, DOT4_LANES):   # sub-blocks j and j + 1
+                        scaled_sums(part, lanes, partial, lanes, scales, j * ROW_GROUP + lanes, xq)
                     d_lo = xd[t, x0 // 32]
                     d_hi = xd[t, x0 // 32 + 1]
+                    min_lo = d_lo * np.float32(xs[t, x0 // 16] + xs[t, x0 // 16 + 1])   # sums of 16
+                    min_hi = d_hi * np.float32(xs[t, x0 // 16 + 2] + xs[t, x0 // 16 + 3])
                     for lane in range(ROW_GROUP):
-                        acc[lane] += (d_lo * (scales[j * ROW_GROUP + lane] * np.float32(part[lane])
-                                              - mins[j * ROW_GROUP + lane] * np.float32(sum_lo))
-                                      + d_hi * (scales[(j + 1) * ROW_GROUP + lane] * np.float32(part[ROW_GROUP + lane])
-                                                - mins[(j + 1) * ROW_GROUP + lane] * np.float32(sum_hi)))
+                        block[lane] += d_lo * np.float32(part[lane]) + d_hi * np.float32(part[ROW_GROUP + lane])
+                        block_min[lane] += (min_lo * np.float32(np.int32(mins[j * ROW_GROUP + lane]))
+                                            + min_hi * np.float32(np.int32(mins[(j + 1) * ROW_GROUP + lane])))
+                for lane in range(ROW_GROUP):
+                    acc[lane] += half_at(w, g, b, 0, lane) * block[lane] - half_at(w, g, b, 2, lane) * block_min[lane]
             store_group(out, t, g, acc)
 
 

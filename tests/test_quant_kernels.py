@@ -276,3 +276,38 @@ def test_dot4_intrinsics_equal_integer_sums(avx2, x_type, monkeypatch):
         for k, (low_shift, high_shift) in enumerate([(0, 0), (4, 2), (0, 4), (4, 6)]):
             six = (q >> low_shift) & 15 | ((high >> high_shift) & 3) << 4
             assert np.array_equal(acc[3 + k], (six * x[12:16]).sum(1))
+
+
+@pytest.mark.parametrize("x_type", [np.int8, np.int16])
+@pytest.mark.parametrize("avx2", [True, False])
+def test_partial_nibble_sums_scaled_equal_integer_sums(avx2, x_type, monkeypatch):
+    """bits.dot4_nibbles_partial over the most quads it allows (8: Q4_K's sub-block of 32) and
+    bits.scaled_sums, against numpy at the extremes (15 * 127 in all 32 products of a lane, times
+    the largest 6-bit scale), in both code paths (int16 pair sums; int32 sums)."""
+    import numba
+    from kernels import bits
+    if avx2 and not bits._host_has_avx2():
+        pytest.skip("this CPU has no AVX2")
+    monkeypatch.setattr(bits, "_host_has_avx2", lambda: avx2)
+
+    def run(out, w, x, scales):   # 16 lanes; quad j of the 16 lanes at 64 j; nibbles at bit 0, then 4
+        partial = np.zeros(32, np.int32)
+        for j in range(8):
+            for lanes in range(0, 16, bits.DOT4_LANES):
+                bits.dot4_nibbles_partial(partial, lanes, w, 64 * j + 4 * lanes, x, 4 * j, 0)
+                bits.dot4_nibbles_partial(partial, 16 + lanes, w, 64 * j + 4 * lanes, x, 32 + 4 * j, 4)
+        for lanes in range(0, 32, bits.DOT4_LANES):
+            bits.scaled_sums(out, lanes, partial, lanes, scales, lanes, x)
+    run = numba.njit(run)
+    rng = np.random.default_rng(12)
+    top = np.iinfo(x_type).max
+    for w, x, scales in [(rng.integers(0, 256, 512, dtype=np.uint8), rng.integers(-top, top + 1, 64).astype(x_type),
+                          rng.integers(0, 64, 32, dtype=np.uint8)),
+                         (np.full(512, 0xFF, np.uint8), np.full(64, top, x_type), np.full(32, 63, np.uint8)),
+                         (np.full(512, 0xFF, np.uint8), np.full(64, -top, x_type), np.full(32, 63, np.uint8))]:
+        out = np.full(32, 12345, np.int32)   # stored, not added
+        run(out, w, x, scales)
+        quads = w.reshape(8, 16, 4).transpose(1, 0, 2).reshape(16, 32).astype(np.int64)   # lane, weight
+        x = x.astype(np.int64)
+        assert np.array_equal(out[:16], scales[:16] * ((quads & 15) * x[:32]).sum(1))
+        assert np.array_equal(out[16:], scales[16:] * ((quads >> 4) * x[32:]).sum(1))
