@@ -211,18 +211,9 @@ Q6_K_HALF_BYTES = 96 * ROW_GROUP
 
 
 @njit(inline="always")
-def _q6_scales(w, g, b, scales):
-    """scales[k * 64 + lane] = d * sc_k for the 16 int8 scales (planes 0-15, d in 16-17)."""
-    for k in range(16):
-        for lane in range(ROW_GROUP):
-            scales[k * ROW_GROUP + lane] = half_at(w, g, b, 16, lane) * np.float32(
-                np.int8(w[g, b, ROW_GROUP * k + lane]))
-
-
-@njit(inline="always")
-def _q6_quarter(w, half_start, half, i, low_shift, high_shift, xq, xd, xs, t, x0, part, scales, acc):
-    """acc += the products of quarter i (weights 32 i .. 32 i + 31) of a half-block of Q6_K, for
-    the 64 lanes; the shifts are constants of each call (see matmul_q6_k)."""
+def _q6_quarter(w, g, b, half_start, half, i, low_shift, high_shift, xq, xd, xs, t, x0, part, block):
+    """block += the products of quarter i (weights 32 i .. 32 i + 31) of a half-block of Q6_K, for
+    the 64 lanes, before the block's d; the shifts are constants of each call (see matmul_q6_k)."""
     cols = xq.shape[1]
     x_scale = xd[t, x0 // 32]
     for s in range(2):   # 16 weights share a scale
@@ -237,7 +228,8 @@ def _q6_quarter(w, half_start, half, i, low_shift, high_shift, xq, xd, xs, t, x0
         sc = 8 * half + 2 * i + s
         offset = np.int32(32 * xs[t, x0 // 16 + s])   # the sum of these 16 activations
         for lane in range(ROW_GROUP):   # int32 until here: numba would widen to int64
-            acc[lane] += scales[sc * ROW_GROUP + lane] * x_scale * np.float32(np.int32(part[lane] - offset))
+            block[lane] += (np.float32(np.int8(w[g, b, ROW_GROUP * sc + lane])) * x_scale
+                            * np.float32(np.int32(part[lane] - offset)))
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -253,18 +245,20 @@ def matmul_q6_k(w, xq, xd, xs, out):
     n_groups, n_blocks, group_bytes = w.shape
     for g in prange(n_groups):
         part = stack_array(np.int32, 1, ROW_GROUP)
-        scales = stack_array(np.float32, 16, ROW_GROUP)
+        block = stack_array(np.float32, 1, ROW_GROUP)
         acc = stack_array(np.float32, 1, ROW_GROUP)
         for t in range(xq.shape[0]):
             acc[:] = 0.0
             for b in range(n_blocks):
-                _q6_scales(w, g, b, scales)
+                block[:] = 0.0
                 for half in range(2):
                     prefetch_ahead(w, g, b, half, 2)
                     at = (g * n_blocks + b) * group_bytes + Q6_K_HALF + half * Q6_K_HALF_BYTES
                     x0 = b * QK_K + half * 128
-                    _q6_quarter(w, at, half, 0, 0, 0, xq, xd, xs, t, x0, part, scales, acc)
-                    _q6_quarter(w, at, half, 1, 0, 2, xq, xd, xs, t, x0 + 32, part, scales, acc)
-                    _q6_quarter(w, at, half, 2, 4, 4, xq, xd, xs, t, x0 + 64, part, scales, acc)
-                    _q6_quarter(w, at, half, 3, 4, 6, xq, xd, xs, t, x0 + 96, part, scales, acc)
+                    _q6_quarter(w, g, b, at, half, 0, 0, 0, xq, xd, xs, t, x0, part, block)
+                    _q6_quarter(w, g, b, at, half, 1, 0, 2, xq, xd, xs, t, x0 + 32, part, block)
+                    _q6_quarter(w, g, b, at, half, 2, 4, 4, xq, xd, xs, t, x0 + 64, part, block)
+                    _q6_quarter(w, g, b, at, half, 3, 4, 6, xq, xd, xs, t, x0 + 96, part, block)
+                for lane in range(ROW_GROUP):   # the int8 scales are planes 0-15, d is in 16-17
+                    acc[lane] += half_at(w, g, b, 16, lane) * block[lane]
             store_group(out, t, g, acc)
