@@ -230,23 +230,6 @@ def dot4_int8(typingctx, acc, acc_index, w, w_index, x, x_index):
     return types.void(acc, acc_index, w, w_index, x, x_index), codegen
 
 
-@intrinsic
-def dot4_nibbles(typingctx, acc, acc_index, w, w_index, x, x_index, shift):
-    """As dot4_int8 for 4-bit weights, two per byte: the nibble at bit `shift` (0 or 4) of each
-    of the 4 bytes of a lane times x.flat[x_index + c] (unsigned 0..15: no sign to move)."""
-    if not (_dot4_types_ok(acc, w, x) and isinstance(shift, types.Integer)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        (acc_t, acc_i_t, w_t, w_i_t, x_t, x_i_t, shift_t), (acc_a, acc_i, w_a, w_i, x_a, x_i, shift) = signature.args, args
-        packed = _load(context, builder, w_t, w_a, w_i_t, w_i, 32)
-        nibbles = builder.and_(_shifted_right(context, builder, packed, shift, shift_t), ir.Constant(packed.type, [15] * 32))
-        sums = _dot4_sums(builder, nibbles, _load(context, builder, x_t, x_a, x_i_t, x_i, 4), signed=False)
-        _accumulate(context, builder, acc_t, acc_a, acc_i_t, acc_i, sums)
-        return context.get_dummy_value()
-    return types.void(acc, acc_index, w, w_index, x, x_index, shift), codegen
-
-
 def _pair_sums_fast(x_type) -> bool:
     """Whether partial sums are kept as int16 pairs (pmaddubsw results): AVX2 and int8 activations."""
     return _host_has_avx2() and x_type.dtype == types.int8
@@ -254,10 +237,12 @@ def _pair_sums_fast(x_type) -> bool:
 
 @intrinsic
 def dot4_nibbles_partial(typingctx, acc, acc_index, w, w_index, x, x_index, shift):
-    """As dot4_nibbles, but into a partial sum that scaled_sums finishes: 32 bytes of acc per 8
-    lanes (acc.flat[acc_index:acc_index + 8], int32). With AVX2 and int8 activations it holds
+    """As dot4_int8 for 4-bit weights, two per byte: the nibble at bit `shift` (0 or 4) of each
+    of the 4 bytes of a lane times x.flat[x_index + c] (unsigned 0..15: no sign to move), added
+    to a partial sum that scaled_sums finishes: 32 bytes of acc per 8 lanes
+    (acc.flat[acc_index:acc_index + 8], int32). With AVX2 and int8 activations it holds
     pmaddubsw's 16 int16 pair sums, added without widening: the pmaddwd that widens them runs
-    once per sub-block instead of once per quad, and multiplies by the scales at the same time.
+    once per block instead of once per quad, and multiplies by the scales at the same time.
     At most 8 calls per partial sum: 8 * 2 * 15 * 127 < 2^15. Otherwise plain int32 sums."""
     if not (_dot4_types_ok(acc, w, x) and isinstance(shift, types.Integer)):
         return None
@@ -285,7 +270,8 @@ def dot4_nibbles_partial(typingctx, acc, acc_index, w, w_index, x, x_index, shif
 @intrinsic
 def scaled_sums(typingctx, out, out_index, acc, acc_index, scales, scales_index, x):
     """out.flat[out_index + l] = scales.flat[scales_index + l] * (the partial sum of lane l at
-    acc_index, dot4_nibbles_partial's), int32, for 8 lanes; scales uint8 below 64 (Q4_K's); x
+    acc_index, dot4_nibbles_partial's), int32, for 8 lanes; scales uint8 below 64 (Q4_K's, or
+    ones for Q4_0); x
     only says which activation type made the partial sums. With int16 pairs this is one pmaddwd
     by the scales (each lane's two halves hold its scale)."""
     if not (isinstance(out, types.Array) and out.dtype == types.int32 and isinstance(acc, types.Array)
@@ -314,7 +300,7 @@ def scaled_sums(typingctx, out, out_index, acc, acc_index, scales, scales_index,
 
 @intrinsic
 def dot4_six_bits(typingctx, acc, acc_index, w, low_index, low_shift, high_index, high_shift, x, x_index):
-    """As dot4_nibbles for Q6_K's 6-bit weights (0..63, before Q6_K's offset of -32, which the
+    """As dot4_int8 for Q6_K's 6-bit weights (0..63, before Q6_K's offset of -32, which the
     caller applies to the sum): 4 low bits at bit `low_shift` (0 or 4) of the quad at
     low_index, 2 high bits at bit `high_shift` (0, 2, 4 or 6) of the quad at high_index."""
     if not (_dot4_types_ok(acc, w, x) and isinstance(low_shift, types.Integer)

@@ -18,7 +18,7 @@ np.int16/np.int32 so that LLVM keeps them in 16/32-bit SIMD lanes instead of num
 import numpy as np
 from numba import njit, prange
 
-from .bits import DOT4_LANES, dot4_int8, dot4_nibbles, f32_to_f16, half_at_bytes, stack_array
+from .bits import DOT4_LANES, dot4_int8, dot4_nibbles_partial, f32_to_f16, half_at_bytes, scaled_sums, stack_array
 from .layout import QUADS, ROW_GROUP, half_at, prefetch_ahead, store_group
 
 QK = 32            # weights per block
@@ -175,25 +175,32 @@ def matmul_q8_0(w, xq, xd, xs, out):
 @njit(parallel=True, fastmath=True, cache=True)
 def matmul_q4_0(w, xq, xd, xs, out):
     """Q4_0 weights, integer activations. The nibble bytes are in quads, as in matmul_q8_0: quad j
-    of a lane holds weights 4j..4j+3 (low nibbles) and 16+4j.. (high). Sums of q * x in int32,
-    then sum (q - 8) x = sum q x - 8 sum x per block (xs: activation_block_sums)."""
+    of a lane holds weights 4j..4j+3 (low nibbles) and 16+4j.. (high). The 8 products of a block
+    add up as partial sums (bits.dot4_nibbles_partial: int16 pairs with AVX2), widened to int32
+    once per block (bits.scaled_sums, by scales of 1); then sum (q - 8) x = sum q x - 8 sum x
+    (xs: activation_block_sums)."""
     n_groups, n_blocks, group_bytes = w.shape
     cols = xq.shape[1]
     for g in prange(n_groups):
+        partial = stack_array(np.int32, 1, ROW_GROUP)
         block = stack_array(np.int32, 1, ROW_GROUP)
+        ones = stack_array(np.uint8, 1, ROW_GROUP)
+        ones[:] = 1
         acc = stack_array(np.float32, 1, ROW_GROUP)
         for t in range(xq.shape[0]):
             acc[:] = 0.0
             for b in range(n_blocks):
                 prefetch_ahead(w, g, b, 0, 1, always=True)   # faster with the hints on AMD too (kernels/__init__.py)
-                block[:] = 0
+                partial[:] = 0
                 quads = (g * n_blocks + b) * group_bytes + 2 * ROW_GROUP   # after the scales' planes
                 x0 = t * cols + b * QK
                 for j in range(QK // 2 // QUADS):
                     for lanes in range(0, ROW_GROUP, DOT4_LANES):
                         at = quads + QUADS * (j * ROW_GROUP + lanes)
-                        dot4_nibbles(block, lanes, w, at, xq, x0 + QUADS * j, 0)
-                        dot4_nibbles(block, lanes, w, at, xq, x0 + QK // 2 + QUADS * j, 4)
+                        dot4_nibbles_partial(partial, lanes, w, at, xq, x0 + QUADS * j, 0)
+                        dot4_nibbles_partial(partial, lanes, w, at, xq, x0 + QK // 2 + QUADS * j, 4)
+                for lanes in range(0, ROW_GROUP, DOT4_LANES):
+                    scaled_sums(block, lanes, partial, lanes, ones, lanes, xq)
                 x_offset = np.int32(8 * (xs[t, 2 * b] + xs[t, 2 * b + 1]))   # sums of 16
                 x_scale = xd[t, b]
                 for lane in range(ROW_GROUP):   # int32 until converted: numba would widen to int64
