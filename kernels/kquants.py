@@ -5,7 +5,7 @@ float32 operations in the same order, without fast-math, so no fused multiply-ad
 products read the interleaved layout of kernels/layout.py. Q4_1's, with float32 activations,
 reads byte planes: each lane (an output row) sums q * x over a block, then applies its scale
 and min. Q4_K and Q6_K take integer activations (int8, or int16 for the LM head) and keep
-their quants in quads: int32 sums of q * x per sub-block (bits.dot4_*), then per lane
+their quants in quads: integer sums of q * x per sub-block (bits.dot4_*), then per lane
     sum d * sc * q * x - dmin * m * x  =  d * sc * sum(q * x) - dmin * m * sum(x)
 
     Q4_1, 32 weights in 20 bytes: fp16 d, fp16 m, 16 bytes of nibbles;  w = d * q + m
