@@ -123,6 +123,20 @@ def _declare(builder, name, result, *arguments):
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(result, list(arguments)), name)
 
 
+def _repeat(builder, vector, times):
+    """<4 x T> -> <4 * times x T>: the 4 items again and again (one per lane)."""
+    return builder.shuffle_vector(vector, ir.Constant(vector.type, None),
+                                  ir.Constant(ir.VectorType(ir.IntType(32), 4 * times), [0, 1, 2, 3] * times))
+
+
+def _byte_pair_sums(builder, weights, x):
+    """<16 x i16>: pmaddubsw of 32 unsigned weight bytes (4 per lane) by 4 int8 activations x, each
+    lane's 4 products added in two pairs (AVX2 only)."""
+    bytes32, words16 = weights.type, ir.VectorType(ir.IntType(16), 16)
+    maddubs = _declare(builder, "llvm.x86.avx2.pmadd.ub.sw", words16, bytes32, bytes32)
+    return builder.call(maddubs, [weights, _repeat(builder, x, 8)])
+
+
 def _dot4_sums(builder, weights, x, signed):
     """<8 x i32>: lane l gets sum over c < 4 of weights[4 l + c] * x[c], for 32 weight bytes
     (int8 if `signed`, else unsigned below 128) and 4 activations x (<4 x i8> or <4 x i16>).
@@ -139,9 +153,8 @@ def _dot4_sums(builder, weights, x, signed):
     AVX2 the same sums are written in plain LLVM vector code."""
     i1, i8, i16, i32 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32)
 
-    def repeat(vector, times):   # <4 x T> -> <4 * times x T>: x[0..3] again and again
-        return builder.shuffle_vector(vector, ir.Constant(vector.type, None),
-                                      ir.Constant(ir.VectorType(i32, 4 * times), [0, 1, 2, 3] * times))
+    def repeat(vector, times):
+        return _repeat(builder, vector, times)
 
     def every_other(start, source):
         count = source.type.count // 2
@@ -153,15 +166,14 @@ def _dot4_sums(builder, weights, x, signed):
         bytes32, words16, ints8 = ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 8)
         madd = _declare(builder, "llvm.x86.avx2.pmadd.wd", ints8, words16, words16)
         if x_is_int8:
-            maddubs = _declare(builder, "llvm.x86.avx2.pmadd.ub.sw", words16, bytes32, bytes32)
-            x_bytes = repeat(x, 8)
             if signed:
+                maddubs = _declare(builder, "llvm.x86.avx2.pmadd.ub.sw", words16, bytes32, bytes32)
                 sign = _declare(builder, "llvm.x86.avx2.psign.b", bytes32, bytes32, bytes32)
                 absolute = _declare(builder, "llvm.abs.v32i8", bytes32, bytes32, i1)
                 pairs = builder.call(maddubs, [builder.call(absolute, [weights, ir.Constant(i1, 0)]),
-                                               builder.call(sign, [x_bytes, weights])])
+                                               builder.call(sign, [repeat(x, 8), weights])])
             else:
-                pairs = builder.call(maddubs, [weights, x_bytes])
+                pairs = _byte_pair_sums(builder, weights, x)
             return builder.call(madd, [pairs, ir.Constant(words16, [1] * 16)])
         if not signed:
             # unsigned weights (< 128) by int16 x = 256 hi + lo: pmaddubsw with the bytes of x,
@@ -249,18 +261,13 @@ def dot4_nibbles_partial(typingctx, acc, acc_index, w, w_index, x, x_index, shif
 
     def codegen(context, builder, signature, args):
         (acc_t, acc_i_t, w_t, w_i_t, x_t, x_i_t, shift_t), (acc_a, acc_i, w_a, w_i, x_a, x_i, shift) = signature.args, args
-        i16, i32 = ir.IntType(16), ir.IntType(32)
         packed = _load(context, builder, w_t, w_a, w_i_t, w_i, 32)
         nibbles = builder.and_(_shifted_right(context, builder, packed, shift, shift_t), ir.Constant(packed.type, [15] * 32))
         xq = _load(context, builder, x_t, x_a, x_i_t, x_i, 4)
         if _pair_sums_fast(x_t):
-            words16 = ir.VectorType(i16, 16)
-            maddubs = _declare(builder, "llvm.x86.avx2.pmadd.ub.sw", words16, packed.type, packed.type)
-            x_bytes = builder.shuffle_vector(xq, ir.Constant(xq.type, None),
-                                             ir.Constant(ir.VectorType(i32, 32), [0, 1, 2, 3] * 8))
-            sums, element, count = builder.call(maddubs, [nibbles, x_bytes]), i16, 16
+            sums, element, count = _byte_pair_sums(builder, nibbles, xq), ir.IntType(16), 16
         else:
-            sums, element, count = _dot4_sums(builder, nibbles, xq, signed=False), i32, 8
+            sums, element, count = _dot4_sums(builder, nibbles, xq, signed=False), ir.IntType(32), 8
         pointer = _vector_pointer(context, builder, acc_t, acc_a, acc_i_t, acc_i, element, count)
         builder.store(builder.add(builder.load(pointer, align=4), sums), pointer, align=4)
         return context.get_dummy_value()
@@ -269,14 +276,14 @@ def dot4_nibbles_partial(typingctx, acc, acc_index, w, w_index, x, x_index, shif
 
 @intrinsic
 def scaled_sums(typingctx, out, out_index, acc, acc_index, scales, scales_index, x):
-    """out.flat[out_index + l] = scales.flat[scales_index + l] * (the partial sum of lane l at
-    acc_index, dot4_nibbles_partial's), int32, for 8 lanes; scales uint8 below 64 (Q4_K's, or
-    ones for Q4_0); x
-    only says which activation type made the partial sums. With int16 pairs this is one pmaddwd
-    by the scales (each lane's two halves hold its scale)."""
+    """out.flat[out_index + l] = scale of lane l * (its partial sum at acc_index, made by
+    dot4_nibbles_partial), int32, for 8 lanes. The scales are the bytes
+    scales.flat[scales_index + l], uint8 below 64 (Q4_K's 6-bit scales), or 1 where scales is
+    None (Q4_0); x only says which activation type made the partial sums. With int16 pairs this
+    is one pmaddwd by the scales (each lane's two int16 halves hold its scale)."""
     if not (isinstance(out, types.Array) and out.dtype == types.int32 and isinstance(acc, types.Array)
-            and acc.dtype == types.int32 and isinstance(scales, types.Array) and scales.dtype == types.uint8
-            and isinstance(x, types.Array)):
+            and acc.dtype == types.int32 and isinstance(x, types.Array)
+            and (isinstance(scales, types.NoneType) or isinstance(scales, types.Array) and scales.dtype == types.uint8)):
         return None
 
     def codegen(context, builder, signature, args):
@@ -284,7 +291,10 @@ def scaled_sums(typingctx, out, out_index, acc, acc_index, scales, scales_index,
         out_a, out_i, acc_a, acc_i, scales_a, scales_i, _ = args
         i16, i32 = ir.IntType(16), ir.IntType(32)
         ints8, words16 = ir.VectorType(i32, 8), ir.VectorType(i16, 16)
-        scale = builder.zext(_load(context, builder, scales_t, scales_a, scales_i_t, scales_i, DOT4_LANES), ints8)
+        if isinstance(scales_t, types.NoneType):
+            scale = ir.Constant(ints8, [1] * 8)
+        else:
+            scale = builder.zext(_load(context, builder, scales_t, scales_a, scales_i_t, scales_i, DOT4_LANES), ints8)
         if _pair_sums_fast(x_t):
             madd = _declare(builder, "llvm.x86.avx2.pmadd.wd", ints8, words16, words16)
             pairs = builder.load(_vector_pointer(context, builder, acc_t, acc_a, acc_i_t, acc_i, i16, 16), align=4)

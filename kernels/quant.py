@@ -177,15 +177,13 @@ def matmul_q4_0(w, xq, xd, xs, out):
     """Q4_0 weights, integer activations. The nibble bytes are in quads, as in matmul_q8_0: quad j
     of a lane holds weights 4j..4j+3 (low nibbles) and 16+4j.. (high). The 8 products of a block
     add up as partial sums (bits.dot4_nibbles_partial: int16 pairs with AVX2), widened to int32
-    once per block (bits.scaled_sums, by scales of 1); then sum (q - 8) x = sum q x - 8 sum x
+    once per block (bits.scaled_sums, scales of 1); then sum (q - 8) x = sum q x - 8 sum x
     (xs: activation_block_sums)."""
     n_groups, n_blocks, group_bytes = w.shape
     cols = xq.shape[1]
     for g in prange(n_groups):
         partial = stack_array(np.int32, 1, ROW_GROUP)
         block = stack_array(np.int32, 1, ROW_GROUP)
-        ones = stack_array(np.uint8, 1, ROW_GROUP)
-        ones[:] = 1
         acc = stack_array(np.float32, 1, ROW_GROUP)
         for t in range(xq.shape[0]):
             acc[:] = 0.0
@@ -200,7 +198,7 @@ def matmul_q4_0(w, xq, xd, xs, out):
                         dot4_nibbles_partial(partial, lanes, w, at, xq, x0 + QUADS * j, 0)
                         dot4_nibbles_partial(partial, lanes, w, at, xq, x0 + QK // 2 + QUADS * j, 4)
                 for lanes in range(0, ROW_GROUP, DOT4_LANES):
-                    scaled_sums(block, lanes, partial, lanes, ones, lanes, xq)
+                    scaled_sums(block, lanes, partial, lanes, None, 0, xq)   # widened, scales of 1
                 x_offset = np.int32(8 * (xs[t, 2 * b] + xs[t, 2 * b + 1]))   # sums of 16
                 x_scale = xd[t, b]
                 for lane in range(ROW_GROUP):   # int32 until converted: numba would widen to int64

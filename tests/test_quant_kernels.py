@@ -278,15 +278,16 @@ def test_dot4_intrinsics_equal_integer_sums(avx2, x_type, monkeypatch):
 @pytest.mark.parametrize("avx2", [True, False])
 def test_partial_nibble_sums_scaled_equal_integer_sums(avx2, x_type, monkeypatch):
     """bits.dot4_nibbles_partial over the most quads it allows (8: Q4_K's sub-block of 32) and
-    bits.scaled_sums, against numpy at the extremes (15 * 127 in all 32 products of a lane, times
-    the largest 6-bit scale), in both code paths (int16 pair sums; int32 sums)."""
+    bits.scaled_sums, with scales and without (Q4_0's scales of 1), against numpy at the extremes
+    (15 * 127 in all 32 products of a lane, times the largest 6-bit scale), in both code paths
+    (int16 pair sums; int32 sums)."""
     import numba
     from kernels import bits
     if avx2 and not bits._host_has_avx2():
         pytest.skip("this CPU has no AVX2")
     monkeypatch.setattr(bits, "_host_has_avx2", lambda: avx2)
 
-    def run(out, w, x, scales):   # 16 lanes; quad j of the 16 lanes at 64 j; nibbles at bit 0, then 4
+    def run(out, unscaled, w, x, scales):   # 16 lanes; quad j of the 16 lanes at 64 j; nibbles at bit 0, then 4
         partial = np.zeros(32, np.int32)
         for j in range(8):
             for lanes in range(0, 16, bits.DOT4_LANES):
@@ -294,6 +295,7 @@ def test_partial_nibble_sums_scaled_equal_integer_sums(avx2, x_type, monkeypatch
                 bits.dot4_nibbles_partial(partial, 16 + lanes, w, 64 * j + 4 * lanes, x, 32 + 4 * j, 4)
         for lanes in range(0, 32, bits.DOT4_LANES):
             bits.scaled_sums(out, lanes, partial, lanes, scales, lanes, x)
+            bits.scaled_sums(unscaled, lanes, partial, lanes, None, 0, x)
     run = numba.njit(run)
     rng = np.random.default_rng(12)
     top = np.iinfo(x_type).max
@@ -301,9 +303,9 @@ def test_partial_nibble_sums_scaled_equal_integer_sums(avx2, x_type, monkeypatch
                           rng.integers(0, 64, 32, dtype=np.uint8)),
                          (np.full(512, 0xFF, np.uint8), np.full(64, top, x_type), np.full(32, 63, np.uint8)),
                          (np.full(512, 0xFF, np.uint8), np.full(64, -top, x_type), np.full(32, 63, np.uint8))]:
-        out = np.full(32, 12345, np.int32)   # stored, not added
-        run(out, w, x, scales)
+        out, unscaled = np.full(32, 12345, np.int32), np.full(32, 12345, np.int32)   # stored, not added
+        run(out, unscaled, w, x, scales)
         quads = w.reshape(8, 16, 4).transpose(1, 0, 2).reshape(16, 32).astype(np.int64)   # lane, weight
         x = x.astype(np.int64)
-        assert np.array_equal(out[:16], scales[:16] * ((quads & 15) * x[:32]).sum(1))
-        assert np.array_equal(out[16:], scales[16:] * ((quads >> 4) * x[32:]).sum(1))
+        sums = np.r_[((quads & 15) * x[:32]).sum(1), ((quads >> 4) * x[32:]).sum(1)]
+        assert np.array_equal(out, scales * sums) and np.array_equal(unscaled, sums)
