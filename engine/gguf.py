@@ -121,23 +121,37 @@ class GGUFFile:
         return self._bytes(self._scalar("<Q")).decode("utf-8", errors="replace")
 
     def _string_array(self, count: int, key: str) -> list:
-        """`count` strings in a row: the same bounded reads as _string, in one tight loop (a
-        vocabulary and its merges are 300,000 strings; method calls per string took 0.6 s)."""
+        """`count` strings in a row (a vocabulary and its merges: 300,000 strings). Python code per
+        string is what costs here, so it does the least: one loop finds where each string starts,
+        bounded by the file size; numpy then drops the 8-byte lengths, leaving a NUL between
+        strings, and the whole run is decoded and split at once (0.35 -> 0.2 s for a DeepSeek
+        vocabulary and its merges). A string that holds a NUL itself is decoded on its own."""
         if count > self.remaining // 8:
             raise self._error(f"metadata array {key!r} claims {count} strings, more than the file holds")
         mm, pos, size = self.mm, self.pos, self.size
         read_length = struct.Struct("<Q").unpack_from
-        strings = [""] * count
+        starts = [0] * count
         for i in range(count):
-            end = pos + 8 + (read_length(mm, pos)[0] if pos + 8 <= size else 0)
-            if end > size or pos + 8 > size:
+            end = pos + 8 + (read_length(mm, pos)[0] if pos + 8 <= size else size)
+            if end > size:
                 self.pos = pos
                 raise self._error(f"truncated: string {i} of metadata array {key!r} at offset {pos} runs past "
                                   f"the end of the file")
-            strings[i] = mm[pos + 8:end].decode("utf-8", errors="replace")
-            pos = end
+            starts[i], pos = pos + 8, end
         self.pos = pos
-        return strings
+        if count == 0:
+            return []
+        first = starts[0]
+        run = self.data[first:pos].copy()
+        later = np.asarray(starts[1:], dtype=np.int64) - first
+        run[later - 1] = 0                                   # the last byte of each length: a NUL
+        keep = np.ones(len(run), dtype=bool)
+        keep[(later[:, None] - np.arange(8, 1, -1)).ravel()] = False   # and its other 7 bytes go
+        strings = run[keep].tobytes().decode("utf-8", errors="replace").split("\0")
+        if len(strings) == count:
+            return strings
+        ends = starts[1:] + [pos + 8]   # some string holds a NUL: one at a time
+        return [self.mm[start:end - 8].decode("utf-8", errors="replace") for start, end in zip(starts, ends)]
 
     def _value(self, type_id: int, key: str):
         if type_id not in VALUE_TYPES:

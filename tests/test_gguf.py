@@ -206,6 +206,43 @@ def test_small_file_reads(small_gguf, tmp_path):
     assert g.raw("token_embd.weight").view(np.float32).shape == (4, 32)
 
 
+@pytest.mark.parametrize("strings", [
+    ["", "a", "", "", "ĠĠ b", "é中文🙂", "x" * 300, ""],   # empty ones, multi-byte UTF-8, a long one
+    ["a\0b", "", "\0", "c"],                                  # NULs inside: decoded one at a time
+    ["only"],
+])
+def test_string_arrays_read_back_exactly(tmp_path, strings):
+    w = GGUFWriter(str(tmp_path / "s.gguf"), "llama")
+    w.add_array("tokenizer.ggml.merges", strings)
+    w.add_string("general.name", "after the array")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    g = GGUFFile(tmp_path / "s.gguf")
+    assert g.metadata["tokenizer.ggml.merges"] == strings
+    assert g.metadata["general.name"] == "after the array"
+
+
+def test_invalid_utf8_in_strings_is_replaced_per_string(tmp_path):
+    """An incomplete character at the end of one string does not swallow the next one."""
+    data = bytearray(make_small_gguf(tmp_path / "small.gguf").read_bytes())
+    at = data.index(b"\x01\x00\x00\x00\x00\x00\x00\x00b")   # the token "b": make it 0xE2 (a cut-off character)
+    data[at + 8] = 0xE2
+    (tmp_path / "bad.gguf").write_bytes(bytes(data))
+    assert GGUFFile(tmp_path / "bad.gguf").metadata["tokenizer.ggml.tokens"] == ["a", "\ufffd", "c"]
+
+
+@pytest.mark.parametrize("index, length", [(1, 2**40), (2, 2**40), (2, 2**64 - 1)])
+def test_a_string_running_past_the_end_is_named(small_gguf, tmp_path, index, length):
+    data = bytearray(small_gguf)
+    at = data.index(b"\x01\x00\x00\x00\x00\x00\x00\x00" + b"abc"[index:index + 1])
+    struct.pack_into("<Q", data, at, length)
+    (tmp_path / "bad.gguf").write_bytes(bytes(data))
+    with pytest.raises(EngineError, match=f"string {index} of metadata array 'tokenizer.ggml.tokens'"):
+        GGUFFile(tmp_path / "bad.gguf")
+
+
 def tensor_info_offset(data: bytes, name: bytes) -> int:
     """Byte offset of a tensor's info record (its name's length field)."""
     return data.index(name) - 8
