@@ -17,6 +17,7 @@ import numpy as np
 from numba import njit, prange
 
 from .bits import f16_to_f32, f32_to_f16
+from .ops import exp_f32
 from .quant import QK, quantize_activations
 
 KV_KINDS = ("f16", "q8_0", "f32")
@@ -97,7 +98,7 @@ def _attention(key_dot, value_add, q, k, k_scales, v, v_scales, start_pos, out):
             best = max(best, s)
         total = np.float32(0.0)
         for p in range(n_keys):
-            e = np.exp(scores[p] - best)
+            e = exp_f32(scores[p] - best)
             scores[p] = e
             total += e
         acc = np.zeros(head_dim, np.float32)

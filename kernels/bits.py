@@ -42,6 +42,17 @@ def f32_to_f16(typingctx, value):
 
 
 @intrinsic
+def f32_from_bits(typingctx, bits):
+    """The float32 whose bit pattern is the int32 `bits` (a reinterpretation, no conversion)."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return types.float32(bits), codegen
+
+
+@intrinsic
 def bf16_to_f32(typingctx, bits):
     """uint16 bits of a bfloat16 -> float32 (exact: bf16 is the top half of a float32)."""
     if not isinstance(bits, types.Integer) or bits.bitwidth != 16:

@@ -309,3 +309,63 @@ def test_partial_nibble_sums_scaled_equal_integer_sums(avx2, x_type, monkeypatch
         x = x.astype(np.int64)
         sums = np.r_[((quads & 15) * x[:32]).sum(1), ((quads >> 4) * x[32:]).sum(1)]
         assert np.array_equal(out, scales * sums) and np.array_equal(unscaled, sums)
+
+
+# --- the exponential of SwiGLU and softmax ------------------------------------------------------
+
+def test_exp_f32_is_within_float32_rounding_of_exp():
+    """ops.exp_f32 compiled as the kernels compile it (fast-math), against float64 exp: dense
+    over the whole range it computes, and clamped outside it. (Without fast-math its error is
+    below 1e-7; fast-math lets LLVM merge the two parts of ln 2, which costs up to 3e-7 at the
+    ends of the range.)"""
+    import numba
+    from kernels.ops import exp_f32
+
+    @numba.njit(fastmath=True)
+    def apply(x, out):
+        for i in range(x.shape[0]):
+            out[i] = exp_f32(x[i])
+    inside = np.r_[np.linspace(-87.3, 88.3, 400_001), -1e-30, 0.0, 1e-30, np.log(2) / 2, -np.log(2) / 2].astype(np.float32)
+    out = np.empty_like(inside)
+    apply(inside, out)
+    relative = np.abs(out / np.exp(inside.astype(np.float64)) - 1)
+    print(f"exp_f32: max relative error {relative.max():.2e}")
+    assert relative.max() < 3e-7
+    outside = np.array([-1e30, -1000, -87.31, 88.31, 1000, 1e30], np.float32)
+    out = np.empty_like(outside)
+    apply(outside, out)
+    clamped = np.float32([-87.3, -87.3, -87.3, 88.3, 88.3, 88.3]).astype(np.float64)
+    assert np.allclose(out, np.exp(clamped), rtol=3e-7, atol=0)
+
+
+def test_swiglu_and_attention_softmax_equal_numpy():
+    """The two kernels that exponentiate, against float64 numpy, with inputs large enough that
+    exp_f32 clamps (gates of +-200; attention scores 300 apart)."""
+    from kernels.attention import KVCache
+    from kernels.ops import swiglu
+    rng = np.random.default_rng(3)
+    gate = (rng.standard_normal((3, 5000)) * 4).astype(np.float32)
+    gate[0, :4] = [-200, 200, 0, -88.5]
+    up = rng.standard_normal((3, 5000)).astype(np.float32)
+    out = np.empty_like(gate)
+    swiglu(gate, up, out)
+    g = gate.astype(np.float64)
+    assert np.allclose(out, g / (1 + np.exp(-g)) * up, rtol=2e-6, atol=1e-30)
+
+    tokens, heads, kv_heads, head_dim, start = 3, 4, 2, 64, 5
+    cache = KVCache("f32", 1, kv_heads, 16, head_dim)
+    k = (rng.standard_normal((start + tokens, kv_heads, head_dim)) * 3).astype(np.float32)
+    v = rng.standard_normal((start + tokens, kv_heads, head_dim)).astype(np.float32)
+    q = (rng.standard_normal((tokens, heads, head_dim)) * 10).astype(np.float32)
+    cache.store(0, k, v, 0)
+    out = np.empty_like(q)
+    cache.attend(0, q, start, out)
+    spreads = []
+    for t in range(tokens):
+        for h in range(heads):
+            keys, values = k[:start + t + 1, h // 2].astype(np.float64), v[:start + t + 1, h // 2]
+            scores = keys @ q[t, h] / np.sqrt(head_dim)
+            weights = np.exp(scores - scores.max())
+            spreads.append(scores.max() - scores.min())
+            assert np.allclose(out[t, h], weights @ values / weights.sum(), rtol=1e-5, atol=1e-6)
+    assert max(spreads) > 88   # some exponentials were clamped
