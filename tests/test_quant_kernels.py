@@ -239,6 +239,22 @@ def test_gguf_format_matmul_equals_dequantize_then_matmul(fmt, use):
     assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("use", ["matmul", "fine"])
+def test_q6_k_integer_sums_at_their_extremes(use):
+    """Q6_K applies its int8 scales in int32: sc * sum (q - 32) x over 16 weights, which at the
+    extremes (q = 0, sc = -128, int16 activations of -32767) is 2^31 - 65536. Every weight is
+    then -128 * -32 = 4096, so each output is -4096 * cols; an overflow would be far off."""
+    rows, cols = 64, 512
+    blocks = np.zeros((rows * cols // 256, 210), np.uint8)
+    blocks[:, 192:208] = 0x80                  # the 16 scales: -128
+    blocks[:, 208:210] = [0x00, 0x3C]          # d = 1.0
+    w = Weight(FORMATS["q6_k"], (rows, cols), blocks.reshape(rows, -1), use)
+    assert np.all(w.dequantize() == 4096)
+    out = np.empty((1, rows), np.float32)
+    matmul(w, np.full((1, cols), -1.0, np.float32), out)
+    assert np.allclose(out, -4096.0 * cols, rtol=1e-6)
+
+
 @pytest.mark.parametrize("x_type", [np.int8, np.int16])
 @pytest.mark.parametrize("avx2", [True, False])
 def test_dot4_intrinsics_equal_integer_sums(avx2, x_type, monkeypatch):
