@@ -189,7 +189,8 @@ def test_k_quant_int8_kernels_use_simd_integer_multiplies(fmt):
                     np.empty((1, 64), np.float32))
     assert re.search(INT_SIMD_MULTIPLY, asm), f"{fmt} kernel lost its vectorized integer dot product"
     assert not re.search(r"\b(vpmuldq|vpmullq|vcvtqq2ps)\b", asm)
-    assert bool(re.search(r"\bprefetcht0\b", asm)) == kernels.SOFTWARE_PREFETCH
+    # Q6_K prefetches the next block everywhere; Q4_K only where the hints help (not on AMD Zen)
+    assert bool(re.search(r"\bprefetcht0\b", asm)) == (kernels.SOFTWARE_PREFETCH or fmt == "q6_k")
 
 
 def test_float_kernel_uses_fma():
