@@ -164,9 +164,6 @@ def _dot4_sums(builder, weights, x, signed):
     AVX2 the same sums are written in plain LLVM vector code."""
     i1, i8, i16, i32 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32)
 
-    def repeat(vector, times):
-        return _repeat(builder, vector, times)
-
     def every_other(start, source):
         count = source.type.count // 2
         return builder.shuffle_vector(source, ir.Constant(source.type, None),
@@ -182,7 +179,7 @@ def _dot4_sums(builder, weights, x, signed):
                 sign = _declare(builder, "llvm.x86.avx2.psign.b", bytes32, bytes32, bytes32)
                 absolute = _declare(builder, "llvm.abs.v32i8", bytes32, bytes32, i1)
                 pairs = builder.call(maddubs, [builder.call(absolute, [weights, ir.Constant(i1, 0)]),
-                                               builder.call(sign, [repeat(x, 8), weights])])
+                                               builder.call(sign, [_repeat(builder, x, 8), weights])])
             else:
                 pairs = _byte_pair_sums(builder, weights, x)
             return builder.call(madd, [pairs, ir.Constant(words16, [1] * 16)])
@@ -198,7 +195,7 @@ def _dot4_sums(builder, weights, x, signed):
             low_sums = builder.call(madd, [builder.call(maddubs, [lo, weights]), ir.Constant(words16, [1] * 16)])
             return builder.add(high_sums, low_sums)
         wide = extend(weights, ir.VectorType(i16, 32))
-        x_words = repeat(x, 4)
+        x_words = _repeat(builder, x, 4)
         halves = [builder.shuffle_vector(wide, ir.Constant(wide.type, None),
                                          ir.Constant(ir.VectorType(i32, 16), list(range(h, h + 16))))
                   for h in (0, 16)]
@@ -206,7 +203,7 @@ def _dot4_sums(builder, weights, x, signed):
         both = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(i32, 16), list(range(16))))
         return builder.add(every_other(0, both), every_other(1, both))
     wide = ir.VectorType(i32, 32)
-    products = builder.mul(extend(weights, wide), builder.sext(repeat(x, 8), wide))
+    products = builder.mul(extend(weights, wide), builder.sext(_repeat(builder, x, 8), wide))
     pairs = builder.add(every_other(0, products), every_other(1, products))
     return builder.add(every_other(0, pairs), every_other(1, pairs))
 
@@ -226,7 +223,8 @@ def _shifted_right(context, builder, vector, shift, shift_type):
 
 
 def _accumulate(context, builder, acc_type, acc, index_type, index, sums):
-    pointer = _vector_pointer(context, builder, acc_type, acc, index_type, index, ir.IntType(32), 8)
+    """acc.flat[index...] += sums, a vector of int32 (or of int16 pair sums, in the same 32 bytes)."""
+    pointer = _vector_pointer(context, builder, acc_type, acc, index_type, index, sums.type.element, sums.type.count)
     builder.store(builder.add(builder.load(pointer, align=4), sums), pointer, align=4)
 
 
@@ -275,12 +273,9 @@ def dot4_nibbles_partial(typingctx, acc, acc_index, w, w_index, x, x_index, shif
         packed = _load(context, builder, w_t, w_a, w_i_t, w_i, 32)
         nibbles = builder.and_(_shifted_right(context, builder, packed, shift, shift_t), ir.Constant(packed.type, [15] * 32))
         xq = _load(context, builder, x_t, x_a, x_i_t, x_i, 4)
-        if _pair_sums_fast(x_t):
-            sums, element, count = _byte_pair_sums(builder, nibbles, xq), ir.IntType(16), 16
-        else:
-            sums, element, count = _dot4_sums(builder, nibbles, xq, signed=False), ir.IntType(32), 8
-        pointer = _vector_pointer(context, builder, acc_t, acc_a, acc_i_t, acc_i, element, count)
-        builder.store(builder.add(builder.load(pointer, align=4), sums), pointer, align=4)
+        sums = _byte_pair_sums(builder, nibbles, xq) if _pair_sums_fast(x_t) else \
+            _dot4_sums(builder, nibbles, xq, signed=False)
+        _accumulate(context, builder, acc_t, acc_a, acc_i_t, acc_i, sums)
         return context.get_dummy_value()
     return types.void(acc, acc_index, w, w_index, x, x_index, shift), codegen
 
