@@ -6,9 +6,11 @@ generation tokens/s for --tg tokens (greedy, end-of-sequence ignored). GB/s = by
 read per generated token (every matrix except the embedding, of which one row is read) x tg.
 RSS = peak resident memory (VmHWM); budget = weight bytes + KV cache + 300 MB. first token =
 seconds from process start until it prints its first generated token, for a 1-token prompt
-(not counting its exit afterwards, for either engine): warm with numba's
-cache and the repacked-weight cache (engine/weight_cache.py) filled, cold with both empty, as on
-a first run (llama.cpp compiles and caches nothing: one column).
+(not counting its exit afterwards, for either engine): warm with numba's cache, the
+repacked-weight cache (engine/weight_cache.py) and Python's bytecode cache filled, cold with all
+three empty, as on a first run (llama.cpp compiles and caches nothing: one column). Python's
+bytecode cache is used even where the environment sets PYTHONDONTWRITEBYTECODE (this machine
+does): without it every start compiles our modules from source again, about 0.1 s.
 
     pip install --find-links ../shared/wheels llama-cpp-python==0.3.36
     python scripts/make_synthetic_gguf.py --type q4_0 --out /tmp/r1-1.5b-q4_0.gguf
@@ -98,11 +100,12 @@ def time_to_first_token(engine_name: str, model: str, threads: int, env: dict | 
     """Seconds from starting a process to its first generated token (the child's first line of
     output; its exit, freeing everything, comes after and is not counted). Its stderr goes to a
     file, not a pipe: a pipe left unread while waiting for stdout could fill and stall the child."""
+    child_env = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
     with tempfile.TemporaryFile("w+") as errors:
         started = time.perf_counter()
         child_process = subprocess.Popen([sys.executable, __file__, "--engine", engine_name + "-ttft", "--model", model,
                                           "--threads", str(threads)], stdout=subprocess.PIPE, stderr=errors,
-                                         text=True, env={**os.environ, **(env or {})})
+                                         text=True, env={**child_env, **(env or {})})
         token = child_process.stdout.readline()
         seconds = time.perf_counter() - started
         child_process.communicate()
@@ -194,13 +197,15 @@ def main():
         # ran the model, the first run also compiles and repacks (more time, and ~180 MB more peak
         # RSS for LLVM), which the cold first-token column measures on its own
         run_engine("ours", model, args.threads, 8, 2)
+        time_to_first_token("ours", model, args.threads)   # and Python's bytecode cache
         for _ in range(args.repeats):
             for name in results:
                 results[name].append(run_engine(name, model, args.threads, args.pp, args.tg))
                 first[name].append(time_to_first_token(name, model, args.threads))   # numba cache warm now
             with tempfile.TemporaryDirectory() as empty:   # a first run ever: nothing compiled, nothing repacked
                 first["ours cold"].append(time_to_first_token("ours", model, args.threads, {
-                    "NUMBA_CACHE_DIR": f"{empty}/numba", "ENGINE_WEIGHT_CACHE": f"{empty}/weights"}))
+                    "NUMBA_CACHE_DIR": f"{empty}/numba", "ENGINE_WEIGHT_CACHE": f"{empty}/weights",
+                    "PYTHONPYCACHEPREFIX": f"{empty}/python"}))
         per_token = weight_bytes_per_token(model)
         budget = (file_weight_bytes(model) + kv_cache_bytes(model, args.pp + args.tg + 8)) / 2**20 + 300
         medians = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()}
