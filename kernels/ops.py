@@ -30,20 +30,62 @@ def exp_f32(x):
     return (p * r * r + r + np.float32(1.0)) * two_to_n
 
 
+# RMSNorm and rope run per token, in a parallel region over the tokens for a prompt and in
+# plain code for the one token of a decode step: a parallel region around one row of work cost
+# its launch (rmsnorm of 1536 values 3.8 -> 1.0 us, rope 5.9 -> 2.4 us, measured in a loop).
+
+@njit(inline="always")
+def _rmsnorm_row(x, t, weight, eps, out):
+    dim = x.shape[1]
+    sum_sq = np.float32(0.0)
+    for j in range(dim):
+        sum_sq += x[t, j] * x[t, j]
+    inv_rms = np.float32(1.0) / np.sqrt(sum_sq / np.float32(dim) + np.float32(eps))
+    for j in range(dim):
+        out[t, j] = weight[j] * (x[t, j] * inv_rms)
+
+
 @njit(parallel=True, fastmath=True, cache=True)
+def _rmsnorm_rows(x, weight, eps, out):
+    for t in prange(x.shape[0]):
+        _rmsnorm_row(x, t, weight, eps, out)
+
+
+@njit(fastmath=True, cache=True)
+def _rmsnorm_one(x, weight, eps, out):
+    _rmsnorm_row(x, 0, weight, eps, out)
+
+
 def rmsnorm(x, weight, eps, out):
     """out[t] = x[t] / sqrt(mean(x[t]**2) + eps) * weight, for x of shape (tokens, dim)."""
-    n_tokens, dim = x.shape
-    for t in prange(n_tokens):
-        sum_sq = np.float32(0.0)
-        for j in range(dim):
-            sum_sq += x[t, j] * x[t, j]
-        inv_rms = np.float32(1.0) / np.sqrt(sum_sq / np.float32(dim) + np.float32(eps))
-        for j in range(dim):
-            out[t, j] = weight[j] * (x[t, j] * inv_rms)
+    (_rmsnorm_one if x.shape[0] == 1 else _rmsnorm_rows)(x, weight, eps, out)
+
+
+@njit(inline="always")
+def _rope_token(x, t, cos, sin, pos, interleaved):
+    n_heads, head_dim = x.shape[1], x.shape[2]
+    half = head_dim // 2
+    stride = 1 if interleaved else half   # distance between the two members of a pair
+    for h in range(n_heads):
+        for i in range(half):
+            first = 2 * i if interleaved else i
+            a = x[t, h, first]
+            b = x[t, h, first + stride]
+            x[t, h, first] = a * cos[pos, i] - b * sin[pos, i]
+            x[t, h, first + stride] = b * cos[pos, i] + a * sin[pos, i]
 
 
 @njit(parallel=True, fastmath=True, cache=True)
+def _rope_tokens(x, cos, sin, start_pos, interleaved):
+    for t in prange(x.shape[0]):
+        _rope_token(x, t, cos, sin, start_pos + t, interleaved)
+
+
+@njit(fastmath=True, cache=True)
+def _rope_one(x, cos, sin, start_pos, interleaved):
+    _rope_token(x, 0, cos, sin, start_pos, interleaved)
+
+
 def rope(x, cos, sin, start_pos, interleaved):
     """Rotate x of shape (tokens, heads, head_dim) in place, token t being at position start_pos + t.
 
@@ -51,18 +93,7 @@ def rope(x, cos, sin, start_pos, interleaved):
     tensors (q/k rows permuted by llama.cpp's converter) pair 2i with 2i + 1: `interleaved`.
     Both give the same attention scores on the same model. cos and sin: (positions, head_dim/2).
     """
-    n_tokens, n_heads, head_dim = x.shape
-    half = head_dim // 2
-    stride = 1 if interleaved else half   # distance between the two members of a pair
-    for t in prange(n_tokens):
-        pos = start_pos + t
-        for h in range(n_heads):
-            for i in range(half):
-                first = 2 * i if interleaved else i
-                a = x[t, h, first]
-                b = x[t, h, first + stride]
-                x[t, h, first] = a * cos[pos, i] - b * sin[pos, i]
-                x[t, h, first + stride] = b * cos[pos, i] + a * sin[pos, i]
+    (_rope_one if x.shape[0] == 1 else _rope_tokens)(x, cos, sin, start_pos, interleaved)
 
 
 SWIGLU_CHUNK = 2048   # columns per parallel task: a decode row of 8960 is split across threads
