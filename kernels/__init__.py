@@ -7,7 +7,8 @@ This package knows nothing of models, files or tokenizers. It offers
 - `layout`: how block formats are repacked at load (64 rows side by side, planes and quads);
 - `bits`: LLVM intrinsics numba lacks (half floats, prefetch, stack arrays, byte dot products);
 - `ops`: RMSNorm, rotary embeddings, SwiGLU;
-- `attention`: the KV cache and causal grouped-query attention.
+- `attention`: the KV cache and causal grouped-query attention;
+- `scan`: where each of a run of length-prefixed records starts (the GGUF reader's strings).
 
 Importing it turns on LLVM's SLP vectorizer (numba's NUMBA_SLP_VECTORIZE, off by default),
 unless the user set that variable: it is what turns the block-wise integer dot products and
