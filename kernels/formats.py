@@ -243,8 +243,7 @@ class Activations:
             xq = np.empty(self.x.shape, dtype)
             xd = np.empty((self.x.shape[0], self.x.shape[1] // quant.QK), np.float32)
             xs = np.empty((self.x.shape[0], self.x.shape[1] // quant.SUM_BLOCK), np.int32)
-            quant.quantize_activations(self.x, xq, xd)
-            quant.activation_block_sums(xq, xs)
+            quant.quantize_for_matmul(self.x, xq, xd, xs)
             self._integer[dtype] = xq, xd, xs
         return self._integer[dtype]
 

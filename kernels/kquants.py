@@ -149,7 +149,7 @@ def matmul_q4_k(w, xq, xd, xs, out):
         d * sum_j x_j * (sc_j * sum q x)  -  dmin * sum_j m_j * (x_j * sum x)
     sc_j * sum q x is integer: partial sums per quad (bits.dot4_nibbles_partial), multiplied by
     the 6-bit scales as they are widened (bits.scaled_sums); sum x comes from xs
-    (quant.activation_block_sums). The scales and mins stay bytes until then: converting all
+    (quant.quantize_for_matmul). The scales and mins stay bytes until then: converting all
     of them to float32 in every block took about a third of the kernel's time."""
     n_groups, n_blocks, group_bytes = w.shape
     cols = xq.shape[1]

@@ -22,7 +22,7 @@ from .bits import DOT4_LANES, dot4_int8, dot4_nibbles_partial, f32_to_f16, half_
 from .layout import QUADS, ROW_GROUP, half_at, prefetch_ahead, store_group
 
 QK = 32            # weights per block
-SUM_BLOCK = 16     # activations per block sum (activation_block_sums): Q6_K's scales cover 16
+SUM_BLOCK = 16     # activations per block sum (quantize_for_matmul): Q6_K's scales cover 16
 Q8_0_BYTES = 34
 Q4_0_BYTES = 18
 
@@ -101,6 +101,20 @@ def decode_q4_0_row(row, dst):
 
 # --- activations ----------------------------------------------------------------------------
 
+@njit(inline="always")
+def _quantize_row(x, t, xq, xd):
+    top = np.float32(127.0) if xq.itemsize == 1 else np.float32(32767.0)
+    for b in range(x.shape[1] // QK):
+        amax = np.float32(0.0)
+        for j in range(QK):
+            amax = max(amax, abs(x[t, b * QK + j]))
+        d = amax / top
+        inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+        xd[t, b] = d
+        for j in range(QK):
+            xq[t, b * QK + j] = _round_half_away(x[t, b * QK + j] * inv)
+
+
 @njit(cache=True)
 def quantize_activations(x, xq, xd):
     """x (tokens, cols) float32 -> xq int8 (or int16) and xd (tokens, cols/32) float32 scales.
@@ -110,27 +124,19 @@ def quantize_activations(x, xq, xd):
     block's largest value) is for the LM head, whose logits pick the token: its rounding error
     is 250 times smaller than int8's, far below the weights' own.
     """
-    n_tokens, n_cols = x.shape
-    top = np.float32(127.0) if xq.itemsize == 1 else np.float32(32767.0)
-    for t in range(n_tokens):   # not parallel: in decode it runs once per matmul on one row
-        for b in range(n_cols // QK):
-            amax = np.float32(0.0)
-            for j in range(QK):
-                amax = max(amax, abs(x[t, b * QK + j]))
-            d = amax / top
-            inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
-            xd[t, b] = d
-            for j in range(QK):
-                xq[t, b * QK + j] = _round_half_away(x[t, b * QK + j] * inv)
+    for t in range(x.shape[0]):   # not parallel: in decode it runs once per matmul on one row
+        _quantize_row(x, t, xq, xd)
 
 
 @njit(cache=True)
-def activation_block_sums(xq, xs):
-    """xs[t, s] = sum of the integer activations s * 16 .. s * 16 + 15 of token t. Kernels whose
-    weights are offset (Q4_0's q - 8, Q4_K's minimum, Q6_K's q - 32) need sum x per block (of
-    32; of 16 for Q6_K's scales): computed once per activation row here, not again in every
-    group of 64 weight rows."""
-    for t in range(xq.shape[0]):
+def quantize_for_matmul(x, xq, xd, xs):
+    """quantize_activations, and xs[t, s] = sum of the integer activations s * 16 .. s * 16 + 15
+    of token t. Kernels whose weights are offset (Q4_0's q - 8, Q4_K's minimum, Q6_K's q - 32)
+    need sum x per block (of 32; of 16 for Q6_K's scales): computed once per activation row
+    here, not again in every group of 64 weight rows, and in the same call (every matmul input
+    of a decode step passes here)."""
+    for t in range(x.shape[0]):
+        _quantize_row(x, t, xq, xd)
         for s in range(xs.shape[1]):
             total = np.int32(0)
             for j in range(SUM_BLOCK):
@@ -178,7 +184,7 @@ def matmul_q4_0(w, xq, xd, xs, out):
     of a lane holds weights 4j..4j+3 (low nibbles) and 16+4j.. (high). The 8 products of a block
     add up as partial sums (bits.dot4_nibbles_partial: int16 pairs with AVX2), widened to int32
     once per block (bits.scaled_sums, scales of 1); then sum (q - 8) x = sum q x - 8 sum x
-    (xs: activation_block_sums)."""
+    (xs: quantize_for_matmul)."""
     n_groups, n_blocks, group_bytes = w.shape
     cols = xq.shape[1]
     for g in prange(n_groups):

@@ -151,7 +151,8 @@ def main():
             x = np.random.default_rng(2).standard_normal((1, shape["intermediate"])).astype(np.float32)
             xq = np.empty(x.shape, np.int8)
             xd = np.empty((1, x.shape[1] // 32), np.float32)
-            seconds = time_calls(lambda i: quant.quantize_activations(x, xq, xd), 200)
+            xs = np.empty((1, x.shape[1] // quant.SUM_BLOCK), np.int32)
+            seconds = time_calls(lambda i: quant.quantize_for_matmul(x, xq, xd, xs), 200)
             print(f"{model:<5} {'quantize x':<10} {'q8':<6} {f'1 x {x.shape[1]}':<20} {threads:>3} {seconds * 1e3:>9.3f}")
         print()
 

@@ -131,9 +131,11 @@ def test_activation_quantization():
     quant.quantize_activations(x, fine, fine_d)
     assert np.abs((fine.reshape(3, 3, 32) * fine_d[:, :, None]).reshape(3, 96) - x).max() <= 0.5 * fine_d.max() * 1.0001
     assert np.abs(fine).max() == 32767 and np.allclose(fine_d * 32767, xd * 127)
-    xs = np.empty((3, 6), np.int32)   # sums of 16
-    quant.activation_block_sums(fine, xs)
-    assert np.array_equal(xs, fine.reshape(3, 6, 16).astype(np.int64).sum(axis=2))
+    for dtype, quantized in ((np.int8, xq), (np.int16, fine)):   # the same values, and sums of 16
+        again, again_d, xs = np.empty(x.shape, dtype), np.empty((3, 3), np.float32), np.empty((3, 6), np.int32)
+        quant.quantize_for_matmul(x, again, again_d, xs)
+        assert np.array_equal(again, quantized) and np.array_equal(again_d, xd if dtype == np.int8 else fine_d)
+        assert np.array_equal(xs, quantized.reshape(3, 6, 16).astype(np.int64).sum(axis=2))
 
 
 def test_float_formats_round_trip():
