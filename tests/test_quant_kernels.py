@@ -413,3 +413,38 @@ def test_kv_cache_stores_where_asked_and_rejects_what_does_not_fit(kind):
     for layer, k_bad, start in ((1, k, 14), (1, k[:, :1], 0), (1, k[..., :32], 0), (3, k, 0), (1, k, -1)):
         with pytest.raises(ValueError, match="does not fit the cache"):
             cache.store(layer, k_bad, v if k_bad is k else k_bad, start)
+
+
+@pytest.mark.parametrize("kind, tolerance", [("f32", 1e-5), ("f16", 3e-3), ("q8_0", 3e-2)])
+def test_attention_over_each_cache_kind_equals_numpy(kind, tolerance):
+    """Grouped-query attention (3 query heads per KV head) against float64 numpy over the
+    unrounded keys and values: a prompt of 5 tokens after 7 cached ones, then one decode token
+    at position 300 (the cache's layout, the causal limits, scores far apart). The
+    tolerance is the cache's rounding: exact for f32, half floats, int8 blocks."""
+    from kernels.attention import KVCache
+    rng = np.random.default_rng(6)
+    heads, kv_heads, head_dim, positions = 6, 2, 64, 320
+    cache = KVCache(kind, 2, kv_heads, positions, head_dim)
+    k = rng.standard_normal((positions, kv_heads, head_dim)).astype(np.float32)
+    v = rng.standard_normal((positions, kv_heads, head_dim)).astype(np.float32)
+
+    def expected(q, start):
+        out = np.empty(q.shape)
+        for t in range(len(q)):
+            for h in range(heads):
+                keys, values = k[:start + t + 1, h // 3].astype(np.float64), v[:start + t + 1, h // 3]
+                weights = np.exp(keys @ q[t, h] / np.sqrt(head_dim))
+                out[t, h] = weights @ values / weights.sum()
+        return out
+    cache.store(1, k[:7], v[:7], 0)
+    cache.store(1, k[7:12], v[7:12], 7)
+    q = rng.standard_normal((5, heads, head_dim)).astype(np.float32)
+    out = np.empty_like(q)
+    cache.attend(1, q, 7, out)
+    assert np.allclose(out, expected(q, 7), rtol=tolerance, atol=tolerance)
+    cache.store(1, k[12:300], v[12:300], 12)
+    cache.store(1, k[300:301], v[300:301], 300)
+    q = rng.standard_normal((1, heads, head_dim)).astype(np.float32) * 4   # peaked weights
+    out = np.empty_like(q)
+    cache.attend(1, q, 300, out)
+    assert np.allclose(out, expected(q, 300), rtol=tolerance, atol=tolerance)
