@@ -80,30 +80,39 @@ def apply_penalties(logits: np.ndarray, recent: np.ndarray, s: SamplerSettings) 
     return logits
 
 
+def softmax_weights(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """exp((logits - max) / temperature) in float32: the softmax before its division by the sum
+    (the best token's weight is 1). One pass of each kind over the vocabulary, in place."""
+    weights = np.asarray(logits, dtype=np.float32) - np.max(logits)
+    weights *= np.float32(1.0 / temperature)
+    return np.exp(weights, out=weights)
+
+
 def filter_candidates(logits: np.ndarray, s: SamplerSettings) -> tuple[np.ndarray, np.ndarray]:
     """Token ids kept by top-k, top-p and min-p (temperature applied), and their probabilities.
 
-    Sorting 150k logits per token would cost milliseconds, so only a shortlist is sorted:
-    the top-k, or for top-p alone the best TOP_P_CANDIDATES (widened to the whole vocabulary
-    in the rare case that their mass does not reach top_p).
+    This runs for every generated token over 150k logits, so it makes few passes over the
+    whole vocabulary, in float32: the exponentials, their sum (accumulated in float64: top-p
+    and min-p see true probabilities), and for top-k or top-p a partial sort that picks a
+    shortlist (the top-k, or for top-p alone the best TOP_P_CANDIDATES, widened to the whole
+    vocabulary in the rare case that their mass does not reach top_p). Only the shortlist is
+    sorted. Per token at 152k logits: temperature 0.6 and top-p 0.95 (the distills' defaults)
+    6.9 -> 0.8 ms.
     """
-    scaled = logits.astype(np.float64) / s.temperature
-    vocab = len(scaled)
-    candidates = np.arange(vocab)
+    x = np.asarray(logits, dtype=np.float32)
+    vocab = len(x)
+    weights = softmax_weights(x, s.temperature)
+    total = weights.sum(dtype=np.float64)
     k = s.top_k if 0 < s.top_k < vocab else 0
     shortlist = k or (TOP_P_CANDIDATES if s.top_p < 1.0 and vocab > TOP_P_CANDIDATES else 0)
-    if shortlist:
-        candidates = np.argpartition(-scaled, shortlist - 1)[:shortlist]
-    # Probabilities of the whole vocabulary's softmax, so top-p and min-p see true values.
-    best = scaled.max()
-    total = np.exp(scaled - best).sum()
-    probs = np.exp(scaled[candidates] - best) / total
+    candidates = np.argpartition(x, vocab - shortlist)[vocab - shortlist:] if shortlist else np.arange(vocab)
+    probs = weights[candidates] / total
     if k:
         probs /= probs.sum()   # renormalised after top-k, as transformers does
     if s.top_p < 1.0:
         if not k and probs.sum() < s.top_p:   # the nucleus is wider than the shortlist
             candidates = np.arange(vocab)
-            probs = np.exp(scaled - best) / total
+            probs = weights / total
         order = np.argsort(-probs, kind="stable")
         candidates, probs = candidates[order], probs[order]
         # keep the smallest prefix whose mass reaches top_p
@@ -128,5 +137,13 @@ class Sampler:
         logits = apply_penalties(logits, recent, s)
         if s.temperature == 0.0:
             return int(np.argmax(logits))
-        candidates, probs = filter_candidates(logits, s)
-        return int(candidates[self.rng.choice(len(candidates), p=probs)])
+        if s.top_k == 0 and s.top_p == 1.0 and s.min_p == 0.0:   # plain sampling: every token
+            candidates, weights = None, softmax_weights(logits, s.temperature)
+        else:
+            candidates, weights = filter_candidates(logits, s)
+        # inverse transform sampling (numpy's choice(p=...) checks and copies p on every call:
+        # 1.5 ms for a whole vocabulary); plain sampling at 152k logits 10 -> 3 ms per token
+        cumulative = np.cumsum(weights, dtype=np.float64)
+        drawn = min(int(np.searchsorted(cumulative, self.rng.random() * cumulative[-1], side="right")),
+                    len(weights) - 1)
+        return drawn if candidates is None else int(candidates[drawn])

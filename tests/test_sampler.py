@@ -116,3 +116,20 @@ def test_invalid_values_are_clear_errors(option, value, message):
 def test_unknown_option():
     with pytest.raises(EngineError, match="unknown sampler option.*tempreature"):
         SamplerSettings().updated(tempreature=1.0)
+
+
+def test_draws_follow_the_kept_distribution():
+    """The draw (inverse transform over the candidates) matches their renormalised probabilities:
+    top-k 3 of PROBS keeps 0.4, 0.3 and 0.15, drawn as 0.4 / 0.85 ...; plain sampling at
+    temperature 2 over a 150k vocabulary (the path that skips the filters) draws two tokens with
+    logits 0 and 2 ln 3 as 1 : 3, and the 149,998 others (logit -40) almost never."""
+    sampler = Sampler(SamplerSettings(seed=3, top_k=3))
+    counts = np.bincount([sampler(logits_of(PROBS), []) for _ in range(20000)], minlength=10) / 20000
+    for token, p in {7: 0.4, 2: 0.3, 9: 0.15}.items():
+        assert abs(counts[token] - p / 0.85) < 0.015
+    assert counts[[0, 4]].sum() == 0
+    logits = np.full(150_000, -40.0, np.float32)
+    logits[[5, 149_999]] = [0.0, 2 * np.log(3.0)]
+    sampler = Sampler(SamplerSettings(seed=4, temperature=2.0))
+    draws = np.array([sampler(logits, []) for _ in range(1000)])
+    assert np.isin(draws, [5, 149_999]).all() and abs((draws == 149_999).mean() - 0.75) < 0.05
