@@ -94,26 +94,26 @@ def filter_candidates(logits: np.ndarray, s: SamplerSettings) -> tuple[np.ndarra
     This runs for every generated token over 150k logits, so it makes few passes over the
     whole vocabulary, in float32: the exponentials, their sum (accumulated in float64: top-p
     and min-p see true probabilities), and for top-k or top-p a partial sort that picks a
-    shortlist (the top-k, or for top-p alone the best TOP_P_CANDIDATES, widened to the whole
-    vocabulary in the rare case that their mass does not reach top_p). Only the shortlist is
-    sorted. Per token at 152k logits: temperature 0.6 and top-p 0.95 (the distills' defaults)
+    shortlist (the top-k, or for top-p alone the best TOP_P_CANDIDATES, widened 16-fold, up to
+    the whole vocabulary, while their mass does not reach top_p). Only the shortlist is sorted. Per token at 152k logits: temperature 0.6 and top-p 0.95 (the distills' defaults)
     6.9 -> 0.8 ms.
     """
     x = np.asarray(logits, dtype=np.float32)
     vocab = len(x)
     weights = softmax_weights(x, s.temperature)
     total = weights.sum(dtype=np.float64)
+    def best(n):   # ids of the n largest logits, in no order
+        return np.argpartition(x, vocab - n)[vocab - n:] if n < vocab else np.arange(vocab)
     k = s.top_k if 0 < s.top_k < vocab else 0
-    shortlist = k or (TOP_P_CANDIDATES if s.top_p < 1.0 and vocab > TOP_P_CANDIDATES else 0)
-    candidates = np.argpartition(x, vocab - shortlist)[vocab - shortlist:] if shortlist else np.arange(vocab)
+    candidates = best(k or (TOP_P_CANDIDATES if s.top_p < 1.0 else vocab))
     probs = weights[candidates] / total
     if k:
         probs /= probs.sum()   # renormalised after top-k, as transformers does
     if s.top_p < 1.0:
-        if not k and probs.sum() < s.top_p:   # the nucleus is wider than the shortlist
-            candidates = np.arange(vocab)
-            probs = weights / total
-        order = np.argsort(-probs, kind="stable")
+        while not k and probs.sum() < s.top_p:   # the nucleus is wider than the shortlist: widen it
+            candidates = best(min(vocab, 16 * len(candidates)))
+            probs = weights[candidates] / total
+        order = np.argsort(-probs)   # introsort: 3x faster than a stable sort at 152k
         candidates, probs = candidates[order], probs[order]
         # keep the smallest prefix whose mass reaches top_p
         keep = int(np.searchsorted(np.cumsum(probs), s.top_p)) + 1
