@@ -125,9 +125,9 @@ class GGUFFile:
     def _string_array(self, count: int, key: str) -> list:
         """`count` strings in a row (a vocabulary and its merges: 300,000 strings). Python code per
         string is what costs here, so there is none: a compiled loop (kernels/scan.py) finds where
-        each string starts, bounded by the file size; numpy then drops the 8-byte lengths, leaving a NUL
-        between strings, and the whole run is decoded and split at once (0.35 -> 0.1 s for a
-        DeepSeek vocabulary and its merges). A string that holds a NUL itself is decoded alone."""
+        each string starts, bounded by the file size; numpy then drops the 8-byte lengths,
+        leaving a NUL between strings, and the whole run is decoded and split at once (0.35 ->
+        0.1 s for a DeepSeek vocabulary and its merges). A string holding a NUL is decoded alone."""
         if count > self.remaining // 8:
             raise self._error(f"metadata array {key!r} claims {count} strings, more than the file holds")
         starts = np.empty(count, np.int64)
