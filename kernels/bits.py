@@ -127,6 +127,14 @@ def _host_has_avx2() -> bool:
     return config.CPU_NAME in (None, "host") and bool(llvm.get_host_cpu_features().get("avx2"))
 
 
+@functools.cache
+def _host_has_vnni() -> bool:
+    """Whether vpdpbusd exists on 256-bit registers (AVX-512 VNNI with VL, or AVX-VNNI)."""
+    import llvmlite.binding as llvm
+    features = llvm.get_host_cpu_features()
+    return _host_has_avx2() and bool(features.get("avxvnni") or features.get("avx512vnni") and features.get("avx512vl"))
+
+
 DOT4_LANES = 8   # output lanes per dot4 call: 32 bytes of weights, one 256-bit register
 
 
@@ -208,6 +216,30 @@ def _dot4_sums(builder, weights, x, signed):
     return builder.add(every_other(0, pairs), every_other(1, pairs))
 
 
+def _dot4_into(context, builder, acc_type, acc, index_type, index, weights, x, signed):
+    """acc.flat[index:index + 8] (int32) += _dot4_sums(weights, x, signed). With VNNI and int8
+    activations that is one vpdpbusd, which multiplies unsigned bytes by signed ones and adds each
+    lane's 4 products to the accumulator in int32 (signed weights go in as |w|, their sign moved
+    onto x, as for pmaddubsw): one instruction instead of pmaddubsw, pmaddwd and an add.
+    Measured on Intel (Xeon, AVX-512 VNNI), one core, 512 x 1536 in cache: Q8_0 16 tokens
+    673 -> 436-530 us, one token 45 -> 32-34 us; Q6_K 16 tokens 885 -> 567-682 us."""
+    pointer = _vector_pointer(context, builder, acc_type, acc, index_type, index, ir.IntType(32), DOT4_LANES)
+    before = builder.load(pointer, align=4)
+    if _host_has_vnni() and x.type.element.width == 8:
+        bytes32, ints8 = ir.VectorType(ir.IntType(8), 32), ir.VectorType(ir.IntType(32), 8)
+        x_bytes = _repeat(builder, x, 8)
+        if signed:
+            sign = _declare(builder, "llvm.x86.avx2.psign.b", bytes32, bytes32, bytes32)
+            absolute = _declare(builder, "llvm.abs.v32i8", bytes32, bytes32, ir.IntType(1))
+            x_bytes = builder.call(sign, [x_bytes, weights])
+            weights = builder.call(absolute, [weights, ir.Constant(ir.IntType(1), 0)])
+        dpbusd = _declare(builder, "llvm.x86.avx512.vpdpbusd.256", ints8, ints8, ints8, ints8)
+        after = builder.call(dpbusd, [before, builder.bitcast(weights, ints8), builder.bitcast(x_bytes, ints8)])
+    else:
+        after = builder.add(before, _dot4_sums(builder, weights, x, signed))
+    builder.store(after, pointer, align=4)
+
+
 def _load(context, builder, array_type, array, index_type, index, count):
     """<count x item>: the items array.flat[index:index + count] (no alignment assumed)."""
     item = context.get_value_type(array_type.dtype)
@@ -245,8 +277,8 @@ def dot4_int8(typingctx, acc, acc_index, w, w_index, x, x_index):
     def codegen(context, builder, signature, args):
         (acc_t, acc_i_t, w_t, w_i_t, x_t, x_i_t), (acc_a, acc_i, w_a, w_i, x_a, x_i) = signature.args, args
         weights = _load(context, builder, w_t, w_a, w_i_t, w_i, 32)
-        sums = _dot4_sums(builder, weights, _load(context, builder, x_t, x_a, x_i_t, x_i, 4), signed=True)
-        _accumulate(context, builder, acc_t, acc_a, acc_i_t, acc_i, sums)
+        _dot4_into(context, builder, acc_t, acc_a, acc_i_t, acc_i, weights,
+                   _load(context, builder, x_t, x_a, x_i_t, x_i, 4), signed=True)
         return context.get_dummy_value()
     return types.void(acc, acc_index, w, w_index, x, x_index), codegen
 
@@ -264,7 +296,9 @@ def dot4_nibbles_partial(typingctx, acc, acc_index, w, w_index, x, x_index, shif
     (acc.flat[acc_index:acc_index + 8], int32). With AVX2 and int8 activations it holds
     pmaddubsw's 16 int16 pair sums, added without widening: the pmaddwd that widens them runs
     once per block instead of once per quad, and multiplies by the scales at the same time.
-    At most 8 calls per partial sum: 8 * 2 * 15 * 127 < 2^15. Otherwise plain int32 sums."""
+    At most 8 calls per partial sum: 8 * 2 * 15 * 127 < 2^15. Otherwise plain int32 sums.
+    (With VNNI too: vpdpbusd into int32 partial sums measured no faster here, one core in cache:
+    Q4_0 21-22 us either way for 512 x 1536, Q4_K 28 vs 27 us.)"""
     if not (_dot4_types_ok(acc, w, x) and isinstance(shift, types.Integer)):
         return None
 
@@ -273,9 +307,10 @@ def dot4_nibbles_partial(typingctx, acc, acc_index, w, w_index, x, x_index, shif
         packed = _load(context, builder, w_t, w_a, w_i_t, w_i, 32)
         nibbles = builder.and_(_shifted_right(context, builder, packed, shift, shift_t), ir.Constant(packed.type, [15] * 32))
         xq = _load(context, builder, x_t, x_a, x_i_t, x_i, 4)
-        sums = _byte_pair_sums(builder, nibbles, xq) if _pair_sums_fast(x_t) else \
-            _dot4_sums(builder, nibbles, xq, signed=False)
-        _accumulate(context, builder, acc_t, acc_a, acc_i_t, acc_i, sums)
+        if _pair_sums_fast(x_t):
+            _accumulate(context, builder, acc_t, acc_a, acc_i_t, acc_i, _byte_pair_sums(builder, nibbles, xq))
+        else:
+            _dot4_into(context, builder, acc_t, acc_a, acc_i_t, acc_i, nibbles, xq, signed=False)
         return context.get_dummy_value()
     return types.void(acc, acc_index, w, w_index, x, x_index, shift), codegen
 
@@ -335,7 +370,7 @@ def dot4_six_bits(typingctx, acc, acc_index, w, low_index, low_shift, high_index
                               high_shift_t)
         low, high = builder.and_(low, splat(15)), builder.and_(high, splat(3))
         q = builder.or_(low, builder.shl(high, splat(4)))
-        sums = _dot4_sums(builder, q, _load(context, builder, x_t, x_a, x_i_t, x_i, 4), signed=False)
-        _accumulate(context, builder, acc_t, acc_a, acc_i_t, acc_i, sums)
+        _dot4_into(context, builder, acc_t, acc_a, acc_i_t, acc_i, q, _load(context, builder, x_t, x_a, x_i_t, x_i, 4),
+                   signed=False)
         return context.get_dummy_value()
     return (types.void(acc, acc_index, w, low_index, low_shift, high_index, high_shift, x, x_index), codegen)

@@ -1,5 +1,6 @@
 """Q8_0 / Q4_0: bit-exact with the gguf package, kernels against numpy references, and the
 machine code of the hot kernels checked for the SIMD instructions the speed relies on."""
+import os
 import re
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 from gguf import GGMLQuantizationType, quants
 
 import kernels
-from kernels import layout, quant
+from kernels import bits, layout, quant
 from kernels.formats import FORMATS, Weight, matmul
 
 GGML_TYPES = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}
@@ -175,6 +176,8 @@ def test_hot_kernels_use_simd_integer_dot_products(fmt):
     kernel = {"q8_0": quant.matmul_q8_0, "q4_0": quant.matmul_q4_0}[fmt]
     asm = fresh_asm(kernel, w.data, xq, xd, np.full((1, 4), 16, np.int32), np.empty((1, 32), np.float32))
     assert re.search(INT_SIMD_MULTIPLY, asm), f"{fmt} kernel lost its vectorized integer dot product"
+    if fmt == "q8_0" and bits._host_has_vnni():   # one vpdpbusd per 32 weight bytes
+        assert re.search(r"\bvpdpbusd\b", asm), "Q8_0 kernel does not use VNNI on a CPU that has it"
     # numba's default int64 arithmetic would show up as 64-bit lane multiplies or conversions
     assert not re.search(r"\b(vpmuldq|vpmullq|vcvtqq2ps)\b", asm)
     if kernels.SOFTWARE_PREFETCH or fmt == "q4_0":   # Q4_0 prefetches everywhere
@@ -191,6 +194,8 @@ def test_k_quant_int8_kernels_use_simd_integer_multiplies(fmt):
                     np.empty((1, 64), np.float32))
     assert re.search(INT_SIMD_MULTIPLY, asm), f"{fmt} kernel lost its vectorized integer dot product"
     assert not re.search(r"\b(vpmuldq|vpmullq|vcvtqq2ps)\b", asm)
+    if fmt == "q6_k" and bits._host_has_vnni():
+        assert re.search(r"\bvpdpbusd\b", asm), "Q6_K kernel does not use VNNI on a CPU that has it"
     # Q6_K prefetches the next block everywhere; Q4_K only where the hints help (not on AMD Zen)
     assert bool(re.search(r"\bprefetcht0\b", asm)) == (kernels.SOFTWARE_PREFETCH or fmt == "q6_k")
 
@@ -448,3 +453,29 @@ def test_attention_over_each_cache_kind_equals_numpy(kind, tolerance):
     out = np.empty_like(q)
     cache.attend(1, q, 300, out)
     assert np.allclose(out, expected(q, 300), rtol=tolerance, atol=tolerance)
+
+
+def test_numba_cache_follows_every_kernel_source(tmp_path):
+    """numba's cache=True only checks a kernel's own file; an edit of bits.py must still start
+    a fresh cache (kernels/__init__.py keys the cache directory on all the package's sources)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    package = tmp_path / "kernels"
+    shutil.copytree(Path(kernels.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+
+    def cache_dir() -> Path:
+        code = "import kernels; from numba.core import config; print(config.CACHE_DIR)"
+        return Path(subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True,
+                                   capture_output=True, text=True).stdout.strip())
+    first = cache_dir()
+    assert first.parent == package / "__pycache__"
+    first.mkdir(parents=True)
+    assert cache_dir() == first                       # same sources, same cache
+    with open(package / "bits.py", "a") as source:
+        source.write("\n# an edit\n")
+    second = cache_dir()
+    assert second != first and second.parent == first.parent
+    assert not first.exists()                          # the stale cache is removed
