@@ -3,7 +3,10 @@
 Runs alternate between the engines (each run a fresh process, so peak RSS is its own), several
 repetitions, medians. pp = prompt processing tokens/s for a prompt of --pp tokens; tg =
 generation tokens/s for --tg tokens (greedy, end-of-sequence ignored). GB/s = bytes of weights
-read per generated token (every matrix except the embedding, of which one row is read) x tg.
+read per generated token (every matrix except the embedding, of which one row is read) x tg;
+% bw = GB/s over the higher of two read-bandwidth measurements (scripts/bandwidth.py), just
+before and just after that model's runs: on a shared host the bandwidth drifts (15.8 to 22.6
+GB/s within an hour here), and the higher one keeps the percentage on the conservative side.
 RSS = peak resident memory (VmHWM); budget = weight bytes + KV cache + 300 MB. first token =
 seconds from process start until it prints its first generated token, for a 1-token prompt
 (not counting its exit afterwards, for either engine): warm with numba's cache, the
@@ -183,11 +186,14 @@ def main():
         return child(args)
 
     from scripts.bandwidth import measure_read_bandwidth
-    bandwidth = measure_read_bandwidth(args.threads)
-    print(f"{cpu_description()}; read bandwidth at {args.threads} thread(s): {bandwidth:.1f} GB/s; "
-          f"pp{args.pp}, tg{args.tg}, median of {args.repeats} alternating runs\n")
+    # the machine's bandwidth drifts over minutes (shared hosts): it is measured before and after
+    # each model's runs, and % bw is taken against the higher of the two (the conservative side)
+    bandwidth_before = measure_read_bandwidth(args.threads)
+    print(f"{cpu_description()}; pp{args.pp}, tg{args.tg}, median of {args.repeats} alternating runs; "
+          f"% bw against the higher of the read bandwidths ({args.threads} thread(s)) measured before and after "
+          f"each model's runs (bw GB/s)\n")
     header = (f"{'model':<30} {'engine':<9} {'pp t/s':>7} {'ratio':>5} {'tg t/s':>7} {'ratio':>5} {'GB/s':>6} "
-              f"{'% bw':>5} {'RSS MB':>7} {'budget':>7} {'1st tok warm/cold s':>19}")
+              f"{'% bw':>5} {'bw GB/s':>11} {'RSS MB':>7} {'budget':>7} {'1st tok warm/cold s':>19}")
     print(header)
     print("-" * len(header))
     for model in args.models:
@@ -210,13 +216,17 @@ def main():
         budget = (file_weight_bytes(model) + kv_cache_bytes(model, args.pp + args.tg + 8)) / 2**20 + 300
         medians = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()}
         first = {name: statistics.median(times) for name, times in first.items()}
+        bandwidth_after = measure_read_bandwidth(args.threads)
+        bandwidth = max(bandwidth_before, bandwidth_after)
+        measured = f"{bandwidth_before:.1f}/{bandwidth_after:.1f}"
+        bandwidth_before = bandwidth_after
         for name, m in medians.items():
             gbs = per_token * m["tg_tps"] / 1e9
             pp_ratio = m["pp_tps"] / medians["llama.cpp"]["pp_tps"]
             tg_ratio = m["tg_tps"] / medians["llama.cpp"]["tg_tps"]
             ttft = f"{first['ours']:.2f} / {first['ours cold']:.2f}" if name == "ours" else f"{first[name]:.2f}"
             print(f"{Path(model).name[:30]:<30} {name:<9} {m['pp_tps']:>7.1f} {pp_ratio:>5.2f} {m['tg_tps']:>7.2f} "
-                  f"{tg_ratio:>5.2f} {gbs:>6.2f} {gbs / bandwidth:>5.0%} {m['rss_mb']:>7.0f} {budget:>7.0f} {ttft:>19}")
+                  f"{tg_ratio:>5.2f} {gbs:>6.2f} {gbs / bandwidth:>5.0%} {measured:>11} {m['rss_mb']:>7.0f} {budget:>7.0f} {ttft:>19}")
 
 
 if __name__ == "__main__":
