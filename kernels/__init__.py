@@ -79,8 +79,10 @@ if "NUMBA_CPU_FEATURES" not in os.environ and "NUMBA_CPU_NAME" not in os.environ
         _numba_config.CPU_FEATURES = _features
 
 
-def _sources_digest() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _sources_digest(here: str = _HERE) -> str:
     digest = hashlib.sha1()
     for name in sorted(os.listdir(here)):
         if name.endswith(".py"):
@@ -91,12 +93,11 @@ def _sources_digest() -> str:
 
 def _use_cache_keyed_by_sources() -> None:
     import shutil
-    here = os.path.dirname(os.path.abspath(__file__))
     base = os.environ.get("NUMBA_CACHE_DIR")
     in_tree = not base
     if in_tree:
-        base = os.path.join(here, "__pycache__")
-        if not os.access(here, os.W_OK):
+        base = os.path.join(_HERE, "__pycache__")
+        if not os.access(_HERE, os.W_OK):
             in_tree = False
             base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "engine")
     current = "numba-" + _sources_digest()
