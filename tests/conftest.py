@@ -7,8 +7,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-DEEPSEEK_TOKENIZER = SHARED / "data" / "deepseek-r1-distill-qwen-tokenizer"
+# The DeepSeek-R1-Distill-Qwen tokenizer (tokenizer.json, its config, the chat template) and
+# the complete GGUF header of DeepSeek-R1-Distill-Qwen-7B (metadata, no tensors), copied from the
+# team's shared data into tests/data (xz: 2.7 MB instead of 17) so that a clone tests on its own.
+DATA = Path(__file__).parent / "data"
 
 # (architecture, dtype, legacy config layout)
 VARIANTS = {
@@ -57,9 +59,24 @@ def loaded(model_dirs):
 
 
 @pytest.fixture(scope="session")
-def deepseek_tokenizer_dir():
-    assert DEEPSEEK_TOKENIZER.is_dir(), f"the shared DeepSeek tokenizer is missing: {DEEPSEEK_TOKENIZER}"
-    return DEEPSEEK_TOKENIZER
+def deepseek_tokenizer_dir(tmp_path_factory):
+    """The original DeepSeek tokenizer in Hugging Face's layout, the oracle for our GGUF conversion."""
+    import lzma
+    import shutil
+    directory = tmp_path_factory.mktemp("deepseek-tokenizer")
+    (directory / "tokenizer.json").write_bytes(lzma.decompress((DATA / "deepseek_tokenizer.json.xz").read_bytes()))
+    shutil.copy(DATA / "deepseek_tokenizer_config.json", directory / "tokenizer_config.json")
+    shutil.copy(DATA / "deepseek_chat_template.jinja", directory / "chat_template.jinja")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def deepseek_header(tmp_path_factory):
+    """DeepSeek-R1-Distill-Qwen-7B's GGUF header as a valid GGUF file with zero tensors."""
+    import lzma
+    path = tmp_path_factory.mktemp("deepseek-header") / "deepseek-r1-distill-qwen-7b.header-only.gguf"
+    path.write_bytes(lzma.decompress((DATA / "deepseek-r1-distill-qwen-7b.header-only.gguf.xz").read_bytes()))
+    return path
 
 
 LONG_TEXT = " ".join(tiny_models.CORPUS) * 2

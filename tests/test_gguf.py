@@ -21,8 +21,6 @@ from engine.tokenizer import Tokenizer, tokenizer_from_gguf
 from kernels.formats import FORMATS, Weight
 
 DATA = Path(__file__).parent / "data"
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-DEEPSEEK_HEADER = SHARED / "deepseek-r1-distill-qwen-7b.header-only.gguf"
 
 
 def package_file(pattern: str) -> Path:
@@ -95,8 +93,8 @@ TOKENIZER_CORPUS = [
 
 
 @pytest.fixture(scope="module")
-def gguf_deepseek_tokenizer():
-    return tokenizer_from_gguf(GGUFFile(DEEPSEEK_HEADER).metadata)
+def gguf_deepseek_tokenizer(deepseek_header):
+    return tokenizer_from_gguf(GGUFFile(deepseek_header).metadata)
 
 
 def test_gguf_tokenizer_equals_the_original(gguf_deepseek_tokenizer, deepseek_tokenizer_dir):
@@ -114,8 +112,8 @@ def test_gguf_tokenizer_equals_the_original(gguf_deepseek_tokenizer, deepseek_to
     assert gguf_deepseek_tokenizer.encode_chat(messages) == oracle.encode_chat(messages)
 
 
-def test_tokenize_command_on_a_metadata_only_gguf(deepseek_tokenizer_dir):
-    result = subprocess.run([sys.executable, "-m", "engine", "tokenize", "--model", str(DEEPSEEK_HEADER),
+def test_tokenize_command_on_a_metadata_only_gguf(deepseek_header, deepseek_tokenizer_dir):
+    result = subprocess.run([sys.executable, "-m", "engine", "tokenize", "--model", str(deepseek_header),
                              "Hello 世界 🚀"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == Tokenizer.from_dir(deepseek_tokenizer_dir).encode("Hello 世界 🚀")
