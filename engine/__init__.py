@@ -9,12 +9,20 @@
 `load` resolves the name to files, reads the config and the memory-mapped weights, checks them,
 and builds the Transformer with its KV cache. `LLM` ties model, tokenizer and sampler together.
 """
+import os
 import time
 from dataclasses import replace
 
 import numpy as np
 
-from kernels.attention import KV_KINDS
+# The kernels are the repository's top-level kernels/ folder, imported as engine.kernels: an
+# installed wheel holds them at engine/kernels (pyproject.toml maps the folder there); a source
+# checkout, editable install included, finds them beside this package. Never as a top-level
+# `kernels`: that is Hugging Face's package, which transformers imports.
+if not os.path.isdir(os.path.join(__path__[0], "kernels")):
+    __path__.append(os.path.dirname(__path__[0]))
+
+from .kernels.attention import KV_KINDS
 
 from .config import ModelConfig, config_from_dict, load_config
 from .errors import EngineError

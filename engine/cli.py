@@ -10,7 +10,7 @@ import time
 
 from numba.core import event
 
-from kernels.attention import KV_KINDS
+from .kernels.attention import KV_KINDS
 
 from .errors import EngineError
 from .quantize import QUANT_TYPES

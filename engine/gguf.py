@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kernels.scan import length_prefixed_starts
+from .kernels.scan import length_prefixed_starts
 
 from .errors import EngineError
 

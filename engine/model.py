@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.attention import KVCache
-from kernels.formats import Activations, Weight
+from .kernels.attention import KVCache
+from .kernels.formats import Activations, Weight
 
 from .config import ModelConfig
 from .profile import Kernels, Profile

@@ -9,8 +9,8 @@ first is compute-bound and the second memory-bound.
 import time
 from collections import defaultdict
 
-from kernels.formats import Weight, embedding_rows, matmul
-from kernels.ops import rmsnorm, rope, swiglu
+from .kernels.formats import Weight, embedding_rows, matmul
+from .kernels.ops import rmsnorm, rope, swiglu
 
 
 class Kernels:

@@ -17,7 +17,7 @@ import numpy as np
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
-from kernels.formats import FORMATS, Weight
+from .kernels.formats import FORMATS, Weight
 
 from .config import load_config
 from .errors import EngineError

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kernels.layout import ROW_GROUP
+from .kernels.layout import ROW_GROUP
 
 LAYOUT_VERSION = 4   # bump when the packed layout changes: old entries are then never read
 ALIGN = 4096

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kernels.formats import FORMATS, Weight
+from .kernels.formats import FORMATS, Weight
 
 from .config import ModelConfig
 from .errors import EngineError

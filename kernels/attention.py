@@ -16,6 +16,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from . import compiler  # noqa: F401  (numba's settings before any kernel is defined)
 from .bits import f16_to_f32, f32_to_f16
 from .ops import exp_f32
 from .quant import QK, quantize_activations

@@ -12,6 +12,8 @@ from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from . import compiler  # noqa: F401  (numba's settings before any kernel is defined)
+
 
 @intrinsic
 def f16_to_f32(typingctx, bits):

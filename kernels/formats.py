@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 from numba import njit, prange
 
+from . import compiler  # noqa: F401  (numba's settings before any kernel is defined)
 from . import kquants, layout, quant
 from .bits import bf16_to_f32, f16_to_f32
 

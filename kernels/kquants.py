@@ -17,6 +17,7 @@ their quants in quads: integer sums of q * x per sub-block (bits.dot4_*), then p
 import numpy as np
 from numba import njit, prange
 
+from . import compiler  # noqa: F401  (numba's settings before any kernel is defined)
 from .bits import DOT4_LANES, dot4_nibbles_partial, dot4_six_bits, half_at_bytes, scaled_sums, stack_array
 from .layout import QUADS, ROW_GROUP, half_at, prefetch_ahead, store_group
 

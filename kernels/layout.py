@@ -27,7 +27,7 @@ import functools
 import numpy as np
 from numba import njit, prange
 
-from . import SOFTWARE_PREFETCH
+from .compiler import SOFTWARE_PREFETCH
 from .bits import f16_to_f32, prefetch
 
 ROW_GROUP = 64         # rows interleaved: 64 byte lanes = one 512-bit vector

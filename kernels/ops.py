@@ -3,6 +3,7 @@ and the exponential that SwiGLU and the attention's softmax use."""
 import numpy as np
 from numba import njit, prange
 
+from . import compiler  # noqa: F401  (numba's settings before any kernel is defined)
 from .bits import f32_from_bits
 
 # exp(x) = 2^n * e^r, n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts, the first exact in

@@ -18,6 +18,7 @@ np.int16/np.int32 so that LLVM keeps them in 16/32-bit SIMD lanes instead of num
 import numpy as np
 from numba import njit, prange
 
+from . import compiler  # noqa: F401  (numba's settings before any kernel is defined)
 from .bits import DOT4_LANES, dot4_int8, dot4_nibbles_partial, f32_to_f16, half_at_bytes, scaled_sums, stack_array
 from .layout import QUADS, ROW_GROUP, half_at, prefetch_ahead, store_group
 

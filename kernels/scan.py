@@ -6,6 +6,8 @@ load. It knows nothing of the format beyond that: the reader bounds and interpre
 import numpy as np
 from numba import njit
 
+from . import compiler  # noqa: F401  (numba's settings before any kernel is defined)
+
 
 @njit(cache=True)
 def length_prefixed_starts(data, pos, starts):

@@ -18,8 +18,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-import kernels  # noqa: F401  (the same compiler settings as the engine's kernels)
-from kernels.bits import prefetch
+from engine.kernels import compiler  # noqa: F401  (the same compiler settings as the engine's kernels)
+from engine.kernels.bits import prefetch
 
 CHUNKS = 256
 PREFETCH_WORDS = 256   # 2 KiB ahead

@@ -19,9 +19,9 @@ import numba
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels import quant  # noqa: E402
-from kernels.attention import KVCache  # noqa: E402
-from kernels.formats import FORMATS, Weight, matmul  # noqa: E402
+from engine.kernels import quant  # noqa: E402
+from engine.kernels.attention import KVCache  # noqa: E402
+from engine.kernels.formats import FORMATS, Weight, matmul  # noqa: E402
 from scripts.bandwidth import measure_read_bandwidth  # noqa: E402
 
 SHAPES = {   # hidden, intermediate, heads, kv_heads, head_dim, vocab, layers

@@ -133,7 +133,7 @@ def test_first_compilation_is_announced_once(capsys):
         numba.njit(lambda a: a * 2)(1)
     err = capsys.readouterr().err
     assert err.count("compiling kernels for this CPU") == 1
-    from kernels.ops import rmsnorm
+    from engine.kernels.ops import rmsnorm
     args = np.ones((1, 8), np.float32), np.ones(8, np.float32), 1e-6, np.empty((1, 8), np.float32)
     rmsnorm(*args)   # compiled or loaded from the cache before
     capsys.readouterr()

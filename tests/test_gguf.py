@@ -18,7 +18,7 @@ import engine
 from engine.errors import EngineError
 from engine.gguf import GGUFFile
 from engine.tokenizer import Tokenizer, tokenizer_from_gguf
-from kernels.formats import FORMATS, Weight
+from engine.kernels.formats import FORMATS, Weight
 
 DATA = Path(__file__).parent / "data"
 

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, quants
 
-import kernels
-from kernels import bits, layout, quant
-from kernels.formats import FORMATS, Weight, matmul
+from engine.kernels import bits, compiler, layout, quant
+from engine.kernels.formats import FORMATS, Weight, matmul
 
 GGML_TYPES = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}
 # |w - dequant(quant(w))| <= bound * max|block|: half a step for q8_0 (max -> 127); for q4_0 the
@@ -180,7 +179,7 @@ def test_hot_kernels_use_simd_integer_dot_products(fmt):
         assert re.search(r"\bvpdpbusd\b", asm), "Q8_0 kernel does not use VNNI on a CPU that has it"
     # numba's default int64 arithmetic would show up as 64-bit lane multiplies or conversions
     assert not re.search(r"\b(vpmuldq|vpmullq|vcvtqq2ps)\b", asm)
-    if kernels.SOFTWARE_PREFETCH or fmt == "q4_0":   # Q4_0 prefetches everywhere
+    if compiler.SOFTWARE_PREFETCH or fmt == "q4_0":   # Q4_0 prefetches everywhere
         assert re.search(r"\bprefetcht0\b", asm), f"{fmt} kernel lost its prefetch hints"
     else:
         assert not re.search(r"\bprefetch", asm), f"{fmt} kernel prefetches on a CPU where that is slower"
@@ -197,11 +196,11 @@ def test_k_quant_int8_kernels_use_simd_integer_multiplies(fmt):
     if fmt == "q6_k" and bits._host_has_vnni():
         assert re.search(r"\bvpdpbusd\b", asm), "Q6_K kernel does not use VNNI on a CPU that has it"
     # Q6_K prefetches the next block everywhere; Q4_K only where the hints help (not on AMD Zen)
-    assert bool(re.search(r"\bprefetcht0\b", asm)) == (kernels.SOFTWARE_PREFETCH or fmt == "q6_k")
+    assert bool(re.search(r"\bprefetcht0\b", asm)) == (compiler.SOFTWARE_PREFETCH or fmt == "q6_k")
 
 
 def test_float_kernel_uses_fma():
-    from kernels.formats import matmul_bf16
+    from engine.kernels.formats import matmul_bf16
     w = Weight.quantize(random_weights(32, 64), "bf16")
     asm = fresh_asm(matmul_bf16, w.data, np.ones((1, 64), np.float32), np.empty((1, 32), np.float32))
     assert re.search(r"\bvfmadd\w*ps\b", asm)
@@ -270,7 +269,7 @@ def test_dot4_intrinsics_equal_integer_sums(avx2, x_type, monkeypatch):
     ranges, with int8 and int16 activations, in both code paths: x86's pmaddubsw / pmaddwd
     (where the host has AVX2) and the plain vector IR of other CPUs."""
     import numba
-    from kernels import bits
+    from engine.kernels import bits
     if avx2 and not bits._host_has_avx2():
         pytest.skip("this CPU has no AVX2")
     monkeypatch.setattr(bits, "_host_has_avx2", lambda: avx2)
@@ -306,7 +305,7 @@ def test_partial_nibble_sums_scaled_equal_integer_sums(avx2, x_type, monkeypatch
     (15 * 127 in all 32 products of a lane, times the largest 6-bit scale), in both code paths
     (int16 pair sums; int32 sums)."""
     import numba
-    from kernels import bits
+    from engine.kernels import bits
     if avx2 and not bits._host_has_avx2():
         pytest.skip("this CPU has no AVX2")
     monkeypatch.setattr(bits, "_host_has_avx2", lambda: avx2)
@@ -343,7 +342,7 @@ def test_exp_f32_is_within_float32_rounding_of_exp():
     below 1e-7; fast-math lets LLVM merge the two parts of ln 2, which costs up to 3e-7 at the
     ends of the range.)"""
     import numba
-    from kernels.ops import exp_f32
+    from engine.kernels.ops import exp_f32
 
     @numba.njit(fastmath=True)
     def apply(x, out):
@@ -365,8 +364,8 @@ def test_exp_f32_is_within_float32_rounding_of_exp():
 def test_swiglu_and_attention_softmax_equal_numpy():
     """The two kernels that exponentiate, against float64 numpy, with inputs large enough that
     exp_f32 clamps (gates of +-200; attention scores 300 apart)."""
-    from kernels.attention import KVCache
-    from kernels.ops import swiglu
+    from engine.kernels.attention import KVCache
+    from engine.kernels.ops import swiglu
     rng = np.random.default_rng(3)
     gate = (rng.standard_normal((3, 5000)) * 4).astype(np.float32)
     gate[0, :4] = [-200, 200, 0, -88.5]
@@ -401,7 +400,7 @@ def test_kv_cache_stores_where_asked_and_rejects_what_does_not_fit(kind):
     compiled, the others in numpy; reading back equals the input to the kind's precision and
     nothing else in the cache moved. Shapes or positions outside the cache are refused before any
     kernel writes (the compiled store has no bounds checks)."""
-    from kernels.attention import KVCache
+    from engine.kernels.attention import KVCache
     rng = np.random.default_rng(4)
     cache = KVCache(kind, 3, 2, 16, 64)
     k, v = rng.standard_normal((2, 3, 2, 64)).astype(np.float32)
@@ -426,7 +425,7 @@ def test_attention_over_each_cache_kind_equals_numpy(kind, tolerance):
     unrounded keys and values: a prompt of 5 tokens after 7 cached ones, then one decode token
     at position 300 (the cache's layout, the causal limits, scores far apart). The
     tolerance is the cache's rounding: exact for f32, half floats, int8 blocks."""
-    from kernels.attention import KVCache
+    from engine.kernels.attention import KVCache
     rng = np.random.default_rng(6)
     heads, kv_heads, head_dim, positions = 6, 2, 64, 320
     cache = KVCache(kind, 2, kv_heads, positions, head_dim)
@@ -457,17 +456,17 @@ def test_attention_over_each_cache_kind_equals_numpy(kind, tolerance):
 
 def test_numba_cache_follows_every_kernel_source(tmp_path):
     """numba's cache=True only checks a kernel's own file; an edit of bits.py must still start
-    a fresh cache (kernels/__init__.py keys the cache directory on all the package's sources)."""
+    a fresh cache (kernels/compiler.py keys the cache directory on all the package's sources)."""
     import shutil
     import subprocess
     import sys
     from pathlib import Path
-    package = tmp_path / "kernels"
-    shutil.copytree(Path(kernels.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    package = tmp_path / "kernels_copy"
+    shutil.copytree(Path(compiler.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
 
     def cache_dir() -> Path:
-        code = "import kernels; from numba.core import config; print(config.CACHE_DIR)"
+        code = "import kernels_copy.compiler; from numba.core import config; print(config.CACHE_DIR)"
         return Path(subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True,
                                    capture_output=True, text=True).stdout.strip())
     first = cache_dir()

@@ -11,7 +11,7 @@ import pytest
 
 import engine
 from engine.cli import main as cli_main
-from kernels.formats import Weight, matmul
+from engine.kernels.formats import Weight, matmul
 
 TEXT = "The quick brown fox jumps over the lazy dog, and then some more words follow."
 

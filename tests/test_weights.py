@@ -10,7 +10,7 @@ from safetensors.numpy import save_file
 import engine
 from engine.errors import EngineError
 from engine.weights import read_checkpoint, read_safetensors
-from kernels.formats import FORMATS, Weight
+from engine.kernels.formats import FORMATS, Weight
 
 
 def test_tensors_are_views_of_the_mapped_file(model_dirs):

@@ -1,6 +1,7 @@
-"""Numba kernels: everything that touches numbers in the hot path.
+"""How every kernel is compiled: numba's settings, set before any kernel module defines a kernel.
 
-This package knows nothing of models, files or tokenizers. It offers
+The kernels (this folder, installed as `engine.kernels`) know nothing of models, files or
+tokenizers:
 - `formats`: the table of weight storage formats, each with the kernels that read it;
 - `quant`: the Q8_0 / Q4_0 block formats and their integer kernels;
 - `kquants`: the formats read from GGUF files (Q4_1, Q4_K, Q6_K) and their kernels;
@@ -9,8 +10,11 @@ This package knows nothing of models, files or tokenizers. It offers
 - `ops`: RMSNorm, rotary embeddings, SwiGLU;
 - `attention`: the KV cache and causal grouped-query attention;
 - `scan`: where each of a run of length-prefixed records starts (the GGUF reader's strings).
+Each of them imports this module first. The folder has no `__init__.py` on purpose: Hugging
+Face's `kernels` package (a dependency of transformers) has the same top-level name, and a
+regular package here would shadow it wherever the repository's root is on sys.path.
 
-Importing it turns on LLVM's SLP vectorizer (numba's NUMBA_SLP_VECTORIZE, off by default),
+Importing this module turns on LLVM's SLP vectorizer (numba's NUMBA_SLP_VECTORIZE, off by default),
 unless the user set that variable: it is what turns the block-wise integer dot products and
 the int4 unpacking into SIMD code. numba reads the setting at every compilation, so it is set
 on numba's config object directly and works whatever was imported first. All kernels must be
