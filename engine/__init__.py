@@ -30,8 +30,8 @@ from .generate import Stats, check_request, generate_text
 from .model import Transformer
 from .quantize import check_quant, quantize_weights
 from .resolve import resolve
-from .sampler import Sampler, SamplerSettings
-from .gguf import GGUFFile, gguf_tensors, hf_config, rope_freq_factors
+from .sampler import OLLAMA_DEFAULTS, Sampler, SamplerSettings, describe, layered_settings
+from .gguf import GGUFFile, generation_defaults, gguf_tensors, hf_config, rope_freq_factors
 from .tokenizer import Tokenizer, tokenizer_from_gguf
 from .weight_cache import WeightCache
 from .weights import load_checkpoint, load_weights
@@ -53,7 +53,8 @@ def set_threads(threads: int | None) -> None:
 def check_context_length(context_length) -> None:
     if context_length is not None and (isinstance(context_length, bool) or not isinstance(context_length, int)
                                        or context_length < 2):
-        raise EngineError(f"context_length must be an integer of at least 2, got {context_length!r}")
+        raise EngineError(f"the context length (--ctx, context_length=) must be an integer of at least 2, "
+                          f"got {context_length!r}")
 
 
 def load_tokenizer(model: str) -> Tokenizer:
@@ -70,8 +71,10 @@ def read_model(path) -> tuple[ModelConfig, Tokenizer, dict]:
         gguf = GGUFFile(path)
         config = config_from_dict(hf_config(gguf))
         factors = rope_freq_factors(gguf)
+        sampling, sampling_source = generation_defaults(gguf)
         config = replace(config, rope_interleaved=config.architecture == "llama",
-                         rope_freq_factors=None if factors is None else tuple(factors.tolist()))
+                         rope_freq_factors=None if factors is None else tuple(factors.tolist()),
+                         generation_defaults=sampling, generation_source=sampling_source)
         weights = load_weights(config, *gguf_tensors(gguf), WeightCache.for_files([path]))
         return config, tokenizer_from_gguf(gguf.metadata), weights
     config = load_config(path)
@@ -121,7 +124,10 @@ class LLM:
         self.load_seconds = load_seconds
         self.source = source   # where the model came from, for the user
         self.default_stop = list(stop or [])
-        self.sampler_defaults = SamplerSettings().updated(**{**config.generation_defaults, **(sampler_options or {})})
+        self.sampler_layers = [("Ollama's default", OLLAMA_DEFAULTS),
+                               (config.generation_source, config.generation_defaults),
+                               ("Ollama's params layer", sampler_options)]
+        self.sampler_defaults, _ = layered_settings(self.sampler_layers)
         eos = set(config.eos_token_ids)
         eos_token = tokenizer.token_id(tokenizer.special_tokens.get("eos_token"))
         if eos_token is not None:
@@ -145,7 +151,9 @@ class LLM:
         if len(bad):
             raise EngineError(f"token id {int(bad[0])} is outside the vocabulary (0..{self.config.vocab_size - 1})")
         if len(ids) > self.model.context_length:
-            raise EngineError(f"{len(ids)} tokens do not fit in the context of {self.model.context_length}")
+            raise EngineError(f"{len(ids)} tokens do not fit in the context of {self.model.context_length}: load the "
+                              f"model with a larger context (--ctx on the command line, context_length= in "
+                              f"engine.load)")
         return ids
 
     def logits(self, ids) -> np.ndarray:
@@ -168,10 +176,12 @@ class LLM:
         """Generate a reply to a prompt (text as one user message, or a list of chat messages).
 
         sampler_options: temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
-        presence_penalty, frequency_penalty, seed (None values keep the model's defaults).
+        presence_penalty, frequency_penalty, seed (None values keep the defaults: Ollama's params
+        layer, then the model's own, then Ollama's defaults; `last_stats.sampling` says which).
         Returns the text, or with stream=True an iterator of text pieces.
         """
-        sampler = Sampler(self.sampler_defaults.updated(**sampler_options))
+        settings, sources = layered_settings([*self.sampler_layers, ("this request", sampler_options)])
+        sampler = Sampler(settings)
         ids = self.prompt_ids(prompt, raw)
         check_request(len(ids), self.model.context_length, max_tokens)   # now, not at the first next()
         ids = [int(i) for i in self._check_ids(ids)]
@@ -181,7 +191,7 @@ class LLM:
             if a != b:
                 break
             common += 1
-        self.last_stats = Stats(load_seconds=self.load_seconds)
+        self.last_stats = Stats(load_seconds=self.load_seconds, sampling=describe(settings, sources))
         self.load_seconds = 0.0   # reported once, with the first generation
         pieces = generate_text(self.model, self.tokenizer, ids, sampler, max_tokens=max_tokens,
                                eos_ids=self.eos_ids, stop=list(self.default_stop if stop is None else stop),

@@ -14,11 +14,14 @@ from .kernels.attention import KV_KINDS
 
 from .errors import EngineError
 from .quantize import QUANT_TYPES
+from .resolve import ALIASES
 
 
 def _add_model(p):
-    p.add_argument("--model", "-m", required=True,
-                   help="a model directory, a Hugging Face repo id, or an alias such as deepseek-r1:7b")
+    p.add_argument("--model", "-m", required=True, metavar="MODEL",
+                   help="a local directory (config.json, *.safetensors, tokenizer.json); a .gguf file; an Ollama "
+                        "NAME:TAG already pulled (its store: $OLLAMA_MODELS or ~/.ollama/models); a short name: "
+                        f"{', '.join(ALIASES)}; or a Hugging Face repo id (organization/name), downloaded once")
 
 
 def _add_load_options(p):
@@ -38,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="feed the prompt as plain text, without the chat template")
     g.add_argument("--system", help="a system message before the prompt (chat template only)")
     g.add_argument("--max-tokens", "-n", type=int, default=512, help="at most this many new tokens (default 512)")
-    g.add_argument("--temperature", type=float, help="0 is greedy; default: the model's generation_config")
+    g.add_argument("--temperature", type=float, help="0 is greedy; default: the model's, else Ollama's 0.8")
     g.add_argument("--top-k", type=int, help="keep the k most likely tokens (0: off)")
     g.add_argument("--top-p", type=float, help="keep the smallest set with this much probability (1: off)")
     g.add_argument("--min-p", type=float, help="drop tokens less likely than min-p times the best (0: off)")

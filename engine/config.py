@@ -43,7 +43,8 @@ class ModelConfig:
     max_position_embeddings: int
     bos_token_id: int | None = None
     eos_token_ids: tuple = ()
-    generation_defaults: dict = field(default_factory=dict)
+    generation_defaults: dict = field(default_factory=dict)   # sampler settings the model asks for
+    generation_source: str = "generation_config.json"          # where they come from, for --verbose
     # GGUF files: llama's q/k rows are permuted for rotary pairs (2i, 2i+1) instead of HF's
     # rotate-half, and Llama 3 scaling arrives as one divisor per frequency
     rope_interleaved: bool = False

@@ -24,6 +24,7 @@ class Stats:
     generated_ids: list = field(default_factory=list)
     generate_seconds: float = 0.0
     stop_reason: str = ""
+    sampling: list = field(default_factory=list)   # each setting, its value and its source
 
     @property
     def generated_tokens(self) -> int:
@@ -43,6 +44,8 @@ class Stats:
             f"eval duration:        {self.generate_seconds:.3f}s",
             f"eval rate:            {rate(self.generated_tokens, self.generate_seconds)}",
             f"stop reason:          {self.stop_reason}",
+            "sampling:",
+            *(f"  {line}" for line in self.sampling),
         ])
 
 
@@ -79,7 +82,8 @@ def check_request(prompt_tokens: int, context: int, max_tokens: int) -> None:
         raise EngineError("the prompt is empty")
     if prompt_tokens >= context:
         raise EngineError(f"the prompt has {prompt_tokens} tokens, but the context holds {context}: "
-                          f"shorten it or load the model with a larger context length")
+                          f"shorten it or load the model with a larger context (--ctx on the command line, "
+                          f"context_length= in engine.load)")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
         raise EngineError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
 

@@ -263,6 +263,27 @@ def hf_config(g: GGUFFile) -> dict:
     return config
 
 
+# llama.cpp's sampling keys (general.sampling.*) -> our sampler settings
+SAMPLING_KEYS = {"temp": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                 "penalty_repeat": "repeat_penalty", "penalty_last_n": "repeat_last_n"}
+# The DeepSeek-R1 distills' model card: "temperature within 0.5-0.7 (0.6 is recommended)" and
+# top-p 0.95, which their Hugging Face repos' generation_config.json holds and their GGUF files lack.
+DEEPSEEK_R1_SAMPLING = {"temperature": 0.6, "top_p": 0.95}
+
+
+def generation_defaults(g: GGUFFile) -> tuple[dict, str]:
+    """The sampler settings a GGUF file asks for, and where they come from: its general.sampling.*
+    keys, or for a DeepSeek-R1 distill (recognised by its name) the model card's."""
+    found = {ours: g.metadata[f"general.sampling.{key}"] for key, ours in SAMPLING_KEYS.items()
+             if f"general.sampling.{key}" in g.metadata}
+    if found:
+        return found, "GGUF metadata (general.sampling)"
+    names = f"{g.metadata.get('general.basename', '')} {g.metadata.get('general.name', '')}".lower()
+    if "deepseek-r1-distill" in names.replace(" ", "-"):
+        return dict(DEEPSEEK_R1_SAMPLING), "DeepSeek-R1 model card (recognised from the GGUF's name)"
+    return {}, "GGUF metadata"
+
+
 GGUF_FORMATS = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1",
                 "Q4_K": "q4_k", "Q6_K": "q6_k"}
 STORAGE = {"F32": np.float32, "F16": np.uint16, "BF16": np.uint16}

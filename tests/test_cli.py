@@ -118,9 +118,10 @@ def test_alias_resolves_from_offline_cache(hf_cache, loaded, tmp_path):
 
 def test_aliases_cover_every_distill():
     from engine.resolve import ALIASES
-    assert ALIASES["deepseek-r1:8b"] == "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"
-    assert ALIASES["deepseek-r1:70b"] == "deepseek-ai/DeepSeek-R1-Distill-Llama-70B"
-    assert {k.split(":")[1] for k in ALIASES} == {"1.5b", "7b", "8b", "14b", "32b", "70b"}
+    assert ALIASES["deepseek-r1:8b"].repo == "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"
+    assert ALIASES["deepseek-r1:70b"].repo == "deepseek-ai/DeepSeek-R1-Distill-Llama-70B"
+    assert {k.split(":")[1] for k in ALIASES if k.startswith("deepseek-r1:")} == {"1.5b", "7b", "8b", "14b", "32b",
+                                                                                "70b"}
 
 
 def test_first_compilation_is_announced_once(capsys):

@@ -7,9 +7,10 @@ from engine.generate import Stats, StopStrings, generate_text
 from engine.sampler import Sampler, SamplerSettings
 
 
-def test_defaults_come_from_generation_config(loaded):
+def test_defaults_come_from_generation_config_then_ollamas(loaded):
     s = loaded("qwen2-f32").sampler_defaults
-    assert (s.temperature, s.top_p, s.top_k) == (0.6, 0.95, 0)
+    assert (s.temperature, s.top_p) == (0.6, 0.95)                        # generation_config.json
+    assert (s.top_k, s.repeat_penalty, s.repeat_last_n, s.min_p) == (40, 1.1, 64, 0.0)   # Ollama's, then neutral
 
 
 def test_stream_and_text_agree_and_seed_reproduces(loaded):
@@ -72,7 +73,7 @@ def test_bad_requests(loaded, model_dirs):
         llm.generate("hi", top_p=0)
     with pytest.raises(EngineError, match="token id 100000 is outside the vocabulary"):
         llm.logits([1, 100000])
-    with pytest.raises(EngineError, match="context_length must be an integer"):
+    with pytest.raises(EngineError, match="must be an integer of at least 2"):
         engine.load(str(model_dirs("qwen2-f32")), context_length=1)
     with pytest.raises(EngineError, match="threads must be an integer from 1 to"):
         engine.load(str(model_dirs("qwen2-f32")), threads=0)
