@@ -138,9 +138,10 @@ def weight_bytes_per_token(path: str) -> int:
         (g.tensors["token_embd.weight"].nbytes if "output.weight" not in g.tensors else 0)
 
 
-def run_engine(name: str, model: str, threads: int, pp: int, tg: int) -> dict:
-    """One timed run of an engine in a fresh process (so that its peak RSS is its own)."""
-    out = subprocess.run([sys.executable, __file__, "--engine", name, "--model", model, "--threads", str(threads),
+def run_engine(name: str, model: str, threads: int | None, pp: int, tg: int) -> dict:
+    """One timed run of an engine in a fresh process (so that its peak RSS is its own); threads
+    None: the engine's default thread count."""
+    out = subprocess.run([sys.executable, __file__, "--engine", name, "--model", model, "--threads", str(threads or 0),
                           "--pp", str(pp), "--tg", str(tg)], capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{name} failed on {model}:\n{out.stderr[-2000:]}")
@@ -152,7 +153,7 @@ def child(args) -> None:
         (first_token if args.engine == "ours-ttft" else first_token_llama_cpp)(args.model, args.threads)
         return
     runner = run_ours if args.engine == "ours" else run_llama_cpp
-    result = runner(args.model, args.threads, args.pp, args.tg)
+    result = runner(args.model, args.threads or None, args.pp, args.tg)   # 0: the engine's default
     # VmHWM, not ru_maxrss: the latter survives exec and would include the parent's peak
     status = Path("/proc/self/status").read_text()
     result["rss_mb"] = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")) / 1024

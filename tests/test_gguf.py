@@ -140,7 +140,7 @@ def test_smollm2_greedy_matches_llama_cpp(smollm2_llm):
     for record in reference["records"]:
         prompt, ref = record["prompt_ids"], record["greedy_ids"]
         assert smollm2_llm.prompt_ids(record["prompt"]) == prompt
-        smollm2_llm.generate(record["prompt"], temperature=0, max_tokens=len(ref))
+        smollm2_llm.generate(record["prompt"], temperature=0, repeat_penalty=1, max_tokens=len(ref))
         ours = smollm2_llm.last_stats.generated_ids
         prefix = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
         logits = smollm2_llm.logits(prompt + ref)[len(prompt) - 1:-1]
@@ -168,7 +168,8 @@ def test_smollm2_answers_paris(smollm2_llm):
     # message of our own, as llama.cpp's built-in chatml does, it answers like the float model
     messages = [{"role": "system", "content": "You are a helpful assistant."},
                 {"role": "user", "content": "What is the capital of France?"}]
-    assert smollm2_llm.generate(messages, temperature=0, max_tokens=20) == "The capital of France is Paris."
+    assert smollm2_llm.generate(messages, temperature=0, repeat_penalty=1, max_tokens=20) == \
+        "The capital of France is Paris."
 
 
 # --- hostile files -------------------------------------------------------------------------------
