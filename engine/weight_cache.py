@@ -32,7 +32,7 @@ import numpy as np
 
 from .kernels.layout import ROW_GROUP
 
-LAYOUT_VERSION = 4   # bump when the packed layout changes: old entries are then never read
+LAYOUT_VERSION = 5   # bump when the packed layout changes: old entries are then never read
 ALIGN = 4096
 CACHE_ENV = "ENGINE_WEIGHT_CACHE"
 

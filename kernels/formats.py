@@ -150,7 +150,8 @@ FORMATS = {f.name: f for f in [
            None, quant.matmul_q4_0, blocks_quantizer(quant.quantize_q4_0, quant.Q4_0_BYTES),
            runs=((0, 2, False), (2, quant.Q4_0_BYTES, True))),
     # formats read from GGUF files: no quantizer of ours
-    Format("q4_1", np.uint8, 32, kquants.Q4_1_BYTES, kquants.decode_q4_1_row, kquants.matmul_q4_1, None, None),
+    Format("q4_1", np.uint8, 32, kquants.Q4_1_BYTES, kquants.decode_q4_1_row, None, kquants.matmul_q4_1, None,
+           runs=((0, 4, False), (4, kquants.Q4_1_BYTES, True))),
     Format("q4_k", np.uint8, kquants.QK_K, kquants.Q4_K_BYTES, kquants.decode_q4_k_row, None,
            kquants.matmul_q4_k, None, runs=((0, 16, False), (16, kquants.Q4_K_BYTES, True))),
     Format("q6_k", np.uint8, kquants.QK_K, kquants.Q6_K_BYTES, kquants.decode_q6_k_row, None,

@@ -2,10 +2,9 @@
 
 Row decoders, bit-exact with ggml's reference dequantization (and the gguf package): the same
 float32 operations in the same order, without fast-math, so no fused multiply-adds. Matrix
-products read the interleaved layout of kernels/layout.py. Q4_1's, with float32 activations,
-reads byte planes: each lane (an output row) sums q * x over a block, then applies its scale
-and min. Q4_K and Q6_K take integer activations (int8, or int16 for the LM head) and keep
-their quants in quads: integer sums of q * x per sub-block (bits.dot4_*), then per lane
+products read the interleaved layout of kernels/layout.py, take integer activations (int8, or
+int16 for the LM head) and keep their quants in quads: integer sums of q * x per block or
+sub-block (bits.dot4_*; Q4_1 shares Q4_0's kernel body), then per lane
     sum d * sc * q * x - dmin * m * x  =  d * sc * sum(q * x) - dmin * m * sum(x)
 
     Q4_1, 32 weights in 20 bytes: fp16 d, fp16 m, 16 bytes of nibbles;  w = d * q + m
@@ -20,6 +19,7 @@ from numba import njit, prange
 from . import compiler  # noqa: F401  (numba's settings before any kernel is defined)
 from .bits import DOT4_LANES, dot4_nibbles_partial, dot4_six_bits, half_at_bytes, scaled_sums, stack_array
 from .layout import QUADS, ROW_GROUP, half_at, prefetch_ahead, store_group
+from .quant import _matmul_nibbles
 
 Q4_1_BYTES = 20
 QK_K = 256
@@ -95,32 +95,12 @@ def decode_q6_k_row(row, dst):
                 dst[y + l + 96] = d * np.float32(np.int8(row[sc + s + 6])) * np.float32(q4)
 
 
-# --- matrix products (packed weights, float32 activations) --------------------------------------
+# --- matrix products (packed weights, integer activations) --------------------------------------
 
 @njit(parallel=True, fastmath=True, cache=True)
-def matmul_q4_1(w, x, out):
-    """Q4_1: planes 0-1 d, 2-3 m, 4 + j the nibbles of weights j and j + 16."""
-    n_groups, n_blocks, _ = w.shape
-    for g in prange(n_groups):
-        block = stack_array(np.float32, 1, ROW_GROUP)
-        acc = stack_array(np.float32, 1, ROW_GROUP)
-        for t in range(x.shape[0]):
-            acc[:] = 0.0
-            for b in range(n_blocks):
-                prefetch_ahead(w, g, b, 0, 1)
-                block[:] = 0.0
-                x_sum = np.float32(0.0)
-                for k in range(16):
-                    x_lo = x[t, b * 32 + k]
-                    x_hi = x[t, b * 32 + k + 16]
-                    x_sum += x_lo + x_hi
-                    for lane in range(ROW_GROUP):
-                        q = w[g, b, ROW_GROUP * (4 + k) + lane]
-                        block[lane] += (np.float32(np.int32(q & np.uint8(15))) * x_lo
-                                        + np.float32(np.int32(q >> np.uint8(4))) * x_hi)
-                for lane in range(ROW_GROUP):
-                    acc[lane] += half_at(w, g, b, 0, lane) * block[lane] + half_at(w, g, b, 2, lane) * x_sum
-            store_group(out, t, g, acc)
+def matmul_q4_1(w, xq, xd, xs, out):
+    """Q4_1: fp16 d and m in planes 0-3, then the nibbles in quads, as Q4_0's (quant._matmul_nibbles)."""
+    _matmul_nibbles(w, xq, xd, xs, out, 4, True)
 
 
 @njit(inline="always")

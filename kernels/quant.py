@@ -179,13 +179,15 @@ def matmul_q8_0(w, xq, xd, xs, out):
             store_group(out, t, g, acc)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def matmul_q4_0(w, xq, xd, xs, out):
-    """Q4_0 weights, integer activations. The nibble bytes are in quads, as in matmul_q8_0: quad j
-    of a lane holds weights 4j..4j+3 (low nibbles) and 16+4j.. (high). The 8 products of a block
-    add up as partial sums (bits.dot4_nibbles_partial: int16 pairs with AVX2), widened to int32
-    once per block (bits.scaled_sums, scales of 1); then sum (q - 8) x = sum q x - 8 sum x
-    (xs: quantize_for_matmul)."""
+@njit(inline="always")
+def _matmul_nibbles(w, xq, xd, xs, out, scale_planes, with_min):
+    """The body of the 4-bit kernels with integer activations, Q4_0 (w = d (q - 8)) and Q4_1
+    (w = d q + m): the nibble bytes follow the block's fp16 planes (d, and m for Q4_1) in quads,
+    as in matmul_q8_0: quad j of a lane holds weights 4j..4j+3 (low nibbles) and 16+4j..
+    (high). The 8 products of a block add up as partial sums (bits.dot4_nibbles_partial: int16
+    pairs with AVX2), widened to int32 once per block (bits.scaled_sums, scales of 1); then
+    sum (q - 8) x = sum q x - 8 sum x, or d sum q x + m sum x (xs: quantize_for_matmul's sums
+    of 16). with_min is a constant of each kernel."""
     n_groups, n_blocks, group_bytes = w.shape
     cols = xq.shape[1]
     for g in prange(n_groups):
@@ -195,9 +197,9 @@ def matmul_q4_0(w, xq, xd, xs, out):
         for t in range(xq.shape[0]):
             acc[:] = 0.0
             for b in range(n_blocks):
-                prefetch_ahead(w, g, b, 0, 1, always=True)   # faster with the hints on AMD too (kernels/__init__.py)
+                prefetch_ahead(w, g, b, 0, 1, always=True)   # faster with the hints on AMD too (kernels/compiler.py)
                 partial[:] = 0
-                quads = (g * n_blocks + b) * group_bytes + 2 * ROW_GROUP   # after the scales' planes
+                quads = (g * n_blocks + b) * group_bytes + scale_planes * ROW_GROUP   # after the fp16 planes
                 x0 = t * cols + b * QK
                 for j in range(QK // 2 // QUADS):
                     for lanes in range(0, ROW_GROUP, DOT4_LANES):
@@ -206,8 +208,22 @@ def matmul_q4_0(w, xq, xd, xs, out):
                         dot4_nibbles_partial(partial, lanes, w, at, xq, x0 + QK // 2 + QUADS * j, 4)
                 for lanes in range(0, ROW_GROUP, DOT4_LANES):
                     scaled_sums(block, lanes, partial, lanes, None, 0, xq)   # widened, scales of 1
-                x_offset = np.int32(8 * (xs[t, 2 * b] + xs[t, 2 * b + 1]))   # sums of 16
+                x_sum = xs[t, 2 * b] + xs[t, 2 * b + 1]
                 x_scale = xd[t, b]
-                for lane in range(ROW_GROUP):   # int32 until converted: numba would widen to int64
-                    acc[lane] += np.float32(np.int32(block[lane] - x_offset)) * (half_at(w, g, b, 0, lane) * x_scale)
+                if with_min:
+                    x_min = np.float32(x_sum) * x_scale
+                    for lane in range(ROW_GROUP):
+                        acc[lane] += (np.float32(block[lane]) * (half_at(w, g, b, 0, lane) * x_scale)
+                                      + half_at(w, g, b, 2, lane) * x_min)
+                else:
+                    x_offset = np.int32(8 * x_sum)
+                    for lane in range(ROW_GROUP):   # int32 until converted: numba would widen to int64
+                        acc[lane] += np.float32(np.int32(block[lane] - x_offset)) * (half_at(w, g, b, 0, lane)
+                                                                                     * x_scale)
             store_group(out, t, g, acc)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_q4_0(w, xq, xd, xs, out):
+    """Q4_0 weights (fp16 d in planes 0-1), integer activations: see _matmul_nibbles."""
+    _matmul_nibbles(w, xq, xd, xs, out, 2, False)

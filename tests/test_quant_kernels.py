@@ -185,8 +185,8 @@ def test_hot_kernels_use_simd_integer_dot_products(fmt):
         assert not re.search(r"\bprefetch", asm), f"{fmt} kernel prefetches on a CPU where that is slower"
 
 
-@pytest.mark.parametrize("fmt", ["q4_k", "q6_k"])
-def test_k_quant_int8_kernels_use_simd_integer_multiplies(fmt):
+@pytest.mark.parametrize("fmt", ["q4_1", "q4_k", "q6_k"])
+def test_gguf_format_int8_kernels_use_simd_integer_multiplies(fmt):
     w = Weight(FORMATS[fmt], (64, 256), random_blocks(fmt, 64, 256))
     xq, xd = np.ones((1, 256), np.int8), np.ones((1, 8), np.float32)
     asm = fresh_asm(FORMATS[fmt].int_matmul, w.data, xq, xd, np.full((1, 16), 16, np.int32),
@@ -195,8 +195,8 @@ def test_k_quant_int8_kernels_use_simd_integer_multiplies(fmt):
     assert not re.search(r"\b(vpmuldq|vpmullq|vcvtqq2ps)\b", asm)
     if fmt == "q6_k" and bits._host_has_vnni():
         assert re.search(r"\bvpdpbusd\b", asm), "Q6_K kernel does not use VNNI on a CPU that has it"
-    # Q6_K prefetches the next block everywhere; Q4_K only where the hints help (not on AMD Zen)
-    assert bool(re.search(r"\bprefetcht0\b", asm)) == (compiler.SOFTWARE_PREFETCH or fmt == "q6_k")
+    # Q6_K and Q4_1 (Q4_0's body) prefetch everywhere; Q4_K only where the hints help (not on AMD Zen)
+    assert bool(re.search(r"\bprefetcht0\b", asm)) == (compiler.SOFTWARE_PREFETCH or fmt in ("q4_1", "q6_k"))
 
 
 def test_float_kernel_uses_fma():
