@@ -23,10 +23,11 @@ if not os.path.isdir(os.path.join(__path__[0], "kernels")):
     __path__.append(os.path.dirname(__path__[0]))
 
 from .kernels.attention import KV_KINDS
+from .kernels.compiler import available_threads
 
 from .config import ModelConfig, config_from_dict, load_config
 from .errors import EngineError
-from .generate import Stats, check_request, generate_text
+from .generate import CompileWatch, Stats, check_request, generate_text
 from .model import Transformer
 from .quantize import check_quant, quantize_weights
 from .resolve import resolve
@@ -34,6 +35,7 @@ from .sampler import OLLAMA_DEFAULTS, Sampler, SamplerSettings, describe, layere
 from .gguf import GGUFFile, generation_defaults, gguf_tensors, hf_config, rope_freq_factors
 from .tokenizer import Tokenizer, tokenizer_from_gguf
 from .weight_cache import WeightCache
+from .threads import ThreadTuner
 from .weights import load_checkpoint, load_weights
 
 __all__ = ["load", "load_tokenizer", "LLM", "EngineError", "ModelConfig", "SamplerSettings"]
@@ -41,13 +43,10 @@ __all__ = ["load", "load_tokenizer", "LLM", "EngineError", "ModelConfig", "Sampl
 DEFAULT_CONTEXT = 4096
 
 
-def set_threads(threads: int | None) -> None:
-    if threads is None:
-        return
-    import numba
-    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= numba.config.NUMBA_NUM_THREADS:
-        raise EngineError(f"threads must be an integer from 1 to {numba.config.NUMBA_NUM_THREADS}, got {threads!r}")
-    numba.set_num_threads(threads)
+def check_threads(threads: int | None) -> None:
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or not 1 <= threads <= available_threads()):
+        raise EngineError(f"threads must be an integer from 1 to {available_threads()}, got {threads!r}")
 
 
 def check_context_length(context_length) -> None:
@@ -86,12 +85,14 @@ def load(model: str, *, context_length: int | None = None, threads: int | None =
     """Load a model: a directory, a .gguf file, an Ollama NAME:TAG, an alias (deepseek-r1:7b) or a repo id.
 
     context_length: positions in the KV cache (default: the model's maximum, capped at 4096).
-    threads: worker threads for the kernels (default: all cores).
+    threads: worker threads for the kernels (default: all cores, fewer while other processes keep
+        cores busy; see engine/threads.py).
     quant: "q8_0" or "q4_0" to quantize a float checkpoint while loading.
     kv_cache: "f16" (default), "q8_0" or "f32" storage for the KV cache.
     """
-    started = time.perf_counter()
-    set_threads(threads)
+    started, load_stats = time.perf_counter(), Stats()
+    compiling = CompileWatch(load_stats)
+    check_threads(threads)
     if quant is not None:
         check_quant(quant)
     if kv_cache not in KV_KINDS:
@@ -110,18 +111,22 @@ def load(model: str, *, context_length: int | None = None, threads: int | None =
     if context_length is None:
         context_length = model_context or min(config.max_position_embeddings, DEFAULT_CONTEXT)
         check_context_length(context_length)
+    threads = ThreadTuner(threads)
     transformer = Transformer(config, weights, context_length, kv_cache=kv_cache)
-    return LLM(config, tokenizer, transformer, load_seconds=time.perf_counter() - started,
-               sampler_options=options, stop=default_stop, source=resolved.source)
+    load_stats.load_seconds = time.perf_counter() - started - compiling.count()
+    return LLM(config, tokenizer, transformer, sampler_options=options, stop=default_stop, source=resolved.source,
+               threads=threads, load_stats=load_stats)
 
 
 class LLM:
-    def __init__(self, config: ModelConfig, tokenizer: Tokenizer, model: Transformer, load_seconds: float = 0.0,
-                 sampler_options: dict | None = None, stop: list | None = None, source: str = ""):
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer, model: Transformer,
+                 sampler_options: dict | None = None, stop: list | None = None, source: str = "",
+                 threads: ThreadTuner | None = None, load_stats: Stats | None = None):
         self.config = config
+        self.threads = threads or ThreadTuner()
         self.tokenizer = tokenizer
         self.model = model
-        self.load_seconds = load_seconds
+        self.load_stats = load_stats or Stats()   # the load's times, reported with the first generation
         self.source = source   # where the model came from, for the user
         self.default_stop = list(stop or [])
         self.sampler_layers = [("Ollama's default", OLLAMA_DEFAULTS),
@@ -191,9 +196,9 @@ class LLM:
             if a != b:
                 break
             common += 1
-        self.last_stats = Stats(load_seconds=self.load_seconds, sampling=describe(settings, sources))
-        self.load_seconds = 0.0   # reported once, with the first generation
+        self.last_stats = replace(self.load_stats, sampling=describe(settings, sources))
+        self.load_stats = Stats()   # reported once, with the first generation
         pieces = generate_text(self.model, self.tokenizer, ids, sampler, max_tokens=max_tokens,
                                eos_ids=self.eos_ids, stop=list(self.default_stop if stop is None else stop),
-                               stats=self.last_stats, start_pos=common)
+                               stats=self.last_stats, start_pos=common, threads=self.threads)
         return pieces if stream else "".join(pieces)

@@ -8,9 +8,8 @@ import json
 import sys
 import time
 
-from numba.core import event
-
 from .kernels.attention import KV_KINDS
+from .kernels.compiler import COMPILE_LOG
 
 from .errors import EngineError
 from .quantize import QUANT_TYPES
@@ -120,35 +119,44 @@ def cmd_tokenize(args) -> int:
     return 0
 
 
-class _CompileNote(event.Listener):
-    """Says once, on stderr, that numba is compiling kernels: on a machine's first run (or after
-    an upgrade) that takes 10-30 s before anything else shows, which would look like a hang.
-    numba reports only real compilations, not kernels loaded from its cache."""
+@contextlib.contextmanager
+def compile_progress(stream=None):
+    """Shows on stderr what numba compiles while it compiles: a machine's first run (or the first
+    after an upgrade) spends seconds on it before anything else shows, which would look like a
+    hang. On a terminal one line follows along (kernels done, seconds, the kernel in progress);
+    elsewhere a line when compiling starts and one when it ends. Kernels loaded from numba's
+    cache are not compilations: a later run shows nothing."""
+    stream = stream or sys.stderr
+    live = stream.isatty()
+    seen = {"first": None}
 
-    def __init__(self):
-        self.said = False
-
-    def on_start(self, _event):
-        if not self.said:
-            self.said = True
-            print("compiling kernels for this CPU (once: they are cached for later runs)...", file=sys.stderr,
+    def show(log):
+        done = log.compiled[seen["first"]:] if seen["first"] is not None else []
+        if seen["first"] is None:
+            seen["first"] = len(log.compiled)
+            print("compiling kernels for this CPU, once (cached for later runs)" + ("" if live else "..."),
+                  file=stream, flush=True)
+        if live:
+            now = f", now {log.current}" if log.current else ""
+            print(f"\r\033[K  {len(done)} done in {sum(s for _, s in done):.1f}s{now}", end="", file=stream,
                   flush=True)
 
-    def on_end(self, _event):
-        pass
-
-
-@contextlib.contextmanager
-def compile_note():
-    with event.install_listener("numba:compile", _CompileNote()):
+    COMPILE_LOG.watchers.append(show)
+    try:
         yield
+    finally:
+        COMPILE_LOG.watchers.remove(show)
+        if seen["first"] is not None:
+            done = COMPILE_LOG.compiled[seen["first"]:]
+            print(("\r\033[K" if live else "") + f"compiled {len(done)} kernels in {sum(s for _, s in done):.1f}s",
+                  file=stream, flush=True)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"generate": cmd_generate, "info": cmd_info, "quantize": cmd_quantize, "tokenize": cmd_tokenize}
-        with compile_note():
+        with compile_progress():
             return commands[args.command](args)
     except EngineError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -11,14 +11,19 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import EngineError
+from .kernels.compiler import COMPILE_LOG
 from .sampler import Sampler
+from .threads import ThreadTuner
 from .tokenizer import Tokenizer
 
 
 @dataclass
 class Stats:
-    """Timings of one generation, reported like Ollama's --verbose."""
+    """Timings of one generation, reported like Ollama's --verbose. Compiling kernels (a first
+    run on a machine) is counted on its own, not in the load, prompt or eval time it interrupted."""
     load_seconds: float = 0.0
+    compile_seconds: float = 0.0
+    compiled_kernels: int = 0
     prompt_tokens: int = 0
     prompt_seconds: float = 0.0
     generated_ids: list = field(default_factory=list)
@@ -33,10 +38,13 @@ class Stats:
     def report(self) -> str:
         def rate(n, s):
             return f"{n / s:.2f} tokens/s" if s > 0 else "n/a"
-        total = self.load_seconds + self.prompt_seconds + self.generate_seconds
+        total = self.load_seconds + self.compile_seconds + self.prompt_seconds + self.generate_seconds
+        compiled = f" ({self.compiled_kernels} kernels, once for this CPU: cached for later runs)" \
+            if self.compiled_kernels else ""
         return "\n".join([
             f"total duration:       {total:.3f}s",
             f"load duration:        {self.load_seconds:.3f}s",
+            f"compile duration:     {self.compile_seconds:.3f}s{compiled}",
             f"prompt eval count:    {self.prompt_tokens} token(s)",
             f"prompt eval duration: {self.prompt_seconds:.3f}s",
             f"prompt eval rate:     {rate(self.prompt_tokens, self.prompt_seconds)}",
@@ -89,20 +97,23 @@ def check_request(prompt_tokens: int, context: int, max_tokens: int) -> None:
 
 
 def generate_text(model, tokenizer: Tokenizer, prompt_ids: list[int], sampler: Sampler, *, max_tokens: int,
-                  eos_ids, stop: list[str] = (), stats: Stats | None = None, start_pos: int = 0):
+                  eos_ids, stop: list[str] = (), stats: Stats | None = None, start_pos: int = 0,
+                  threads: ThreadTuner | None = None):
     """Yield text pieces as tokens arrive. `model` is a Transformer whose KV cache already holds
-    prompt_ids[:start_pos] (the caller may reuse a cached prefix); the rest is prefilled here."""
+    prompt_ids[:start_pos] (the caller may reuse a cached prefix); the rest is prefilled here.
+    Each decode step runs through `threads` (the thread count that suits the machine's load)."""
     stats = stats if stats is not None else Stats()
+    threads = threads or ThreadTuner()
     context = model.context_length
     check_request(len(prompt_ids), context, max_tokens)
 
-    started = time.perf_counter()
+    started, compiling = time.perf_counter(), CompileWatch(stats)
     todo = np.asarray(prompt_ids[start_pos:], dtype=np.int64)
     with tqdm(total=len(todo), desc="prompt", unit="tok", leave=False,
               disable=len(todo) <= 4 * model.batch_size or None) as bar:
         logits = model.prefill(todo, start_pos, progress=bar.update)
     stats.prompt_tokens = len(todo)
-    stats.prompt_seconds = time.perf_counter() - started
+    stats.prompt_seconds = time.perf_counter() - started - compiling.count()
 
     started = time.perf_counter()
     history = list(prompt_ids)
@@ -127,9 +138,24 @@ def generate_text(model, tokenizer: Tokenizer, prompt_ids: list[int], sampler: S
             stats.stop_reason = "context full"
             break
         if len(stats.generated_ids) < max_tokens:   # the last token needs no forward pass
-            logits = model.forward(np.asarray([token], dtype=np.int64), len(history) - 1)
+            logits = threads.step(model.forward, np.asarray([token], dtype=np.int64), len(history) - 1)
     if not stops.stopped:
         tail = stops.feed(decoder.flush()) + stops.flush()
         if tail:
             yield tail
-    stats.generate_seconds = time.perf_counter() - started
+    stats.generate_seconds = time.perf_counter() - started - compiling.count()
+
+
+class CompileWatch:
+    """Moves the time spent compiling kernels since the last count into stats.compile_seconds."""
+
+    def __init__(self, stats: Stats):
+        self.stats = stats
+        self.seconds, self.kernels = COMPILE_LOG.seconds, len(COMPILE_LOG.compiled)
+
+    def count(self) -> float:
+        seconds = COMPILE_LOG.seconds - self.seconds
+        self.stats.compile_seconds += seconds
+        self.stats.compiled_kernels += len(COMPILE_LOG.compiled) - self.kernels
+        self.seconds, self.kernels = COMPILE_LOG.seconds, len(COMPILE_LOG.compiled)
+        return seconds

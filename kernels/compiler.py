@@ -41,8 +41,10 @@ second); OMP_WAIT_POLICY=active was no faster beyond noise and keeps a core spin
 """
 import hashlib
 import os
+import time
 
 from numba.core import config as _numba_config
+from numba.core import event as _numba_event
 
 if "NUMBA_THREADING_LAYER" not in os.environ and "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:
     os.environ["NUMBA_THREADING_LAYER_PRIORITY"] = "omp tbb workqueue"
@@ -113,3 +115,53 @@ def _use_cache_keyed_by_sources() -> None:
 
 
 _use_cache_keyed_by_sources()
+
+
+def available_threads() -> int:
+    """The most threads a parallel kernel can use (numba's pool: the usable cores, or NUMBA_NUM_THREADS)."""
+    return _numba_config.NUMBA_NUM_THREADS
+
+
+def set_thread_count(threads: int) -> None:
+    """Threads for the parallel kernels launched from the calling thread from now on."""
+    import numba
+    numba.set_num_threads(threads)
+
+
+class CompileLog(_numba_event.Listener):
+    """The kernels numba compiles in this process, as it compiles them (it reports real
+    compilations only, not kernels loaded from its cache): their names, the seconds each took
+    (with the helpers it inlines or calls, which numba reports nested inside it), the running
+    total, and the one in progress. `watch(callback)` is called at each kernel's start and end."""
+
+    def __init__(self):
+        self.compiled = []        # (name, seconds), in order
+        self.seconds = 0.0
+        self.current = None       # the kernel being compiled
+        self.watchers = []
+        self._depth = 0
+        self._started = 0.0
+
+    def on_start(self, event):
+        self._depth += 1
+        if self._depth == 1:
+            self._started = time.perf_counter()
+            self.current = event.data["dispatcher"].py_func.__name__
+            self._notify()
+
+    def on_end(self, event):
+        self._depth -= 1
+        if self._depth == 0:
+            seconds = time.perf_counter() - self._started
+            self.compiled.append((self.current, seconds))
+            self.seconds += seconds
+            self.current = None
+            self._notify()
+
+    def _notify(self):
+        for watcher in self.watchers:
+            watcher(self)
+
+
+COMPILE_LOG = CompileLog()
+_numba_event.register("numba:compile", COMPILE_LOG)

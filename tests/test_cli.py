@@ -1,6 +1,7 @@
 """`python -m engine` end to end, and model resolution from an offline Hugging Face cache."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -124,20 +125,45 @@ def test_aliases_cover_every_distill():
                                                                                 "70b"}
 
 
-def test_first_compilation_is_announced_once(capsys):
-    """A first run compiles kernels for 10-30 s: the command line says so, once, on stderr;
-    kernels already compiled (or loaded from numba's cache) say nothing."""
+def test_compilation_is_shown_and_counted_apart(capsys):
+    """A first run compiles kernels for seconds: the command line says so (once, and what it
+    compiled), --verbose reports the time on its own line; kernels loaded from numba's cache
+    (or compiled before) show nothing."""
     import numba
-    from engine.cli import compile_note
-    with compile_note():
+    from engine.cli import compile_progress
+    with compile_progress():
         numba.njit(lambda a: a + 1)(1)     # two fresh compilations
         numba.njit(lambda a: a * 2)(1)
     err = capsys.readouterr().err
     assert err.count("compiling kernels for this CPU") == 1
+    assert re.search(r"^compiled 2 kernels in \d+\.\ds$", err, re.M), err
     from engine.kernels.ops import rmsnorm
     args = np.ones((1, 8), np.float32), np.ones(8, np.float32), 1e-6, np.empty((1, 8), np.float32)
     rmsnorm(*args)   # compiled or loaded from the cache before
     capsys.readouterr()
-    with compile_note():
+    with compile_progress():
         rmsnorm(*args)
     assert capsys.readouterr().err == ""
+
+
+def test_compile_time_is_not_prompt_time(loaded):
+    """Time spent compiling during a generation is its own line, not part of prompt eval."""
+    import numba
+    from engine.kernels.compiler import COMPILE_LOG
+    llm = loaded("llama-f32")
+    llm.generate("Hi", max_tokens=1)       # the load's own times go with the first generation
+    slow = numba.njit(lambda a: a + 1)
+
+    def compiling_prefill(*args, original=llm.model.prefill, **kwargs):
+        slow(1.5)                          # a real compilation, inside the prompt's time
+        return original(*args, **kwargs)
+    before = COMPILE_LOG.seconds
+    llm.model.prefill = compiling_prefill
+    try:
+        llm.generate("Hi", max_tokens=2, temperature=0)
+    finally:
+        del llm.model.prefill
+    stats = llm.last_stats
+    assert stats.compiled_kernels == 1 and stats.compile_seconds == pytest.approx(COMPILE_LOG.seconds - before)
+    assert stats.prompt_seconds < stats.compile_seconds   # a tiny model's prompt takes far less than a compilation
+    assert "compile duration:" in stats.report()

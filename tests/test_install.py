@@ -58,15 +58,20 @@ def test_console_script_and_user_script_answer_paris_from_outside(outside):
     script = shutil.which("engine", path=str(Path(sys.executable).parent)) or shutil.which("engine")
     assert script, "the engine console script is not installed"
     offline = {"HF_HUB_OFFLINE": "1", "OLLAMA_MODELS": str(outside / "no-ollama")}
+    # a system message of our own: without one the template adds SmolLM's, and the Q4_1 model
+    # (llama.cpp too) answers in French; greedy, without the default repeat penalty, as llama.cpp's reference
     result = subprocess.run([script, "generate", "-m", "smollm2:135m", "-p", "What is the capital of France?",
-                             "--temperature", "0", "-n", "20"], cwd=outside, capture_output=True, text=True,
-                            timeout=300, env={**os.environ, **offline})
+                             "--system", "You are a helpful assistant.", "--temperature", "0", "--repeat-penalty", "1",
+                             "-n", "20"], cwd=outside, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, **offline})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == PARIS
     (outside / "ask.py").write_text(
         "import engine\n"
         "llm = engine.load('smollm2:135m')\n"
-        "print(llm.generate('What is the capital of France?', temperature=0, max_tokens=20))\n")
+        "messages = [{'role': 'system', 'content': 'You are a helpful assistant.'},\n"
+        "            {'role': 'user', 'content': 'What is the capital of France?'}]\n"
+        "print(llm.generate(messages, temperature=0, repeat_penalty=1, max_tokens=20))\n")
     result = subprocess.run([sys.executable, "ask.py"], cwd=outside, capture_output=True, text=True, timeout=300,
                             env={**os.environ, **offline})
     assert result.returncode == 0, result.stderr

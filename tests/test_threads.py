@@ -1,0 +1,63 @@
+"""The thread tuner on a simulated machine: step times that depend on the thread count and on
+how many cores another process keeps busy (the clock is the simulation's, not the wall's)."""
+import sys
+
+import pytest
+
+from engine.threads import RECHECK, ThreadTuner
+
+
+class Machine:
+    """Two cores. A decode step takes 10 ms at 2 threads and 16 at 1 when quiet; with a busy
+    process beside it, 2 threads take 30 ms (a thread waits for its descheduled partner) and 1
+    thread 17. Each step advances the clock by its time, with a little jitter."""
+
+    def __init__(self):
+        self.now, self.busy, self.threads, self.used = 0.0, False, 2, []
+
+    def step_seconds(self):
+        quiet, loaded = {2: 0.010, 1: 0.016}, {2: 0.030, 1: 0.017}
+        jitter = 1 + 0.05 * ((len(self.used) * 7) % 5 - 2) / 2   # +-5 %
+        return (loaded if self.busy else quiet)[self.threads] * jitter
+
+    def run(self):
+        self.used.append(self.threads)
+        self.now += self.step_seconds()
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    machine = Machine()
+    threads = sys.modules["engine.threads"]
+    monkeypatch.setattr(threads, "available_threads", lambda: 2)
+    monkeypatch.setattr(threads, "set_thread_count", lambda n: setattr(machine, "threads", n))
+    return machine
+
+
+def decode(tuner, machine, steps):
+    for _ in range(steps):
+        tuner.step(machine.run)
+    return machine.used[-steps:]
+
+
+def test_a_quiet_machine_keeps_all_cores_and_never_tries_fewer(machine):
+    tuner = ThreadTuner(clock=lambda: machine.now)
+    assert set(decode(tuner, machine, 500)) == {2}
+
+
+def test_a_busy_core_moves_decoding_to_one_thread_and_back(machine):
+    tuner = ThreadTuner(clock=lambda: machine.now)
+    decode(tuner, machine, 40)
+    machine.busy = True
+    used = decode(tuner, machine, 400)
+    assert used[-100:].count(1) >= 90          # settled on 1 thread, with a look at 2 now and then
+    assert used[:40].count(2) <= 24            # found within a few windows
+    machine.busy = False
+    used = decode(tuner, machine, 2 * RECHECK + 40)
+    assert set(used[-30:]) == {2}              # back to both cores once the load is gone
+
+
+def test_a_fixed_thread_count_is_never_changed(machine):
+    tuner = ThreadTuner(1, clock=lambda: machine.now)
+    machine.busy = True
+    assert set(decode(tuner, machine, 200)) == {1}
