@@ -3,41 +3,77 @@ keep cores busy.
 
 Every parallel region of a decode step (a few hundred per token) ends when its slowest thread
 does, and a thread the scheduler takes off its core waits a whole time slice to come back: with
-one busy-loop process beside it on a 2-core machine, SmolLM2 decode at 2 threads fell to a third
-of its quiet speed, while 1 thread kept three quarters (scripts/bench_contention.py). Which count
-is best depends on what else runs, and that changes while the user waits.
+one busy-loop process beside it on a 2-core machine, SmolLM2 decode at 2 threads fell to 0.4x
+of its quiet speed, while 1 thread kept 0.6-0.7x (scripts/bench_contention.py). Which count is
+best depends on what else runs, and that changes while the user waits.
 
-So `ThreadTuner` times every decode step. While the steps at the current count stay near the
-best it has seen at that count, it changes nothing: a quiet machine never pays for the tuning.
-When they are markedly slower (another process took a core), it tries each other count for a
-few steps and keeps the fastest; and while it runs below all cores, it tries all cores again
-now and then, to come back when the load is gone. Prompt processing uses the count in force:
-its parallel regions are long, so a late thread costs it proportionally less.
+So `ThreadTuner` times every decode step, in windows of a few steps. It tries the other counts
+for a few steps each and keeps the fastest when a window is markedly slower than the best seen
+at its count (another process took a core), or when other processes used at least half a core
+meanwhile (they were there before it started: /proc/stat's busy time less this process's own).
+While it runs on fewer than all cores, or others keep running, it looks again now and then, at
+intervals that double while the answer stays the same. On a quiet machine nothing is ever
+tried: it costs nothing there. Prompt processing uses the count in force: its parallel regions
+are long, so a late thread costs it proportionally less.
 """
+import os
 import statistics
 import time
 
 from .kernels.compiler import available_threads, set_thread_count
 
-SLOWER = 1.3          # steps this much slower than the best seen at this count mean contention
+SLOWER = 1.3          # a window this much slower than the best seen at its count means contention
+OTHERS_BUSY = 0.5     # cores used by other processes that make it worth trying other counts
 WINDOW = 8            # steps judged together (a median: one slow step is not a trend)
 TRIAL = 4             # steps per count when trying the others
-RECHECK = 64          # steps between tries of all cores while running on fewer
+RECHECK = 64          # steps until the next look, doubling while the answer stays the same ...
+RECHECK_MOST = 1024   # ... up to this many
+
+
+class OtherProcesses:
+    """The CPU time other processes used since the last look, in cores: the busy time of all
+    CPUs in /proc/stat (steal included: other virtual machines on the host) less this process's
+    own. 0 where /proc/stat cannot be read."""
+
+    def __init__(self):
+        self.last = self._read()
+
+    @staticmethod
+    def _read():
+        try:
+            with open("/proc/stat") as stat:
+                ticks = [int(field) for field in stat.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")   # less idle and iowait
+        own = sum(os.times()[:2])
+        return time.monotonic(), busy - own
+
+    def cores(self) -> float:
+        now, last = self._read(), self.last
+        self.last = now
+        if now is None or last is None or now[0] <= last[0]:
+            return 0.0
+        return max(0.0, (now[1] - last[1]) / (now[0] - last[0]))
 
 
 class ThreadTuner:
-    def __init__(self, threads: int | None = None, clock=time.perf_counter):
-        """threads: a fixed count (the user's choice: never changed), or None to tune."""
+    def __init__(self, threads: int | None = None, clock=time.perf_counter, others=None):
+        """threads: a fixed count (the user's choice: never changed), or None to tune.
+        clock and others (a callable giving other processes' cores) are for tests."""
         self.clock = clock
+        self.others = others or OtherProcesses().cores
         self.fixed = threads is not None
         self.most = available_threads()
         self.current = threads or self.most
         self.counts = sorted({self.most, self.most - 1, self.most // 2, 1} - {0}, reverse=True)
-        self.best = {}             # count -> the best median of WINDOW steps seen at it
+        self.best = {}             # count -> the best median of a window seen at it
         self.recent = []           # this count's latest step times
-        self.trials = []           # counts still to try, and their medians so far
-        self.results = {}
+        self.trials = []           # counts still to try ...
+        self.results = {}          # ... and the medians of those tried
+        self.before_trials = self.current
         self.since_check = 0
+        self.interval = WINDOW     # a first look after one window
 
     def step(self, run, *args):
         """run(*args) at the current thread count, timed; returns what it returns. The count is set
@@ -49,19 +85,13 @@ class ThreadTuner:
             self._record(self.clock() - started)
         return result
 
-    def _use(self, count: int) -> None:
-        self.current, self.recent = count, []
-
     def _record(self, seconds: float) -> None:
         self.recent.append(seconds)
         if self.trials:
             if len(self.recent) >= TRIAL:              # this count's trial is done: the next one
                 self.results[self.current] = statistics.median(self.recent)
                 self.trials.pop(0)
-                if self.trials:
-                    self._use(self.trials[0])
-                else:
-                    self._settle()
+                self._next_trial()
             return
         if len(self.recent) < WINDOW:
             return
@@ -70,19 +100,22 @@ class ThreadTuner:
         best = self.best.get(self.current)
         self.best[self.current] = median if best is None else min(best, median)
         self.since_check += WINDOW
-        if best is not None and median > SLOWER * best:
-            self._try([c for c in self.counts if c != self.current], median)
-        elif self.current < self.most and self.since_check >= RECHECK:
-            self._try([self.most], median)
+        others_busy = self.others() >= OTHERS_BUSY
+        if (best is not None and median > SLOWER * best) or \
+                (self.since_check >= self.interval and (others_busy or self.current < self.most)):
+            self.before_trials, self.results = self.current, {self.current: median}
+            self.trials = [c for c in self.counts if c != self.current]
+            self._next_trial()
 
-    def _try(self, counts: list, current_median: float) -> None:
-        self.results = {self.current: current_median}
-        self.trials = list(counts)
-        self.since_check = 0
-        self._use(self.trials[0])
-
-    def _settle(self) -> None:
-        """Keep the fastest count tried; its timings so far become its new reference."""
+    def _next_trial(self) -> None:
+        self.recent = []
+        if self.trials:
+            self.current = self.trials[0]
+            return
+        # done: keep the fastest count; its timings so far become its new reference
         fastest = min(self.results, key=self.results.get)
+        unchanged = fastest == self.before_trials and self.interval >= RECHECK
+        self.interval = min(2 * self.interval, RECHECK_MOST) if unchanged else RECHECK
         self.best[fastest] = self.results[fastest]
-        self._use(fastest)
+        self.current, self.since_check = fastest, 0
+        self.others()                                  # the next look at others starts now
