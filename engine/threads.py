@@ -11,6 +11,10 @@ So `ThreadTuner` times every decode step, in windows of a few steps. It tries th
 for a few steps each and keeps the fastest when a window is markedly slower than the best seen
 at its count (another process took a core), or when other processes used at least half a core
 meanwhile (they were there before it started: /proc/stat's busy time less this process's own).
+It compares mean step times, not medians: on a machine with more busy threads than cores, most
+2-thread steps of SmolLM2 took 16 ms (1 thread: 12-24), but a few took 1-2 s, a scheduler's
+stall that a median hides and the user waits through. A trial step that takes more than twice
+the current mean ends that count's trial at once.
 While it runs on fewer than all cores, or others keep running, it looks again now and then, at
 intervals that double while the answer stays the same. On a quiet machine nothing is ever
 tried: it costs nothing there. Prompt processing uses the count in force: its parallel regions
@@ -23,8 +27,9 @@ import time
 from .kernels.compiler import available_threads, set_thread_count
 
 SLOWER = 1.3          # a window this much slower than the best seen at its count means contention
+HOPELESS = 2.0        # a trial step this much slower than the current count's mean ends the trial
 OTHERS_BUSY = 0.5     # cores used by other processes that make it worth trying other counts
-WINDOW = 8            # steps judged together (a median: one slow step is not a trend)
+WINDOW = 8            # steps judged together
 TRIAL = 4             # steps per count when trying the others
 RECHECK = 64          # steps until the next look, doubling while the answer stays the same ...
 RECHECK_MOST = 1024   # ... up to this many
@@ -67,13 +72,14 @@ class ThreadTuner:
         self.most = available_threads()
         self.current = threads or self.most
         self.counts = sorted({self.most, self.most - 1, self.most // 2, 1} - {0}, reverse=True)
-        self.best = {}             # count -> the best median of a window seen at it
+        self.best = {}             # count -> the best mean step time of a window seen at it
         self.recent = []           # this count's latest step times
         self.trials = []           # counts still to try ...
-        self.results = {}          # ... and the medians of those tried
+        self.results = {}          # ... and the mean step times of those tried
         self.before_trials = self.current
         self.since_check = 0
-        self.interval = WINDOW     # a first look after one window
+        self.interval = RECHECK
+        self.first_step = True
 
     def step(self, run, *args):
         """run(*args) at the current thread count, timed; returns what it returns. The count is set
@@ -86,26 +92,34 @@ class ThreadTuner:
         return result
 
     def _record(self, seconds: float) -> None:
+        if self.first_step:   # others busy since the load (the prompt's time included): try now
+            self.first_step = False
+            if self.others() >= OTHERS_BUSY:
+                return self._start_trials(seconds)
         self.recent.append(seconds)
         if self.trials:
-            if len(self.recent) >= TRIAL:              # this count's trial is done: the next one
-                self.results[self.current] = statistics.median(self.recent)
+            hopeless = seconds > HOPELESS * self.results[self.before_trials]
+            if len(self.recent) >= TRIAL or hopeless:   # this count's trial is done: the next one
+                self.results[self.current] = statistics.fmean(self.recent)
                 self.trials.pop(0)
                 self._next_trial()
             return
         if len(self.recent) < WINDOW:
             return
-        median = statistics.median(self.recent)
+        mean = statistics.fmean(self.recent)
         self.recent = []
         best = self.best.get(self.current)
-        self.best[self.current] = median if best is None else min(best, median)
+        self.best[self.current] = mean if best is None else min(best, mean)
         self.since_check += WINDOW
         others_busy = self.others() >= OTHERS_BUSY
-        if (best is not None and median > SLOWER * best) or \
+        if (best is not None and mean > SLOWER * best) or \
                 (self.since_check >= self.interval and (others_busy or self.current < self.most)):
-            self.before_trials, self.results = self.current, {self.current: median}
-            self.trials = [c for c in self.counts if c != self.current]
-            self._next_trial()
+            self._start_trials(mean)
+
+    def _start_trials(self, current_mean: float) -> None:
+        self.before_trials, self.results = self.current, {self.current: current_mean}
+        self.trials = [c for c in self.counts if c != self.current]
+        self._next_trial()
 
     def _next_trial(self) -> None:
         self.recent = []
@@ -114,7 +128,7 @@ class ThreadTuner:
             return
         # done: keep the fastest count; its timings so far become its new reference
         fastest = min(self.results, key=self.results.get)
-        unchanged = fastest == self.before_trials and self.interval >= RECHECK
+        unchanged = fastest == self.before_trials
         self.interval = min(2 * self.interval, RECHECK_MOST) if unchanged else RECHECK
         self.best[fastest] = self.results[fastest]
         self.current, self.since_check = fastest, 0
