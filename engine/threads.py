@@ -7,17 +7,18 @@ one busy-loop process beside it on a 2-core machine, SmolLM2 decode at 2 threads
 of its quiet speed, while 1 thread kept 0.6-0.7x (scripts/bench_contention.py). Which count is
 best depends on what else runs, and that changes while the user waits.
 
-So `ThreadTuner` times every decode step, in windows of a few steps. It tries the other counts
-for a few steps each and keeps the fastest when a window is markedly slower than the best seen
-at its count (another process took a core), or when other processes used at least half a core
-meanwhile (they were there before it started: /proc/stat's busy time less this process's own).
-It compares mean step times, not medians: on a machine with more busy threads than cores, most
-2-thread steps of SmolLM2 took 16 ms (1 thread: 12-24), but a few took 1-2 s, a scheduler's
-stall that a median hides and the user waits through. A trial step that takes more than twice
-the current mean ends that count's trial at once.
-While it runs on fewer than all cores, or others keep running, it looks again now and then, at
-intervals that double while the answer stays the same. On a quiet machine nothing is ever
-tried: it costs nothing there. Prompt processing uses the count in force: its parallel regions
+So `ThreadTuner` watches two things. Before the first decode step it looks at how much CPU other
+processes used while the model loaded and read the prompt (/proc/stat's busy time less this
+process's own): if half a core or more, it starts on the cores they leave. Then it times every
+decode step, in windows of a few steps, and tries the other counts for a few steps each, keeping
+the fastest: when a window is markedly slower than the best seen at its count (another process
+took a core), when it runs on fewer cores and the others are gone, and now and then (at
+intervals that double while the answer stays the same) when others run or it runs on fewer
+cores. On a quiet machine nothing is ever tried: it costs nothing there. It compares mean step
+times, not medians: on a machine with more busy threads than cores, most 2-thread steps of
+SmolLM2 took 16 ms (1 thread: 12-24), but a few took 1-2 s, a scheduler's stall that a median
+hides and the user waits through; and a trial step that takes more than twice the current mean
+ends that count's trial at once. Prompt processing uses the count in force: its parallel regions
 are long, so a late thread costs it proportionally less.
 """
 import os
@@ -84,6 +85,11 @@ class ThreadTuner:
     def step(self, run, *args):
         """run(*args) at the current thread count, timed; returns what it returns. The count is set
         at every step: numba keeps it per calling thread, and a server may decode from several."""
+        if self.first_step and not self.fixed:
+            self.first_step = False
+            others = self.others()
+            if others >= OTHERS_BUSY:
+                self.current = max(1, self.most - round(others))
         set_thread_count(self.current)
         started = self.clock()
         result = run(*args)
@@ -92,10 +98,6 @@ class ThreadTuner:
         return result
 
     def _record(self, seconds: float) -> None:
-        if self.first_step:   # others busy since the load (the prompt's time included): try now
-            self.first_step = False
-            if self.others() >= OTHERS_BUSY:
-                return self._start_trials(seconds)
         self.recent.append(seconds)
         if self.trials:
             hopeless = seconds > HOPELESS * self.results[self.before_trials]
@@ -112,8 +114,10 @@ class ThreadTuner:
         self.best[self.current] = mean if best is None else min(best, mean)
         self.since_check += WINDOW
         others_busy = self.others() >= OTHERS_BUSY
-        if (best is not None and mean > SLOWER * best) or \
-                (self.since_check >= self.interval and (others_busy or self.current < self.most)):
+        slower = best is not None and mean > SLOWER * best
+        others_gone = self.current < self.most and not others_busy
+        due = self.since_check >= self.interval and (others_busy or self.current < self.most)
+        if slower or others_gone or due:
             self._start_trials(mean)
 
     def _start_trials(self, current_mean: float) -> None:

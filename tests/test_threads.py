@@ -64,7 +64,7 @@ def test_a_machine_busy_from_the_start_decodes_on_one_thread(machine):
     """No change in step time to notice: the other process's CPU use says it is there."""
     machine.busy = True
     used = decode(tuner_for(machine), machine, 300)
-    assert used[:20].count(1) >= 8 and used[-200:].count(1) >= 190
+    assert used[0] == 1 and used.count(1) >= 290
 
 
 def test_a_fixed_thread_count_is_never_changed(machine):
