@@ -10,11 +10,13 @@ best depends on what else runs, and that changes while the user waits.
 So `ThreadTuner` watches two things. Before the first decode step it looks at how much CPU other
 processes used while the model loaded and read the prompt (/proc/stat's busy time less this
 process's own): if half a core or more, it starts on the cores they leave. Then it times every
-decode step, in windows of a few steps, and tries the other counts for a few steps each, keeping
-the fastest: when a window is markedly slower than the best seen at its count (another process
-took a core), when it runs on fewer cores and the others are gone, and now and then (at
-intervals that double while the answer stays the same) when others run or it runs on fewer
-cores. On a quiet machine nothing is ever tried: it costs nothing there. It compares mean step
+decode step, in windows of a few steps, and tries other counts for a few steps each, keeping
+the fastest: fewer threads when a window is markedly slower than the best seen at its count
+(another process took a core), more when it runs on fewer cores and the others are gone, and
+every other count now and then (at intervals that double while the answer stays the same) while
+others run or it runs on fewer cores. (Trying more threads because steps got slower would only
+meet the stalls again: on a machine with more busy threads than cores, 1-thread steps swing
+between 12 and 24 ms as the scheduler shares the cores out.) On a quiet machine nothing is ever tried: it costs nothing there. It compares mean step
 times, not medians: on a machine with more busy threads than cores, most 2-thread steps of
 SmolLM2 took 16 ms (1 thread: 12-24), but a few took 1-2 s, a scheduler's stall that a median
 hides and the user waits through; and a trial step that takes more than twice the current mean
@@ -114,15 +116,18 @@ class ThreadTuner:
         self.best[self.current] = mean if best is None else min(best, mean)
         self.since_check += WINDOW
         others_busy = self.others() >= OTHERS_BUSY
-        slower = best is not None and mean > SLOWER * best
-        others_gone = self.current < self.most and not others_busy
-        due = self.since_check >= self.interval and (others_busy or self.current < self.most)
-        if slower or others_gone or due:
-            self._start_trials(mean)
+        fewer = [c for c in self.counts if c < self.current]
+        more = [c for c in self.counts if c > self.current]
+        if self.since_check >= self.interval and (others_busy or more):
+            self._start_trials(mean, fewer + more)          # now and then, every other count
+        elif more and not others_busy:
+            self._start_trials(mean, more)                  # the others are gone
+        elif fewer and best is not None and mean > SLOWER * best:
+            self._start_trials(mean, fewer)                 # slower: someone took a core
 
-    def _start_trials(self, current_mean: float) -> None:
+    def _start_trials(self, current_mean: float, counts: list) -> None:
         self.before_trials, self.results = self.current, {self.current: current_mean}
-        self.trials = [c for c in self.counts if c != self.current]
+        self.trials = counts
         self._next_trial()
 
     def _next_trial(self) -> None:
