@@ -3,7 +3,6 @@
 generate streams only the generated text to stdout; statistics and errors go to stderr.
 """
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -78,7 +77,7 @@ def cmd_generate(args) -> int:
         prompt = [{"role": "system", "content": args.system}, {"role": "user", "content": prompt}]
     llm = load(args.model, context_length=args.ctx, threads=args.threads, quant=args.quant, kv_cache=args.kv_cache)
     if llm.source != args.model:
-        print(f"model: {llm.source}", file=sys.stderr)
+        args.progress.say(f"model: {llm.source}")
     profile = llm.model.start_profile() if args.profile else None
     pieces = llm.generate(
         prompt, raw=args.raw, max_tokens=args.max_tokens, stop=args.stop, stream=True,
@@ -86,6 +85,7 @@ def cmd_generate(args) -> int:
         repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, seed=args.seed)
     for piece in pieces:
+        args.progress.finish()   # the answer has the terminal now
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -119,45 +119,57 @@ def cmd_tokenize(args) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def compile_progress(stream=None):
+class CompileProgress:
     """Shows on stderr what numba compiles while it compiles: a machine's first run (or the first
     after an upgrade) spends seconds on it before anything else shows, which would look like a
     hang. On a terminal one line follows along (kernels done, seconds, the kernel in progress);
-    elsewhere a line when compiling starts and one when it ends. Kernels loaded from numba's
-    cache are not compilations: a later run shows nothing."""
-    stream = stream or sys.stderr
-    live = stream.isatty()
-    seen = {"first": None}
+    elsewhere a line when compiling starts. `finish` (before the answer streams) ends it with a
+    summary; later compilations are only counted (--verbose). Kernels loaded from numba's cache
+    are not compilations: a later run shows nothing."""
 
-    def show(log):
-        done = log.compiled[seen["first"]:] if seen["first"] is not None else []
-        if seen["first"] is None:
-            seen["first"] = len(log.compiled)
-            print("compiling kernels for this CPU, once (cached for later runs)" + ("" if live else "..."),
-                  file=stream, flush=True)
-        if live:
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.live = self.stream.isatty()
+        self.first = None          # COMPILE_LOG.compiled[first:] are this run's
+        self.shown = False         # the live line is on the screen
+        COMPILE_LOG.watchers.append(self)
+
+    def __call__(self, log):
+        if self.first is None:
+            self.first = len(log.compiled)
+            self.say("compiling kernels for this CPU, once (cached for later runs)" + ("" if self.live else "..."))
+        if self.live:
+            done = log.compiled[self.first:]
             now = f", now {log.current}" if log.current else ""
-            print(f"\r\033[K  {len(done)} done in {sum(s for _, s in done):.1f}s{now}", end="", file=stream,
+            print(f"\r\033[K  {len(done)} done in {sum(s for _, s in done):.1f}s{now}", end="", file=self.stream,
                   flush=True)
+            self.shown = True
 
-    COMPILE_LOG.watchers.append(show)
-    try:
-        yield
-    finally:
-        COMPILE_LOG.watchers.remove(show)
-        if seen["first"] is not None:
-            done = COMPILE_LOG.compiled[seen["first"]:]
-            print(("\r\033[K" if live else "") + f"compiled {len(done)} kernels in {sum(s for _, s in done):.1f}s",
-                  file=stream, flush=True)
+    def say(self, text: str) -> None:
+        """A line of its own, without breaking the live line."""
+        if self.shown:
+            print("\r\033[K", end="", file=self.stream)
+            self.shown = False
+        print(text, file=self.stream, flush=True)
+
+    def finish(self) -> None:
+        if self in COMPILE_LOG.watchers:
+            COMPILE_LOG.watchers.remove(self)
+        if self.first is not None:
+            done = COMPILE_LOG.compiled[self.first:]
+            self.say(f"compiled {len(done)} kernels in {sum(s for _, s in done):.1f}s")
+            self.first = None
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"generate": cmd_generate, "info": cmd_info, "quantize": cmd_quantize, "tokenize": cmd_tokenize}
-        with compile_progress():
+        args.progress = CompileProgress()
+        try:
             return commands[args.command](args)
+        finally:
+            args.progress.finish()
     except EngineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -137,7 +137,7 @@ def resolve(name: str, tokenizer_only: bool = False) -> Resolved:
     if alias and alias.package:
         shipped = installed_package_file(alias.package, alias.package_file)
         if shipped:
-            return Resolved(shipped, f"{name}: {shipped} (from the {alias.package} package)")
+            return Resolved(shipped, f"{shipped} ({name}, from the {alias.package} package)")
     repo_id = alias.repo if alias else name
     if not REPO_ID.match(repo_id):
         raise EngineError(f"model {name!r} is not a directory, a .gguf file, a model in Ollama's store "

@@ -130,10 +130,12 @@ def test_compilation_is_shown_and_counted_apart(capsys):
     compiled), --verbose reports the time on its own line; kernels loaded from numba's cache
     (or compiled before) show nothing."""
     import numba
-    from engine.cli import compile_progress
-    with compile_progress():
-        numba.njit(lambda a: a + 1)(1)     # two fresh compilations
-        numba.njit(lambda a: a * 2)(1)
+    from engine.cli import CompileProgress
+    progress = CompileProgress()
+    numba.njit(lambda a: a + 1)(1)     # two fresh compilations
+    numba.njit(lambda a: a * 2)(1)
+    progress.finish()
+    numba.njit(lambda a: a * 3)(1)     # after the answer began: counted, not shown
     err = capsys.readouterr().err
     assert err.count("compiling kernels for this CPU") == 1
     assert re.search(r"^compiled 2 kernels in \d+\.\ds$", err, re.M), err
@@ -141,8 +143,9 @@ def test_compilation_is_shown_and_counted_apart(capsys):
     args = np.ones((1, 8), np.float32), np.ones(8, np.float32), 1e-6, np.empty((1, 8), np.float32)
     rmsnorm(*args)   # compiled or loaded from the cache before
     capsys.readouterr()
-    with compile_progress():
-        rmsnorm(*args)
+    progress = CompileProgress()
+    rmsnorm(*args)
+    progress.finish()
     assert capsys.readouterr().err == ""
 
 
