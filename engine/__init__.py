@@ -111,11 +111,11 @@ def load(model: str, *, context_length: int | None = None, threads: int | None =
     if context_length is None:
         context_length = model_context or min(config.max_position_embeddings, DEFAULT_CONTEXT)
         check_context_length(context_length)
-    threads = ThreadTuner(threads)
+    tuner = ThreadTuner(threads)
     transformer = Transformer(config, weights, context_length, kv_cache=kv_cache)
     load_stats.load_seconds = time.perf_counter() - started - compiling.count()
     return LLM(config, tokenizer, transformer, sampler_options=options, stop=default_stop, source=resolved.source,
-               threads=threads, load_stats=load_stats)
+               threads=tuner, load_stats=load_stats)
 
 
 class LLM:

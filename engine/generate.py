@@ -104,6 +104,7 @@ def generate_text(model, tokenizer: Tokenizer, prompt_ids: list[int], sampler: S
     Each decode step runs through `threads` (the thread count that suits the machine's load)."""
     stats = stats if stats is not None else Stats()
     threads = threads or ThreadTuner()
+    threads.begin()
     context = model.context_length
     check_request(len(prompt_ids), context, max_tokens)
 

@@ -7,9 +7,10 @@ one busy-loop process beside it on a 2-core machine, SmolLM2 decode at 2 threads
 of its quiet speed, while 1 thread kept 0.6-0.7x (scripts/bench_contention.py). Which count is
 best depends on what else runs, and that changes while the user waits.
 
-So `ThreadTuner` watches two things. Before the first decode step it looks at how much CPU other
-processes used while the model loaded and read the prompt (/proc/stat's busy time less this
-process's own): if half a core or more, it starts on the cores they leave. Then it times every
+So `ThreadTuner` watches two things. Before a generation's first decode step it looks at how much
+CPU other processes used since it last looked (the load, or the last generation, and the prompt;
+/proc/stat's busy time less this process's own): if half a core or more, it starts on the cores
+they leave. Then it times every
 decode step, in windows of a few steps, and tries other counts for a few steps each, keeping
 the fastest: fewer threads when a window is markedly slower than the best seen at its count
 (another process took a core), more when it runs on fewer cores and the others are gone, and
@@ -41,10 +42,14 @@ RECHECK_MOST = 1024   # ... up to this many
 class OtherProcesses:
     """The CPU time other processes used since the last look, in cores: the busy time of all
     CPUs in /proc/stat (steal included: other virtual machines on the host) less this process's
-    own. 0 where /proc/stat cannot be read."""
+    own. Both count in clock ticks (10 ms), so a look less than SHORTEST after the last one
+    gives the last answer again. 0 where /proc/stat cannot be read."""
+
+    SHORTEST = 0.25   # seconds: 2 cores x 25 ticks, so that a tick more or less is 0.04 cores
 
     def __init__(self):
         self.last = self._read()
+        self.answer = 0.0
 
     @staticmethod
     def _read():
@@ -59,10 +64,11 @@ class OtherProcesses:
 
     def cores(self) -> float:
         now, last = self._read(), self.last
-        self.last = now
-        if now is None or last is None or now[0] <= last[0]:
+        if now is None or last is None:
             return 0.0
-        return max(0.0, (now[1] - last[1]) / (now[0] - last[0]))
+        if now[0] - last[0] >= self.SHORTEST:
+            self.last, self.answer = now, max(0.0, (now[1] - last[1]) / (now[0] - last[0]))
+        return self.answer
 
 
 class ThreadTuner:
@@ -82,6 +88,10 @@ class ThreadTuner:
         self.before_trials = self.current
         self.since_check = 0
         self.interval = RECHECK
+        self.first_step = True
+
+    def begin(self) -> None:
+        """A generation starts: its first decode step looks at the others first."""
         self.first_step = True
 
     def step(self, run, *args):
