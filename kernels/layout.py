@@ -169,7 +169,7 @@ def prefetch_ahead(w, g, b, part, parts, always=False):
     bytes PREFETCH_BYTES further on, one hint per 64-byte cache line: the hardware prefetchers
     stop at every 4 KiB page. Small steady slices beat whole blocks far ahead (Q4_K GEMV:
     14.4 GB/s with 2 KiB slices, 11.2 GB/s with whole 9 KiB blocks 4 blocks ahead). Nothing on
-    CPUs where the hints measured slower (kernels.SOFTWARE_PREFETCH: AMD Zen), unless `always`
+    CPUs where the hints measured slower (compiler.SOFTWARE_PREFETCH: AMD Zen), unless `always`
     (a constant: the kernel's own measured choice). A kernel may pass b + 1 to prefetch a slice
     of the next block instead (Q6_K)."""
     if not (always or SOFTWARE_PREFETCH):   # constants: nothing is emitted
