@@ -89,6 +89,7 @@ class ThreadTuner:
         self.since_check = 0
         self.interval = RECHECK
         self.first_step = True
+        self.chosen_beside_others = False   # the count in use was chosen while others were busy
 
     def begin(self) -> None:
         """A generation starts: its first decode step looks at the others first."""
@@ -102,6 +103,7 @@ class ThreadTuner:
             others = self.others()
             if others >= OTHERS_BUSY:
                 self.current = max(1, self.most - round(others))
+                self.chosen_beside_others = True
         set_thread_count(self.current)
         started = self.clock()
         result = run(*args)
@@ -130,7 +132,7 @@ class ThreadTuner:
         more = [c for c in self.counts if c > self.current]
         if self.since_check >= self.interval and (others_busy or more):
             self._start_trials(mean, fewer + more)          # now and then, every other count
-        elif more and not others_busy:
+        elif more and self.chosen_beside_others and not others_busy:
             self._start_trials(mean, more)                  # the others are gone
         elif fewer and best is not None and mean > SLOWER * best:
             self._start_trials(mean, fewer)                 # slower: someone took a core
@@ -151,4 +153,4 @@ class ThreadTuner:
         self.interval = min(2 * self.interval, RECHECK_MOST) if unchanged else RECHECK
         self.best[fastest] = self.results[fastest]
         self.current, self.since_check = fastest, 0
-        self.others()                                  # the next look at others starts now
+        self.chosen_beside_others = self.others() >= OTHERS_BUSY

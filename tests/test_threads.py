@@ -67,6 +67,16 @@ def test_a_machine_busy_from_the_start_decodes_on_one_thread(machine):
     assert used[0] == 1 and used.count(1) >= 290
 
 
+def test_fewer_threads_kept_on_merit_are_not_tried_again_at_every_window(machine):
+    """Were 1 thread faster even on a quiet machine, the tuner, once there, would look at 2
+    again only at its doubling intervals, not each time it sees the others gone."""
+    machine.step_seconds = lambda: 0.010 if machine.threads == 1 else 0.014
+    tuner = tuner_for(machine)
+    tuner.current = 1
+    used = decode(tuner, machine, 600)
+    assert used.count(2) <= 16                 # 3 looks of 4 steps (after 64, 192 and 448 steps)
+
+
 def test_a_fixed_thread_count_is_never_changed(machine):
     tuner = tuner_for(machine, 1)
     machine.busy = True
