@@ -43,13 +43,13 @@ class OtherProcesses:
     """The CPU time other processes used since the last look, in cores: the busy time of all
     CPUs in /proc/stat (steal included: other virtual machines on the host) less this process's
     own. Both count in clock ticks (10 ms), so a look less than SHORTEST after the last one
-    gives the last answer again. 0 where /proc/stat cannot be read."""
+    gives the last answer again (None before the first). 0 where /proc/stat cannot be read."""
 
     SHORTEST = 0.25   # seconds: 2 cores x 25 ticks, so that a tick more or less is 0.04 cores
 
     def __init__(self):
         self.last = self._read()
-        self.answer = 0.0
+        self.answer = None
 
     @staticmethod
     def _read():
@@ -62,7 +62,7 @@ class OtherProcesses:
         own = sum(os.times()[:2])
         return time.monotonic(), busy - own
 
-    def cores(self) -> float:
+    def cores(self) -> float | None:
         now, last = self._read(), self.last
         if now is None or last is None:
             return 0.0
@@ -92,16 +92,16 @@ class ThreadTuner:
         self.chosen_beside_others = False   # the count in use was chosen while others were busy
 
     def begin(self) -> None:
-        """A generation starts: its first decode step looks at the others first."""
+        """A generation starts: its first decode steps look at the others first."""
         self.first_step = True
 
     def step(self, run, *args):
         """run(*args) at the current thread count, timed; returns what it returns. The count is set
         at every step: numba keeps it per calling thread, and a server may decode from several."""
-        if self.first_step and not self.fixed:
-            self.first_step = False
+        if self.first_step and not self.fixed:   # until the others' use is known (SHORTEST)
             others = self.others()
-            if others >= OTHERS_BUSY:
+            self.first_step = others is None
+            if others is not None and others >= OTHERS_BUSY:
                 self.current = max(1, self.most - round(others))
                 self.chosen_beside_others = True
         set_thread_count(self.current)
@@ -127,7 +127,7 @@ class ThreadTuner:
         best = self.best.get(self.current)
         self.best[self.current] = mean if best is None else min(best, mean)
         self.since_check += WINDOW
-        others_busy = self.others() >= OTHERS_BUSY
+        others_busy = (self.others() or 0.0) >= OTHERS_BUSY
         fewer = [c for c in self.counts if c < self.current]
         more = [c for c in self.counts if c > self.current]
         if self.since_check >= self.interval and (others_busy or more):
@@ -153,4 +153,4 @@ class ThreadTuner:
         self.interval = min(2 * self.interval, RECHECK_MOST) if unchanged else RECHECK
         self.best[fastest] = self.results[fastest]
         self.current, self.since_check = fastest, 0
-        self.chosen_beside_others = self.others() >= OTHERS_BUSY
+        self.chosen_beside_others = (self.others() or 0.0) >= OTHERS_BUSY

@@ -1,5 +1,6 @@
 """The thread tuner on a simulated machine: step times that depend on the thread count and on
 how many cores another process keeps busy (the clock is the simulation's, not the wall's)."""
+import os
 import sys
 
 import pytest
@@ -101,4 +102,5 @@ def test_other_processes_cpu_use_is_measured():
     finally:
         loop.kill()
         loop.wait()
-    assert busy >= quiet + 0.6 and busy <= 1.3, (quiet, busy)
+    # (on a machine already saturated by others, the loop cannot add a whole core)
+    assert min(quiet + 0.6, os.cpu_count() - 0.3) <= busy <= quiet + 1.3, (quiet, busy)
