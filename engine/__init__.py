@@ -93,6 +93,7 @@ def load(model: str, *, context_length: int | None = None, threads: int | None =
     started, load_stats = time.perf_counter(), Stats()
     compiling = CompileWatch(load_stats)
     check_threads(threads)
+    tuner = ThreadTuner(threads)   # from now on it sees what other processes use
     if quant is not None:
         check_quant(quant)
     if kv_cache not in KV_KINDS:
@@ -111,7 +112,6 @@ def load(model: str, *, context_length: int | None = None, threads: int | None =
     if context_length is None:
         context_length = model_context or min(config.max_position_embeddings, DEFAULT_CONTEXT)
         check_context_length(context_length)
-    tuner = ThreadTuner(threads)
     transformer = Transformer(config, weights, context_length, kv_cache=kv_cache)
     load_stats.load_seconds = time.perf_counter() - started - compiling.count()
     return LLM(config, tokenizer, transformer, sampler_options=options, stop=default_stop, source=resolved.source,
