@@ -79,7 +79,10 @@ def layered_settings(layers) -> tuple[SamplerSettings, dict]:
     settings, sources = SamplerSettings(), {f.name: "neutral" for f in fields(SamplerSettings)}
     for source, options in layers:
         given = {k: v for k, v in (options or {}).items() if v is not None}
-        settings = settings.updated(**given)
+        try:
+            settings = settings.updated(**given)
+        except EngineError as e:   # say which layer: a model file's bad value is not the user's
+            raise EngineError(f"{e} (from {source})") from None
         sources.update(dict.fromkeys(given, source))
     return settings, sources
 

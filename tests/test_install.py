@@ -164,6 +164,14 @@ def test_gguf_sampling_keys_win_over_the_name(tmp_path, deepseek_header):
     assert values == {"temperature": pytest.approx(0.3), "top_k": 12} and source.startswith("GGUF metadata")
 
 
+def test_a_bad_sampling_value_names_its_source():
+    from engine.sampler import layered_settings
+    with pytest.raises(EngineError, match=r"temperature must be .* \(from GGUF metadata \(general.sampling\)\)"):
+        layered_settings([("GGUF metadata (general.sampling)", {"temperature": -1.0})])
+    with pytest.raises(EngineError, match=r"top_p must be .* \(from this request\)"):
+        layered_settings([("Ollama's default", {"top_p": 0.9}), ("this request", {"top_p": 2})])
+
+
 def test_verbose_lists_each_setting_and_its_source(model_dirs):
     result = subprocess.run([sys.executable, "-m", "engine", "generate", "-m", str(model_dirs("qwen2-f32")),
                              "-p", "Hi", "-n", "3", "--top-k", "7", "--verbose", "--kv-cache", "f32"],
