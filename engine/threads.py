@@ -90,9 +90,12 @@ class ThreadTuner:
         self.interval = RECHECK
         self.first_step = True
         self.chosen_beside_others = False   # the count in use was chosen while others were busy
+        set_thread_count(self.current)      # what runs before the first decode step (logits()) uses it too
 
     def begin(self) -> None:
-        """A generation starts: its first decode steps look at the others first."""
+        """A generation starts: its prompt runs at the count in force, and its first decode steps
+        look at the others first."""
+        set_thread_count(self.current)
         self.first_step = True
 
     def step(self, run, *args):

@@ -104,3 +104,28 @@ def test_other_processes_cpu_use_is_measured():
         loop.wait()
     # (on a machine already saturated by others, the loop cannot add a whole core)
     assert min(quiet + 0.6, os.cpu_count() - 0.3) <= busy <= quiet + 1.3, (quiet, busy)
+
+
+def test_a_fixed_count_holds_for_the_prompt_too(loaded):
+    """--threads N applies to prompt processing and logits(), not only to decode steps."""
+    import numba
+    from engine.kernels.compiler import available_threads
+    from engine.threads import ThreadTuner as Tuner
+    llm = loaded("llama-f32")
+    seen = []
+
+    def prefill(*args, original=llm.model.prefill, **kwargs):
+        seen.append(numba.get_num_threads())
+        return original(*args, **kwargs)
+    saved = llm.threads
+    llm.model.prefill = prefill
+    try:
+        llm.threads = Tuner(1)
+        assert numba.get_num_threads() == 1        # from the moment it is made (logits() runs now)
+        numba.set_num_threads(available_threads())  # as if something else had changed it since
+        llm.generate("Hi", max_tokens=2, temperature=0)
+        assert seen == [1]
+    finally:
+        del llm.model.prefill
+        llm.threads = saved
+        numba.set_num_threads(available_threads())
