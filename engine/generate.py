@@ -52,8 +52,7 @@ class Stats:
             f"eval duration:        {self.generate_seconds:.3f}s",
             f"eval rate:            {rate(self.generated_tokens, self.generate_seconds)}",
             f"stop reason:          {self.stop_reason}",
-            "sampling:",
-            *(f"  {line}" for line in self.sampling),
+            *(["sampling:"] + [f"  {line}" for line in self.sampling] if self.sampling else []),
         ])
 
 

@@ -132,7 +132,8 @@ class CompileLog(_numba_event.Listener):
     """The kernels numba compiles in this process, as it compiles them (it reports real
     compilations only, not kernels loaded from its cache): their names, the seconds each took
     (with the helpers it inlines or calls, which numba reports nested inside it), the running
-    total, and the one in progress. `watch(callback)` is called at each kernel's start and end."""
+    total, and the one in progress. Each callable in `watchers` is called with the log at every
+    kernel's start and end (the command line's progress line is one)."""
 
     def __init__(self):
         self.compiled = []        # (name, seconds), in order
