@@ -25,14 +25,14 @@ if not os.path.isdir(os.path.join(__path__[0], "kernels")):
 from .kernels.attention import KV_KINDS
 from .kernels.compiler import available_threads
 
-from .config import ModelConfig, config_from_dict, load_config
+from .config import ModelConfig, load_config
 from .errors import EngineError
 from .generate import CompileWatch, Stats, check_request, generate_text
 from .model import Transformer
 from .quantize import check_quant, quantize_weights
 from .resolve import resolve
 from .sampler import OLLAMA_DEFAULTS, Sampler, SamplerSettings, describe, layered_settings
-from .gguf import GGUFFile, generation_defaults, gguf_tensors, hf_config, rope_freq_factors
+from .gguf import GGUFFile, gguf_config, gguf_tensors
 from .tokenizer import Tokenizer, tokenizer_from_gguf
 from .weight_cache import WeightCache
 from .threads import ThreadTuner
@@ -68,16 +68,20 @@ def read_model(path) -> tuple[ModelConfig, Tokenizer, dict]:
     """Config, tokenizer and checked weights of a model directory or GGUF file."""
     if path.is_file():
         gguf = GGUFFile(path)
-        config = config_from_dict(hf_config(gguf))
-        factors = rope_freq_factors(gguf)
-        sampling, sampling_source = generation_defaults(gguf)
-        config = replace(config, rope_interleaved=config.architecture == "llama",
-                         rope_freq_factors=None if factors is None else tuple(factors.tolist()),
-                         generation_defaults=sampling, generation_source=sampling_source)
-        weights = load_weights(config, *gguf_tensors(gguf), WeightCache.for_files([path]))
-        return config, tokenizer_from_gguf(gguf.metadata), weights
+        config = gguf_config(gguf)
+        tokenizer = checked_tokenizer(tokenizer_from_gguf(gguf.metadata), config)
+        return config, tokenizer, load_weights(config, *gguf_tensors(gguf), WeightCache.for_files([path]))
     config = load_config(path)
-    return config, Tokenizer.from_dir(path), load_checkpoint(path, config)
+    tokenizer = checked_tokenizer(Tokenizer.from_dir(path), config)
+    return config, tokenizer, load_checkpoint(path, config)
+
+
+def checked_tokenizer(tokenizer: Tokenizer, config: ModelConfig) -> Tokenizer:
+    """Every id the tokenizer can produce must have a row in the model's embedding."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise EngineError(f"the tokenizer has {tokenizer.vocab_size} tokens, but the model's embedding only "
+                          f"{config.vocab_size} rows: they do not belong together")
+    return tokenizer
 
 
 def load(model: str, *, context_length: int | None = None, threads: int | None = None, quant: str | None = None,

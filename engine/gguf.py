@@ -13,13 +13,14 @@ view, and reports any inconsistency as an EngineError that says what is wrong.
 """
 import mmap
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from .kernels.scan import length_prefixed_starts
 
+from .config import ModelConfig, config_from_dict
 from .errors import EngineError
 
 GGUF_MAGIC = b"GGUF"
@@ -261,6 +262,18 @@ def hf_config(g: GGUFFile) -> dict:
     if key_length is not None:
         config["head_dim"] = key_length
     return config
+
+
+def gguf_config(g: GGUFFile) -> ModelConfig:
+    """The checked ModelConfig of a GGUF file, with what GGUF stores differently from Hugging
+    Face applied: llama's q/k rows permuted for interleaved rotary pairs, Llama 3 rope scaling as
+    per-frequency divisors, and the sampling defaults the file (or its model card) asks for."""
+    config = config_from_dict(hf_config(g), where=f"{g.path.name} (GGUF metadata)")
+    factors = rope_freq_factors(g)
+    sampling, sampling_source = generation_defaults(g)
+    return replace(config, rope_interleaved=config.architecture == "llama",
+                   rope_freq_factors=None if factors is None else tuple(factors.tolist()),
+                   generation_defaults=sampling, generation_source=sampling_source)
 
 
 # llama.cpp's sampling keys (general.sampling.*) -> our sampler settings

@@ -3,8 +3,8 @@ from collections import Counter
 
 import numpy as np
 
-from .config import config_from_dict, load_config
-from .gguf import GGUFFile, hf_config
+from .config import load_config
+from .gguf import GGUFFile, gguf_config
 from .resolve import resolve
 from .tokenizer import Tokenizer, tokenizer_from_gguf
 from .weights import read_checkpoint, stored_formats
@@ -15,7 +15,7 @@ def model_info(name: str) -> list[tuple[str, str]]:
     path = resolved.path
     if path.is_file():
         g = GGUFFile(path)
-        config = config_from_dict(hf_config(g))
+        config = gguf_config(g)
         counts = Counter(t.type_name for t in g.tensors.values())
         params = sum(int(np.prod(t.shape)) for t in g.tensors.values())
         size = path.stat().st_size
@@ -46,7 +46,7 @@ def model_info(name: str) -> list[tuple[str, str]]:
         ("context length", str(c.max_position_embeddings)),
         ("shape", f"{c.num_layers} layers, hidden {c.hidden_size}, {c.num_heads} heads ({c.num_kv_heads} KV), "
                   f"head_dim {c.head_dim}, intermediate {c.intermediate_size}"),
-        ("rope", f"theta {c.rope_theta:g}" + (", llama3 scaling" if c.rope_scaling else "")),
+        ("rope", f"theta {c.rope_theta:g}" + (", llama3 scaling" if c.rope_scaling or c.rope_freq_factors else "")),
         ("tokenizer", f"{tokenizer_kind}, {tokenizer.vocab_size} tokens, BOS "
                       f"{tokenizer.special_tokens.get('bos_token')!r}, EOS {tokenizer.special_tokens.get('eos_token')!r}"),
         ("chat template", template[:160] + ("..." if len(template) > 160 else "")),

@@ -15,6 +15,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import EngineError
+from .files import read_json, read_text
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "special_tokens_map.json", "generation_config.json", "config.json"]
@@ -27,6 +28,30 @@ def _token_text(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _check_dense(backend: HFTokenizer) -> None:
+    """Token ids must run from 0 without gaps, as the model's embedding rows do. The library
+    accepts any u32 id in tokenizer.json's vocabulary (2^31 included), and gives added tokens
+    other ids than the file declares when the vocabulary has holes: a special token would then
+    not be the one the model was trained with. n entries without a gap means ids 0..n-1."""
+    count = backend.get_vocab_size(with_added_tokens=True)
+    missing = next((i for i in range(count) if backend.id_to_token(i) is None), None)
+    if missing is not None:
+        raise EngineError(f"tokenizer.json: its {count} tokens do not have the ids 0..{count - 1} "
+                          f"(no token has id {missing}); the vocabulary is damaged")
+
+
+def _template_of(config: dict) -> str | None:
+    """tokenizer_config.json's chat_template: a string, or a list of named templates (the
+    "default" one is the chat template)."""
+    template = config.get("chat_template")
+    if isinstance(template, list) and all(isinstance(t, dict) for t in template):
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if template is not None and not isinstance(template, str):
+        raise EngineError("tokenizer_config.json: 'chat_template' must be a string or a list of "
+                          "{\"name\", \"template\"} objects")
+    return template
+
+
 def _raise_exception(message):
     raise jinja2.exceptions.TemplateError(message)
 
@@ -36,6 +61,8 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
 
 
 def compile_chat_template(source: str) -> jinja2.Template:
+    if not isinstance(source, str):
+        raise EngineError(f"the chat template must be a string, not {type(source).__name__}")
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = _tojson
@@ -64,19 +91,11 @@ class Tokenizer:
             backend = HFTokenizer.from_file(str(path))
         except Exception as e:  # the Rust library raises its own exception type
             raise EngineError(f"tokenizer.json could not be loaded: {e}") from None
-        config = {}
+        _check_dense(backend)
         config_path = model_dir / "tokenizer_config.json"
-        if config_path.is_file():
-            try:
-                config = json.loads(config_path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise EngineError(f"tokenizer_config.json is not valid JSON: {e}") from None
-        template = config.get("chat_template")
+        config = read_json(config_path) if config_path.is_file() else {}
         template_path = model_dir / "chat_template.jinja"
-        if template_path.is_file():
-            template = template_path.read_text(encoding="utf-8")
-        if isinstance(template, list):  # the multi-template form: [{"name": "default", "template": ...}]
-            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        template = read_text(template_path) if template_path.is_file() else _template_of(config)
         specials = {k: _token_text(config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
         return cls(backend, template, specials)
 

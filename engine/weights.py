@@ -5,7 +5,6 @@ because that loader copies every tensor into memory and cannot represent bf16. H
 is memory-mapped once and each tensor is a numpy view into it: bf16 and f16 stay as uint16
 bit patterns and the kernels decode them on the fly, so no second full copy of the model exists.
 """
-import json
 import mmap
 import struct
 from pathlib import Path
@@ -16,6 +15,7 @@ from .kernels.formats import FORMATS, Weight
 
 from .config import ModelConfig
 from .errors import EngineError
+from .files import parse_json, read_json
 from .weight_cache import WeightCache
 
 # safetensors dtype -> (numpy storage dtype, our format name for 2-D weights)
@@ -34,7 +34,9 @@ QUANTIZED_FORMAT_VERSION = 1
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, tuple[str, np.ndarray]], dict]:
-    """Map a .safetensors file; return ({name: (dtype name, array view)}, metadata) after checking every offset."""
+    """Map a .safetensors file; return ({name: (dtype name, array view)}, metadata) after checking
+    every header value: as safetensors' own loader does, the tensors' byte ranges must tile the
+    data exactly (in some order, from 0 to the end), so no two overlap and none is shifted."""
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -44,40 +46,49 @@ def read_safetensors(path: Path) -> tuple[dict[str, tuple[str, np.ndarray]], dic
         (header_len,) = struct.unpack("<Q", prefix)
         if header_len > min(MAX_HEADER_BYTES, size - 8):
             raise EngineError(f"{path.name}: header length {header_len} does not fit in a file of {size} bytes")
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise EngineError(f"{path.name}: header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise EngineError(f"{path.name}: header is not a JSON object")
+        header = parse_json(f.read(header_len), f"{path.name}: header")
     data_start = 8 + header_len
     data_size = size - data_start
-    mapped = np.memmap(path, dtype=np.uint8, mode="r") if size > 0 else None
     metadata = header.get("__metadata__") or {}
-    if not isinstance(metadata, dict):
-        raise EngineError(f"{path.name}: __metadata__ is not a JSON object")
-    tensors = {}
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise EngineError(f"{path.name}: __metadata__ must map names to strings")
+    entries = []
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise EngineError(f"{path.name}: tensor '{name}' has a malformed header entry") from None
-        if dtype_name not in SAFETENSORS_DTYPES:
-            raise EngineError(f"{path.name}: tensor '{name}' has unsupported dtype {dtype_name!r}; "
-                              f"supported: {', '.join(SAFETENSORS_DTYPES)}")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise EngineError(f"{path.name}: tensor '{name}' has an invalid shape {shape!r}")
-        dtype = np.dtype(SAFETENSORS_DTYPES[dtype_name][0])
-        nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_size
-                and end - begin == nbytes):
-            raise EngineError(f"{path.name}: tensor '{name}' has data offsets [{begin}, {end}] that do not match "
-                              f"its shape {shape} x {dtype_name} within {data_size} data bytes")
-        raw = mapped[data_start + begin:data_start + end] if nbytes else np.empty(0, np.uint8)
-        tensors[name] = (dtype_name, raw.view(dtype).reshape(shape))
+        if name != "__metadata__":
+            entries.append((name, *_header_entry(path.name, name, info)))
+    at = 0
+    for name, dtype_name, shape, begin, end in sorted(entries, key=lambda e: (e[3], e[4])):
+        nbytes = int(np.prod(shape, dtype=object)) * np.dtype(SAFETENSORS_DTYPES[dtype_name][0]).itemsize
+        if begin != at or end - begin != nbytes:
+            problem = "overlaps another tensor" if begin < at else "leaves a gap" if begin > at else \
+                f"does not match its shape {shape} x {dtype_name} ({nbytes} bytes)"
+            raise EngineError(f"{path.name}: tensor '{name}' at data offsets [{begin}, {end}] {problem}")
+        at = end
+    if at != data_size:
+        raise EngineError(f"{path.name}: the tensors cover {at} bytes of data, but the file holds {data_size} "
+                          f"after its header (a wrong header length, or a truncated or padded file)")
+    mapped = np.memmap(path, dtype=np.uint8, mode="r") if data_size > 0 else None
+    tensors = {}
+    for name, dtype_name, shape, begin, end in entries:
+        raw = mapped[data_start + begin:data_start + end] if end > begin else np.empty(0, np.uint8)
+        tensors[name] = (dtype_name, raw.view(SAFETENSORS_DTYPES[dtype_name][0]).reshape(shape))
     return tensors, metadata
+
+
+def _header_entry(file: str, name: str, info) -> tuple[str, list, int, int]:
+    """(dtype name, shape, begin, end) of one header entry, each of the right type and range."""
+    if not (isinstance(info, dict) and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2):
+        raise EngineError(f"{file}: tensor '{name}' has a malformed header entry")
+    dtype_name, shape, (begin, end) = info.get("dtype"), info.get("shape"), info["data_offsets"]
+    if not isinstance(dtype_name, str) or dtype_name not in SAFETENSORS_DTYPES:
+        raise EngineError(f"{file}: tensor '{name}' has unsupported dtype {dtype_name!r:.40}; "
+                          f"supported: {', '.join(SAFETENSORS_DTYPES)}")
+    if not (isinstance(shape, list) and len(shape) <= 8
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise EngineError(f"{file}: tensor '{name}' has an invalid shape {shape!r:.60}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (begin, end)) or end < begin:
+        raise EngineError(f"{file}: tensor '{name}' has invalid data offsets {info['data_offsets']!r:.60}")
+    return dtype_name, shape, begin, end
 
 
 def read_checkpoint(model_dir: Path) -> tuple[dict[str, tuple[str, np.ndarray]], dict]:
@@ -86,14 +97,14 @@ def read_checkpoint(model_dir: Path) -> tuple[dict[str, tuple[str, np.ndarray]],
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise EngineError(f"{index.name} is not a valid safetensors index (needs a 'weight_map' object)") from None
+        weight_map = read_json(index).get("weight_map")
+        if not (isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())):
+            raise EngineError(f"{index.name} is not a valid safetensors index (needs a 'weight_map' object "
+                              f"from tensor names to file names)")
+        files = sorted(set(weight_map.values()))
         for name in files:
-            if not (model_dir / name).is_file():
-                raise EngineError(f"{index.name} lists {name}, which is not in {model_dir}")
+            if Path(name).name != name or not (model_dir / name).is_file():
+                raise EngineError(f"{index.name} lists {name!r:.80}, which is not a file in {model_dir}")
     else:
         files = sorted(p.name for p in model_dir.glob("*.safetensors"))
     if not files:
@@ -101,6 +112,9 @@ def read_checkpoint(model_dir: Path) -> tuple[dict[str, tuple[str, np.ndarray]],
     tensors, metadata = {}, {}
     for name in files:
         file_tensors, file_metadata = read_safetensors(model_dir / name)
+        duplicate = next((t for t in file_tensors if t in tensors), None)
+        if duplicate is not None:
+            raise EngineError(f"tensor '{duplicate}' is in more than one file of {model_dir}")
         tensors.update(file_tensors)
         metadata.update(file_metadata)
     return tensors, metadata
@@ -168,11 +182,9 @@ def stored_formats(metadata: dict) -> dict:
     if version != str(QUANTIZED_FORMAT_VERSION):
         raise EngineError(f"quantized model format version {version!r} is not supported "
                           f"(this engine reads version {QUANTIZED_FORMAT_VERSION}); quantize the model again")
-    try:
-        formats = json.loads(metadata["tensor_formats"])
-        assert isinstance(formats, dict)
-    except (KeyError, ValueError, AssertionError):
-        raise EngineError("quantized model metadata lacks a valid 'tensor_formats' table") from None
+    formats = parse_json(metadata.get("tensor_formats", ""), "the quantized model's 'tensor_formats' table")
+    if not all(isinstance(f, str) for f in formats.values()):
+        raise EngineError("the quantized model's 'tensor_formats' table must map tensor names to format names")
     unknown = {f for f in formats.values() if f not in FORMATS}
     if unknown:
         raise EngineError(f"quantized model uses unknown format(s) {', '.join(map(str, unknown))}; "

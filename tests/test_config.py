@@ -1,5 +1,6 @@
 """config.json in both layouts, generation defaults, and clear errors for what is not supported."""
 import json
+import re
 
 import pytest
 
@@ -68,9 +69,17 @@ def test_generation_config_gives_sampling_defaults(tmp_path):
     ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
     ({"use_sliding_window": True}, "use_sliding_window=true is not supported"),
     ({"eos_token_id": "x"}, "'eos_token_id' must be a token id"),
+    # wrong types that used to be read as something else, or end in a traceback
+    ({"rope_scaling": [1]}, "'rope_scaling' must be an object, got [1]"),
+    ({"rope_parameters": "x"}, "'rope_parameters' must be an object"),
+    ({"tie_word_embeddings": "no"}, "'tie_word_embeddings' must be true or false, got 'no'"),
+    ({"attention_bias": 1}, "'attention_bias' must be true or false"),
+    ({"rms_norm_eps": 10**400}, "'rms_norm_eps' must be a positive number, got 1000000"),
+    ({"rope_theta": float("inf")}, "'rope_theta' must be a positive number"),
+    ({"num_hidden_layers": True}, "'num_hidden_layers' must be an integer"),
 ])
 def test_bad_configs_are_clear_errors(change, message):
-    with pytest.raises(EngineError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(EngineError, match=re.escape(message)):
         config_from_dict({**QWEN_1_5B_LEGACY, **change})
 
 

@@ -61,7 +61,7 @@ def test_sharded_checkpoint_with_index(model_dirs, tmp_path):
     ids = [1, 20, 30, 40]
     assert np.array_equal(engine.load(str(out)).logits(ids), engine.load(str(src)).logits(ids))
     (out / "model-00002-of-00002.safetensors").unlink()
-    with pytest.raises(EngineError, match="lists model-00002-of-00002.safetensors, which is not in"):
+    with pytest.raises(EngineError, match="lists .model-00002-of-00002.safetensors., which is not a file in"):
         engine.load(str(out))
 
 
@@ -105,14 +105,35 @@ def _header_file(tmp_path, header: bytes, data: bytes = b"", length=None):
 @pytest.mark.parametrize("header, data, length, message", [
     (b"", b"", 10**12, "header length 1000000000000 does not fit"),
     (b"{oops", b"", None, "header is not valid JSON"),
-    (b"[1, 2]", b"", None, "header is not a JSON object"),
+    (b"[1, 2]", b"", None, "header must hold a JSON object"),
     (b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}', b"\0" * 8, None,
-     r"data offsets \[0, 16\] that do not match"),
+     "the tensors cover 16 bytes of data, but the file holds 8"),
     (b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}', b"\0" * 16, None,
-     r"data offsets \[0, 8\] that do not match its shape \[4\]"),
+     r"data offsets \[0, 8\] does not match its shape \[4\] x F32 \(16 bytes\)"),
     (b'{"w": {"dtype": "F64", "shape": [1], "data_offsets": [0, 8]}}', b"\0" * 8, None, "unsupported dtype 'F64'"),
     (b'{"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}}', b"", None, "invalid shape"),
     (b'{"w": {"dtype": "F32"}}', b"", None, "malformed header entry"),
+    # accepted before, wrong: the byte ranges of tensors must tile the data, as safetensors requires
+    (b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, '
+     b'"b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}', b"\0" * 12, None, "'b' .* overlaps another"),
+    (b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, '
+     b'"b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}', b"\0" * 8, None, "overlaps another tensor"),
+    (b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}', b"\0" * 12, None, "leaves a gap"),
+    (b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, '
+     b'"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}', b"\0" * 16, None, "'a' appears twice"),
+    # the header length one byte short: the JSON still parses, and every tensor would be shifted
+    (b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}} ', b"\0" * 8, 61,
+     "cover 8 bytes of data, but the file holds 9"),
+    # values of the wrong type or size
+    (b'{"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}', b"\0" * 4, None, "unsupported dtype"),
+    (b'{"a": {"dtype": {"F32": 1}, "shape": [1], "data_offsets": [0, 4]}}', b"\0" * 4, None, "unsupported dtype"),
+    (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, ' + b"9" * 5000 + b']}}', b"", None,
+     "an integer of 5000 digits"),
+    (b'{"a": {"dtype": "F32", "shape": [true], "data_offsets": [0, 4]}}', b"\0" * 4, None, "invalid shape"),
+    (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4.0]}}', b"\0" * 4, None, "invalid data offsets"),
+    (b"[" * 100000 + b"]" * 100000, b"", None, "nested too deeply"),
+    (b'{"a\xff": 1}', b"", None, "not valid UTF-8"),
+    (b'{"__metadata__": {"format": 5}}', b"", None, "__metadata__ must map names to strings"),
 ])
 def test_malformed_safetensors_are_clear_errors(tmp_path, header, data, length, message):
     with pytest.raises(EngineError, match=message):
