@@ -56,6 +56,33 @@ def check_context_length(context_length) -> None:
                           f"got {context_length!r}")
 
 
+def available_memory() -> int:
+    """Bytes of memory the system can give without swapping (Linux's MemAvailable)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_context_memory(config: ModelConfig, context_length: int, kv_cache: str) -> None:
+    """The KV cache and rope tables of a context are allocated at load, before they are used
+    (untouched pages cost nothing until then, so an oversized one would fail only halfway
+    through a long answer): check now that the machine has the memory."""
+    per_position = (config.num_layers * KV_KINDS[kv_cache].bytes_per_position(config.num_kv_heads, config.head_dim)
+                    + config.head_dim * 8)   # cos and sin tables, float64 while computed
+    needed, available = per_position * context_length, available_memory()
+    if needed > available:
+        fits = max(available // per_position, 0)
+        raise EngineError(f"a context of {context_length} positions needs {needed / 1e9:.1f} GB for its {kv_cache} "
+                          f"KV cache, and this machine has {available / 1e9:.1f} GB available: use a smaller "
+                          f"context (--ctx on the command line, context_length= in engine.load; at most about "
+                          f"{fits} here)")
+
+
 def load_tokenizer(model: str) -> Tokenizer:
     """Only the tokenizer (and chat template) of a model: no weights are read or downloaded."""
     path = resolve(str(model), tokenizer_only=True).path
@@ -116,6 +143,7 @@ def load(model: str, *, context_length: int | None = None, threads: int | None =
     if context_length is None:
         context_length = model_context or min(config.max_position_embeddings, DEFAULT_CONTEXT)
         check_context_length(context_length)
+    check_context_memory(config, context_length, kv_cache)
     transformer = Transformer(config, weights, context_length, kv_cache=kv_cache)
     load_stats.load_seconds = time.perf_counter() - started - compiling.count()
     return LLM(config, tokenizer, transformer, sampler_options=options, stop=default_stop, source=resolved.source,

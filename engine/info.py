@@ -7,7 +7,7 @@ from .config import load_config
 from .gguf import GGUFFile, gguf_config
 from .resolve import resolve
 from .tokenizer import Tokenizer, tokenizer_from_gguf
-from .weights import read_checkpoint, stored_formats
+from .weights import check_layer_count, read_checkpoint, stored_formats
 
 
 def model_info(name: str) -> list[tuple[str, str]]:
@@ -26,6 +26,7 @@ def model_info(name: str) -> list[tuple[str, str]]:
     else:
         config = load_config(path)
         tensors, metadata = read_checkpoint(path)
+        check_layer_count(config, tensors)
         formats = stored_formats(metadata)
         counts = Counter(formats.get(n, dtype) for n, (dtype, _) in tensors.items())
         params = sum(int(np.prod(a.shape)) if n not in formats else 0 for n, (_, a) in tensors.items())

@@ -1,21 +1,17 @@
 """Text <-> token ids: the `tokenizers` library on tokenizer.json, chat templates, streaming decode.
 
-Chat templates are rendered with jinja2 the way transformers' `apply_chat_template` does it
-(sandboxed environment, trim_blocks and lstrip_blocks, the special tokens as variables), so the
-same messages give the same string. Rendered chat text already contains the BOS token, so it is
-encoded without adding special tokens again: no double BOS.
+Chat templates are rendered by engine/template.py, as transformers' `apply_chat_template` does,
+in a bounded sandbox. Rendered chat text already contains the BOS token, so it is encoded
+without adding special tokens again: no double BOS.
 """
-import json
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from .errors import EngineError
 from .files import read_json, read_text
+from .template import ChatTemplate
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "special_tokens_map.json", "generation_config.json", "config.json"]
@@ -52,34 +48,12 @@ def _template_of(config: dict) -> str | None:
     return template
 
 
-def _raise_exception(message):
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def compile_chat_template(source: str) -> jinja2.Template:
-    if not isinstance(source, str):
-        raise EngineError(f"the chat template must be a string, not {type(source).__name__}")
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(source)
-    except jinja2.TemplateSyntaxError as e:
-        raise EngineError(f"the chat template is not valid jinja2: {e}") from None
-
-
 class Tokenizer:
     def __init__(self, backend: HFTokenizer, chat_template: str | None = None, special_tokens: dict | None = None):
         self.backend = backend
         self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if v is not None}
         self.chat_template_source = chat_template
-        self._template = compile_chat_template(chat_template) if chat_template else None
+        self._template = ChatTemplate(chat_template) if chat_template else None
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> "Tokenizer":
@@ -115,11 +89,8 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if self._template is None:
             raise EngineError("this model has no chat template; use raw mode (--raw) to feed plain text")
-        try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         **self.special_tokens)
-        except jinja2.TemplateError as e:
-            raise EngineError(f"the chat template failed on these messages: {e}") from None
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     **self.special_tokens)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)

@@ -10,8 +10,12 @@ the pages are shared with the page cache rather than duplicated.
 An entry is named by a hash of the model files' paths, sizes and modification times and of the
 layout version, so a changed file or a changed layout makes a new entry. It is a data file (each
 tensor at a 4 KiB-aligned offset) and an index, each written under a temporary name and renamed
-into place, index last: a reader sees a whole entry or none. An entry that does not match what
-the loader expects (torn, edited, other shapes) is ignored and written again. Writing an entry
+into place, index last: a reader sees a whole entry or none. The index holds an xxh3 checksum of
+every tensor, verified each time the entry is mapped, in parallel at memory speed (the pages it
+reads are the ones the first forward pass would fault in anyway; the cost on a warm start is in
+the README): a disk error or a stray write would otherwise give wrong answers silently and for
+good. An entry that does not match what the loader expects (damaged, torn, edited, other shapes)
+is reported in one line, ignored, and written again. Writing an entry
 removes the entries it supersedes: the same files before a change, and every entry of another
 layout version (which no load of this version reads), so the cache holds one entry per model.
 
@@ -28,13 +32,21 @@ import sys
 import threading
 from pathlib import Path
 
-import numpy as np
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+import xxhash
+
+from .kernels.compiler import available_threads
 from .kernels.layout import ROW_GROUP
 
-LAYOUT_VERSION = 5   # bump when the packed layout changes: old entries are then never read
+LAYOUT_VERSION = 6   # bump when the packed layout or the entry's index changes: old entries are then never read
 ALIGN = 4096
 CACHE_ENV = "ENGINE_WEIGHT_CACHE"
+
+
+def checksum_of(array: np.ndarray) -> str:
+    return xxhash.xxh3_64_hexdigest(memoryview(np.ascontiguousarray(array)).cast("B"))
 
 
 def cache_root() -> Path | None:
@@ -66,24 +78,46 @@ class WeightCache:
         return None if root is None else cls(root, files)
 
     def load(self) -> dict[str, np.ndarray]:
-        """{tensor name: packed array mapped from the entry}, or {} when there is no usable entry.
-        The caller still checks every shape against the config."""
+        """{tensor name: packed array mapped from the entry}, or {} when there is no usable entry
+        (a damaged one is reported). The caller still checks every shape against the config."""
+        if not self.index_path.exists():
+            return {}
         try:
-            index = json.loads(self.index_path.read_text())
-            size = self.data_path.stat().st_size
-            if index.get("bytes") != size or not isinstance(index.get("tensors"), dict) or size == 0:
-                return {}
-            mapped = np.memmap(self.data_path, dtype=np.uint8, mode="c")
-            arrays = {}
-            for name, (offset, shape) in index["tensors"].items():
-                nbytes = int(np.prod(shape))
-                if not (isinstance(offset, int) and offset % ALIGN == 0 and 0 <= offset
-                        and offset + nbytes <= size and len(shape) == 3 and min(shape) > 0):
-                    return {}
-                arrays[name] = mapped[offset:offset + nbytes].reshape(shape)
-            return arrays
-        except (OSError, ValueError, TypeError, AttributeError):
-            return {}   # no entry, or one that is not ours to trust
+            arrays = self._map()
+        except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:
+            self.report(f"its index is unreadable ({type(e).__name__})")
+            return {}
+        if isinstance(arrays, str):
+            self.report(arrays)
+            return {}
+        return arrays
+
+    def _map(self) -> dict[str, np.ndarray] | str:
+        """The entry's arrays, or what is wrong with it."""
+        index = json.loads(self.index_path.read_text())
+        size = self.data_path.stat().st_size
+        if index.get("bytes") != size or not isinstance(index.get("tensors"), dict) or size == 0:
+            return f"its data file has {size} bytes where the index says {index.get('bytes')}"
+        mapped = np.memmap(self.data_path, dtype=np.uint8, mode="c")
+        arrays, checksums = {}, {}
+        for name, (offset, shape, checksum) in index["tensors"].items():
+            nbytes = int(np.prod(shape))
+            if not (isinstance(offset, int) and offset % ALIGN == 0 and 0 <= offset
+                    and offset + nbytes <= size and len(shape) == 3 and min(shape) > 0):
+                return f"tensor {name} lies outside its data"
+            arrays[name] = mapped[offset:offset + nbytes].reshape(shape)
+            checksums[name] = checksum
+        with ThreadPoolExecutor(available_threads()) as pool:   # xxhash releases the GIL
+            found = dict(zip(arrays, pool.map(checksum_of, arrays.values())))
+        damaged = [name for name in arrays if found[name] != checksums[name]]
+        if damaged:
+            more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
+            return f"tensor {damaged[0]}{more} does not match its checksum"
+        return arrays
+
+    def report(self, problem: str) -> None:
+        print(f"note: the cached repacked weights {self.data_path} are damaged ({problem}); repacking them "
+              f"from the model file and writing the entry again", file=sys.stderr)
 
     def save(self, packed: dict[str, np.ndarray]) -> threading.Thread:
         """Write an entry for {tensor name: packed array} (the arrays are only read), in a
@@ -98,7 +132,7 @@ class WeightCache:
     def _write(self, packed: dict[str, np.ndarray]) -> None:
         tensors, offset = {}, 0
         for name, array in packed.items():
-            tensors[name] = (offset, list(array.shape))
+            tensors[name] = (offset, list(array.shape), checksum_of(array))
             offset = -(-(offset + array.nbytes) // ALIGN) * ALIGN
         suffix = f".{os.getpid()}-{threading.get_ident()}.tmp"   # unique to this writer
         data_tmp = self.data_path.with_name(self.data_path.name + suffix)
@@ -106,7 +140,7 @@ class WeightCache:
         try:
             self.data_path.parent.mkdir(parents=True, exist_ok=True)
             with open(data_tmp, "wb") as f:
-                for (name, array), (start, _) in zip(packed.items(), tensors.values()):
+                for (name, array), (start, _, _) in zip(packed.items(), tensors.values()):
                     f.seek(start)
                     f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
                 f.truncate(offset)

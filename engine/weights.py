@@ -6,6 +6,7 @@ is memory-mapped once and each tensor is a numpy view into it: bf16 and f16 stay
 bit patterns and the kernels decode them on the fly, so no second full copy of the model exists.
 """
 import mmap
+import re
 import struct
 from pathlib import Path
 
@@ -138,6 +139,16 @@ def release_pages(array: np.ndarray) -> None:
         base.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
+def check_layer_count(config: ModelConfig, tensors: dict) -> None:
+    """The config's layer count against the layers the checkpoint holds, before anything sized
+    by it is built (a count of 10^9 would otherwise fill the memory with expected names)."""
+    layers = {int(match[1]) for name in tensors if (match := re.match(r"model\.layers\.(\d+)\.", name))}
+    present = max(layers) + 1 if layers else 0
+    if config.num_layers != present:
+        raise EngineError(f"the config says {config.num_layers} layers, but the checkpoint holds tensors of "
+                          f"{present}: they do not belong together")
+
+
 def expected_shapes(config: ModelConfig) -> dict[str, tuple]:
     """Every tensor the forward pass reads, with the shape the config implies (HF names)."""
     d, hd = config.hidden_size, config.head_dim
@@ -208,6 +219,7 @@ def load_weights(config: ModelConfig, tensors: dict, formats: dict | None = None
     tensors: {name: (dtype name, array)}; formats: {name: format} for tensors stored in a
     block format (their arrays are raw rows), the others are plain floats. cache: where the
     packed block matrices are read from, or written to when it does not have them all."""
+    check_layer_count(config, tensors)
     shapes = expected_shapes(config)
     cached = cache.load() if cache else {}
     repacked = False
@@ -222,11 +234,13 @@ def load_weights(config: ModelConfig, tensors: dict, formats: dict | None = None
         use = weight_use(name, config)
         if name in formats:
             fmt = FORMATS[formats[name]]
-            try:
-                weights[name] = Weight(fmt, shape, cached[name], use)
-                continue
-            except (KeyError, ValueError):
-                pass   # not in the cache, or cached with other shapes: repack from the file
+            if name in cached:   # (only matrices that are repacked are cached)
+                try:
+                    weights[name] = Weight(fmt, shape, cached[name], use)
+                    continue
+                except ValueError as e:   # the entry was made from these very files: damaged
+                    cache.report(f"tensor {name}: {e}")
+                    cached = {}
             try:
                 weights[name] = Weight(fmt, shape, array, use)
             except ValueError as e:

@@ -12,6 +12,8 @@ and inlined into one kernel per kind.
 - q8_0: int8 per block of 32 with a float32 scale per block: a quarter of f32.
 """
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from numba import njit, prange
@@ -21,7 +23,6 @@ from .bits import f16_to_f32, f32_to_f16
 from .ops import exp_f32
 from .quant import QK, quantize_activations
 
-KV_KINDS = ("f16", "q8_0", "f32")
 
 # A position whose score is more than 60 below the best gets weight 0, not e^-60 (1e-26 of the
 # best one's weight: nothing in float32). Weights near e^-87 times values are denormal floats,
@@ -146,21 +147,44 @@ def _store_f16(k, v, k_cache, v_cache, start_pos):
                 v_cache[h, start_pos + t, i] = f32_to_f16(v[t, h, i])
 
 
+@dataclass(frozen=True)
+class KVKind:
+    """One storage kind of the KV cache."""
+    name: str
+    dtype: type              # of the cached values
+    scale_block: int | None  # values per float32 scale (None: no scales)
+    attention: Callable      # the attention kernel that reads this kind
+
+    def bytes_per_position(self, kv_heads: int, head_dim: int) -> int:
+        """Bytes of keys and values (and their scales) that one position of one layer takes."""
+        scales = head_dim // self.scale_block * 4 if self.scale_block else 0
+        return 2 * kv_heads * (head_dim * np.dtype(self.dtype).itemsize + scales)
+
+
+KV_KINDS = {kind.name: kind for kind in [
+    KVKind("f16", np.uint16, None, attention_f16),
+    KVKind("q8_0", np.int8, QK, attention_q8_0),
+    KVKind("f32", np.float32, None, attention_f32),
+]}
+
+
 class KVCache:
     """Keys and values of every layer, allocated once: (layers, kv_heads, positions, head_dim)."""
 
     def __init__(self, kind: str, layers: int, kv_heads: int, positions: int, head_dim: int):
         if kind not in KV_KINDS:
             raise ValueError(f"unknown KV cache type {kind!r}; supported: {', '.join(KV_KINDS)}")
-        if kind == "q8_0" and head_dim % QK:
-            raise ValueError(f"a q8_0 KV cache needs head_dim to be a multiple of {QK}, got {head_dim}")
+        storage = KV_KINDS[kind]
+        if storage.scale_block and head_dim % storage.scale_block:
+            raise ValueError(f"a {kind} KV cache needs head_dim to be a multiple of {storage.scale_block}, "
+                             f"got {head_dim}")
         self.kind = kind
         shape = (layers, kv_heads, positions, head_dim)
-        dtype = {"f32": np.float32, "f16": np.uint16, "q8_0": np.int8}[kind]
-        self.k, self.v = np.zeros(shape, dtype), np.zeros(shape, dtype)
-        scale_shape = (layers, kv_heads, positions, head_dim // QK) if kind == "q8_0" else (layers, 1, 1, 1)
+        self.k, self.v = np.zeros(shape, storage.dtype), np.zeros(shape, storage.dtype)
+        scale_shape = (layers, kv_heads, positions, head_dim // storage.scale_block) if storage.scale_block \
+            else (layers, 1, 1, 1)
         self.k_scales, self.v_scales = np.zeros(scale_shape, np.float32), np.zeros(scale_shape, np.float32)
-        self.kernel = {"f32": attention_f32, "f16": attention_f16, "q8_0": attention_q8_0}[kind]
+        self.kernel = storage.attention
 
     @property
     def nbytes(self) -> int:

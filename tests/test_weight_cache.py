@@ -96,6 +96,31 @@ def damage_data(bin_path, index_path):
         f.truncate(bin_path.stat().st_size - 4096)
 
 
+def damage_flip_middle(bin_path, index_path):
+    """64 KiB of flipped bits in the middle: same size, same index (used to give wrong answers)."""
+    size = bin_path.stat().st_size
+    with open(bin_path, "r+b") as f:
+        f.seek(size // 2)
+        chunk = np.frombuffer(f.read(65536), np.uint8)
+        f.seek(size // 2)
+        f.write((chunk ^ 0xFF).tobytes())
+
+
+def damage_zero_all(bin_path, index_path):
+    """All zeros at the same size."""
+    size = bin_path.stat().st_size
+    with open(bin_path, "r+b") as f:
+        f.write(bytes(size))
+
+
+def damage_one_bit(bin_path, index_path):
+    with open(bin_path, "r+b") as f:
+        f.seek(4096 + 7)
+        byte = f.read(1)
+        f.seek(4096 + 7)
+        f.write(bytes([byte[0] ^ 0x10]))
+
+
 def damage_shapes(bin_path, index_path):
     index = json.loads(index_path.read_text())
     for entry in index["tensors"].values():
@@ -114,12 +139,16 @@ def damage_json(bin_path, index_path):
     index_path.write_text('{"bytes": ')
 
 
-@pytest.mark.parametrize("damage", [damage_data, damage_shapes, damage_offsets, damage_json])
-def test_damaged_entry_is_ignored_and_rewritten(damage, quantized_dir, cache_dir):
+@pytest.mark.parametrize("damage", [damage_data, damage_flip_middle, damage_zero_all, damage_one_bit, damage_shapes,
+                                    damage_offsets, damage_json])
+def test_damaged_entry_is_ignored_and_rewritten(damage, quantized_dir, cache_dir, capfd):
     reference = load(quantized_dir)
     bin_path, index_path = (cache_dir / name for name in entries(cache_dir))
     damage(bin_path, index_path)
+    capfd.readouterr()
     again = load(quantized_dir)
+    note = capfd.readouterr().err.strip().splitlines()
+    assert len(note) == 1 and note[0].startswith(f"note: the cached repacked weights {bin_path} are damaged (")
     for name, weight in packed_weights(again).items():
         assert not is_mapped(weight.data), name   # repacked from the file
     ids = reference.tokenize(TEXT)
@@ -127,6 +156,7 @@ def test_damaged_entry_is_ignored_and_rewritten(damage, quantized_dir, cache_dir
     index = json.loads(index_path.read_text())
     assert index["bytes"] == bin_path.stat().st_size      # a whole entry again
     assert all(is_mapped(w.data) for w in packed_weights(load(quantized_dir)).values())
+    assert capfd.readouterr().err == ""                   # and a sound one: no note
 
 
 def test_changed_file_gets_a_new_entry_that_replaces_the_old(quantized_dir, cache_dir, tmp_path):
