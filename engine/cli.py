@@ -4,7 +4,9 @@ generate streams only the generated text to stdout; statistics and errors go to 
 """
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
 
 from .kernels.attention import KV_KINDS
@@ -70,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_generate(args) -> int:
     from . import load
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_stdin() if args.prompt == "-" else args.prompt
     if args.system is not None:
         if args.raw:
             raise EngineError("--system needs the chat template; it cannot be combined with --raw")
@@ -84,16 +86,27 @@ def cmd_generate(args) -> int:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
         presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty, seed=args.seed)
-    for piece in pieces:
-        args.progress.finish()   # the answer has the terminal now
-        sys.stdout.write(piece)
+    try:
+        for piece in pieces:
+            args.progress.finish()   # the answer has the terminal now
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    finally:   # also when interrupted: the shell's prompt starts on a line of its own
+        sys.stdout.write("\n")
         sys.stdout.flush()
-    sys.stdout.write("\n")
     if args.verbose or args.profile:
         print(llm.last_stats.report(), file=sys.stderr)
     if profile:
         print(profile.report(), file=sys.stderr)
     return 0
+
+
+def read_stdin() -> str:
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EngineError(f"the prompt on stdin is not valid UTF-8 (byte {e.start})") from None
 
 
 def cmd_quantize(args) -> int:
@@ -161,8 +174,18 @@ class CompileProgress:
             self.first = None
 
 
+class Terminated(Exception):
+    """SIGTERM, turned into an exception so that the answer ends as cleanly as on Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         commands = {"generate": cmd_generate, "info": cmd_info, "quantize": cmd_quantize, "tokenize": cmd_tokenize}
         args.progress = CompileProgress()
@@ -175,3 +198,8 @@ def main(argv=None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Terminated:
+        return 128 + signal.SIGTERM
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)

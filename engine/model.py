@@ -14,7 +14,8 @@ from .kernels.attention import KVCache
 from .kernels.formats import Activations, Weight
 
 from .config import ModelConfig
-from .profile import Kernels, Profile
+from .errors import EngineError
+from .profile import Kernels, NonFinite, Profile
 
 
 @dataclass
@@ -111,6 +112,7 @@ class Transformer:
         self.cached_ids = []   # the tokens whose keys and values are in the cache, in order
         self.profile = None
         self.kernels = Kernels(self.cache)
+        self.tensor_names = {id(value): name for name, value in weights.items()}
 
     def start_profile(self) -> Profile:
         """Time every kernel call from now on (see engine/profile.py); returns the profile."""
@@ -182,7 +184,28 @@ class Transformer:
         matmul(self.lm_head, h[rows], logits)   # its use is "fine"
         if self.profile:
             self.profile.forward_done(n, time.perf_counter() - started)
+        # NaN or infinity stays in the residual stream (numpy's adds), where the fast-math
+        # kernels after it could turn it into finite garbage: checked there, and in the logits
+        if not (np.isfinite(x).all() and np.isfinite(logits[:n] if all_logits else logits).all()):
+            raise self._non_finite(ids, start_pos)
         return logits if all_logits else logits[0]
+
+    def _non_finite(self, ids: np.ndarray, start_pos: int) -> EngineError:
+        """Logits with NaN or infinity come from damaged weights (or a mislabelled tensor type):
+        an error that says where they first appear, found by running the same step again with
+        every kernel's output checked, instead of an answer sampled from garbage."""
+        if self.kernels.checking:
+            raise NonFinite("the residual stream (every kernel's output was finite)")
+        saved, self.kernels = self.kernels, Kernels(self.cache, self.tensor_names, check=True)
+        try:
+            self.forward(ids, start_pos)
+            where = "the logits"
+        except NonFinite as e:
+            where = str(e)
+        finally:
+            self.kernels = saved
+        return EngineError(f"the model computed NaN or infinite values, first in {where}: its weights are damaged "
+                           f"or a tensor's type is mislabelled in the file")
 
     def prefill(self, ids: np.ndarray, start_pos: int = 0, progress=None, all_logits: bool = False) -> np.ndarray:
         """Run any number of tokens in chunks of batch_size; returns the last (or all) logits."""

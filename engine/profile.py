@@ -1,24 +1,36 @@
-"""Where a token's time goes: per-kernel timings of the forward pass (`generate --profile`).
+"""Where a token's time goes: per-kernel timings of the forward pass (`generate --profile`),
+and where non-finite values first appear.
 
 The forward pass calls its kernels through a `Kernels` table. Normally the table holds the
 kernels themselves; with profiling on, each entry is wrapped to time its calls (the numba
 kernels are synchronous, so wall time per call is the kernel's time) and to count the weight
 bytes it read. Rows are kept apart for prompt processing and for generation, because the
-first is compute-bound and the second memory-bound.
+first is compute-bound and the second memory-bound. With checking on (only to diagnose logits
+that are NaN or infinite), each entry checks its output and names the first that is not finite.
 """
 import time
 from collections import defaultdict
+
+import numpy as np
 
 from .kernels.formats import Weight, embedding_rows, matmul
 from .kernels.ops import rmsnorm, rope, swiglu
 
 
+class NonFinite(Exception):
+    """A kernel's output holds NaN or infinity; the message says which kernel and weight."""
+
+
 class Kernels:
     """The kernels the forward pass calls, by role (matmuls are also told which weight they read)."""
 
-    def __init__(self, cache, weight_names: dict | None = None, profile: "Profile | None" = None):
+    def __init__(self, cache, weight_names: dict | None = None, profile: "Profile | None" = None,
+                 check: bool = False):
         self.embedding_rows, self.rmsnorm, self.rope, self.swiglu = embedding_rows, rmsnorm, rope, swiglu
         self.matmul, self.store, self.attend = matmul, cache.store, cache.attend
+        self.checking = check
+        if check:
+            self._check_outputs(weight_names or {})
         if profile is None:
             return
         names = weight_names or {}
@@ -32,6 +44,24 @@ class Kernels:
         self.swiglu = profile.timed(swiglu, lambda *a: ("swiglu", 0))
         self.store = profile.timed(cache.store, lambda *a: (f"kv cache store ({cache.kind})", 0))
         self.attend = profile.timed(cache.attend, lambda *a: (f"attention ({cache.kind})", 0))
+
+
+    def _check_outputs(self, names: dict) -> None:
+        def checked(kernel, output: int, label):
+            def call(*args):
+                kernel(*args)
+                if not np.isfinite(args[output]).all():
+                    raise NonFinite(label(*args))
+            return call
+
+        def weight(array):
+            return names.get(id(array), "a weight")
+        self.embedding_rows = checked(embedding_rows, 2, lambda w, *_: f"the embedding rows of {weight(w)}")
+        self.rmsnorm = checked(rmsnorm, 3, lambda x, w, *_: f"the RMSNorm with {weight(w)}")
+        self.matmul = checked(matmul, 2, lambda w, *_: f"the product with {weight(w)}")
+        self.rope = checked(rope, 0, lambda *_: "the rotary embedding")
+        self.swiglu = checked(swiglu, 2, lambda *_: "SwiGLU")
+        self.attend = checked(self.attend, 3, lambda layer, *_: f"the attention of layer {layer}")
 
 
 class Profile:

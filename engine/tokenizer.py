@@ -24,6 +24,18 @@ def _token_text(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def check_text(text, what: str = "the text") -> None:
+    """Text must be a str of valid Unicode: lone surrogates (what Python makes of bytes that are
+    not UTF-8, in sys.argv for example) stop the tokenizer with a TypeError."""
+    if not isinstance(text, str):
+        raise EngineError(f"{what} must be a string, not {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise EngineError(f"{what} is not valid Unicode: character {e.start} is a lone surrogate "
+                          f"(\\u{ord(text[e.start]):04x}; was it decoded from bytes that are not UTF-8?)") from None
+
+
 def _check_dense(backend: HFTokenizer) -> None:
     """Token ids must run from 0 without gaps, as the model's embedding rows do. The library
     accepts any u32 id in tokenizer.json's vocabulary (2^31 included), and gives added tokens
@@ -81,6 +93,7 @@ class Tokenizer:
         return self.backend.token_to_id(text) if text else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        check_text(text)
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:

@@ -177,12 +177,15 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple]:
     return shapes
 
 
-def _as_vector(dtype_name: str, array: np.ndarray) -> np.ndarray:
+def _as_vector(name: str, dtype_name: str, array: np.ndarray) -> np.ndarray:
     """A 1-D tensor (norm weight, bias) as float32: small, so decoded once at load."""
     fmt = SAFETENSORS_DTYPES[dtype_name][1]
     if fmt is None:
         raise EngineError(f"a {dtype_name} vector cannot be used as float weights")
-    return Weight(FORMATS[fmt], (1, array.shape[0]), array.reshape(1, -1)).dequantize()[0]
+    vector = Weight(FORMATS[fmt], (1, array.shape[0]), array.reshape(1, -1)).dequantize()[0]
+    if not np.isfinite(vector).all():
+        raise EngineError(f"tensor '{name}' holds NaN or infinite values: the file is damaged")
+    return vector
 
 
 def stored_formats(metadata: dict) -> dict:
@@ -245,6 +248,10 @@ def load_weights(config: ModelConfig, tensors: dict, formats: dict | None = None
                 weights[name] = Weight(fmt, shape, array, use)
             except ValueError as e:
                 raise EngineError(f"tensor '{name}' does not match the config: {e}") from None
+            bad = weights[name].non_finite_scales()
+            if bad:
+                raise EngineError(f"tensor '{name}' has {bad} {fmt.name} blocks whose scale is infinite or NaN: the "
+                                  f"file is damaged, or the tensor's type is mislabelled")
             if weights[name].packed:   # repacked: the mapped file bytes are no longer read
                 release_pages(array)
                 repacked = True
@@ -252,7 +259,7 @@ def load_weights(config: ModelConfig, tensors: dict, formats: dict | None = None
         if tuple(array.shape) != shape:
             raise EngineError(f"tensor '{name}' has shape {tuple(array.shape)}, but the config implies {shape}")
         if len(shape) == 1:
-            weights[name] = _as_vector(dtype_name, array)
+            weights[name] = _as_vector(name, dtype_name, array)
             continue
         fmt = SAFETENSORS_DTYPES[dtype_name][1]
         if fmt is None:

@@ -116,6 +116,7 @@ class Format:
     int_matmul: Callable | None    # (data, x int8 or int16, x scale per 32, x int32 sum per 16, out)
     quantize: Callable | None  # float32 (rows, cols) -> file rows (None: read from files only)
     runs: tuple | None = layout.PLANES  # where the bytes of a block go when packed (layout.byte_positions)
+    half_fields: tuple = ()  # byte offsets in a block of its fp16 scales (d, and m or dmin)
 
     def __post_init__(self):
         assert (self.float_matmul is None) != (self.int_matmul is None), f"{self.name}: one matmul kernel"
@@ -133,6 +134,7 @@ class Format:
         return cols // self.block_size * self.block_bytes
 
 
+
 def float_format(name, dtype, item_bytes, decode_row, kernel, quantize):
     return Format(name, dtype, 1, item_bytes, decode_row, kernel, None, quantize)
 
@@ -145,17 +147,17 @@ FORMATS = {f.name: f for f in [
     float_format("bf16", np.uint16, 2, decode_bf16_row, matmul_bf16, to_bf16),
     Format("q8_0", np.uint8, quant.QK, quant.Q8_0_BYTES, quant.decode_q8_0_row,
            None, quant.matmul_q8_0, blocks_quantizer(quant.quantize_q8_0, quant.Q8_0_BYTES),
-           runs=((0, 2, False), (2, quant.Q8_0_BYTES, True))),
+           runs=((0, 2, False), (2, quant.Q8_0_BYTES, True)), half_fields=(0,)),
     Format("q4_0", np.uint8, quant.QK, quant.Q4_0_BYTES, quant.decode_q4_0_row,
            None, quant.matmul_q4_0, blocks_quantizer(quant.quantize_q4_0, quant.Q4_0_BYTES),
-           runs=((0, 2, False), (2, quant.Q4_0_BYTES, True))),
+           runs=((0, 2, False), (2, quant.Q4_0_BYTES, True)), half_fields=(0,)),
     # formats read from GGUF files: no quantizer of ours
     Format("q4_1", np.uint8, 32, kquants.Q4_1_BYTES, kquants.decode_q4_1_row, None, kquants.matmul_q4_1, None,
-           runs=((0, 4, False), (4, kquants.Q4_1_BYTES, True))),
+           runs=((0, 4, False), (4, kquants.Q4_1_BYTES, True)), half_fields=(0, 2)),
     Format("q4_k", np.uint8, kquants.QK_K, kquants.Q4_K_BYTES, kquants.decode_q4_k_row, None,
-           kquants.matmul_q4_k, None, runs=((0, 16, False), (16, kquants.Q4_K_BYTES, True))),
+           kquants.matmul_q4_k, None, runs=((0, 16, False), (16, kquants.Q4_K_BYTES, True)), half_fields=(0, 2)),
     Format("q6_k", np.uint8, kquants.QK_K, kquants.Q6_K_BYTES, kquants.decode_q6_k_row, None,
-           kquants.matmul_q6_k, None, runs=kquants.Q6_K_RUNS),
+           kquants.matmul_q6_k, None, runs=kquants.Q6_K_RUNS, half_fields=(kquants.Q6_K_BYTES - 2,)),
 ]}
 
 
@@ -222,6 +224,23 @@ class Weight:
     @property
     def nbytes(self) -> int:
         return self.data.nbytes
+
+    def non_finite_scales(self) -> int:
+        """How many fp16 scales (d, m, dmin) are infinite or NaN. No quantizer writes one, so each
+        is a damaged block, or bytes of another type read as this one. An fp16 value is not
+        finite when its exponent bits are all ones, which its high byte shows; packed, the high
+        bytes of 64 rows are one plane (or every 4th byte of a run of quads)."""
+        f = self.format
+        count = 0
+        for offset in f.half_fields:
+            if self.packed:
+                position, step = layout.byte_positions(f.runs, f.block_bytes)
+                start, stride = position[offset + 1], step[offset + 1]
+                high = self.data[:, :, start:start + stride * layout.ROW_GROUP:stride]
+            else:
+                high = self.data.reshape(-1, f.block_bytes)[:, offset + 1]
+            count += int(np.count_nonzero((high & 0x7C) == 0x7C))
+        return count
 
     def dequantize(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Rows start..stop (default: all) as float32."""
