@@ -119,17 +119,17 @@ def _attention(key_dot, value_add, q, k, k_scales, v, v_scales, start_pos, out):
 
 
 # one small kernel per cache kind (numba cannot cache kernels that take functions as arguments)
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
 def attention_f32(q, k, k_scales, v, v_scales, start_pos, out):
     _attention(key_dot_f32, value_add_f32, q, k, k_scales, v, v_scales, start_pos, out)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
 def attention_f16(q, k, k_scales, v, v_scales, start_pos, out):
     _attention(key_dot_f16, value_add_f16, q, k, k_scales, v, v_scales, start_pos, out)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
 def attention_q8_0(q, k, k_scales, v, v_scales, start_pos, out):
     _attention(key_dot_q8_0, value_add_q8_0, q, k, k_scales, v, v_scales, start_pos, out)
 

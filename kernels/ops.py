@@ -46,13 +46,15 @@ def _rmsnorm_row(x, t, weight, eps, out):
         out[t, j] = weight[j] * (x[t, j] * inv_rms)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+# error_model="numpy" here and in attention: a division by zero gives infinity, which the forward
+# pass's check for non-finite values reports with the weight that caused it, not a ZeroDivisionError.
+@njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
 def _rmsnorm_rows(x, weight, eps, out):
     for t in prange(x.shape[0]):
         _rmsnorm_row(x, t, weight, eps, out)
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, error_model="numpy", cache=True)
 def _rmsnorm_one(x, weight, eps, out):
     _rmsnorm_row(x, 0, weight, eps, out)
 

