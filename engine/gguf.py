@@ -95,7 +95,7 @@ class GGUFFile:
         self.tensors = {}
         for name, type_id, shape, offset in infos:
             self._add_tensor(name, type_id, shape, offset, data_start, alignment)
-        self._check_overlaps()
+        self._check_layout(data_start, alignment)
 
     # --- bounded primitive reads ------------------------------------------------------------
     @property
@@ -197,11 +197,23 @@ class GGUFFile:
                               f"or is misaligned")
         self.tensors[name] = TensorInfo(name, type_name, shape, start, nbytes)
 
-    def _check_overlaps(self):
+    def _check_layout(self, data_start: int, alignment: int):
+        """Writers (llama.cpp, gguf-py, Ollama) place the tensors one after the other, each
+        padded to the alignment. So besides overlaps, a gap of a whole alignment or more means a
+        tensor's type or shape is mislabelled: a Q4_1 tensor labelled Q4_0 still fits the file,
+        and would be read as garbage."""
         spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in self.tensors.values())
-        for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
-            if start < end:
-                raise self._error(f"tensors {a!r} and {b!r} overlap")
+        previous_end, previous = data_start, "the start of the tensor data"
+        for start, end, name in spans:
+            if start < previous_end:
+                raise self._error(f"tensors {previous!r} and {name!r} overlap")
+            if start - previous_end >= alignment:
+                raise self._error(f"{start - previous_end} bytes lie unused between {previous} and tensor {name!r} "
+                                  f"(more than padding): a tensor's type or shape is mislabelled")
+            previous_end, previous = end, f"tensor {name!r}"
+        if spans and self.require_data and self.size - previous_end >= alignment:
+            raise self._error(f"{self.size - previous_end} bytes lie unused after the last tensor, {previous} "
+                              f"(more than padding): a tensor's type or shape is mislabelled")
 
     # --- access -----------------------------------------------------------------------------------
     def raw(self, name: str) -> np.ndarray:

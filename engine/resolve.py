@@ -7,13 +7,13 @@ install), or one of the DeepSeek distills; last a Hugging Face repo (an alias's,
 id), fetched with `huggingface_hub.snapshot_download` (its cache, its progress bars,
 HF_HUB_OFFLINE honoured). When nothing has the model, the error names every source tried.
 """
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import EngineError
+from .files import read_json
 
 
 
@@ -75,8 +75,8 @@ def find_in_ollama(name: str) -> Resolved | None:
     if not manifest.is_file():
         return None
     try:
-        layers = {layer["mediaType"]: layer["digest"] for layer in json.loads(manifest.read_text())["layers"]}
-    except (ValueError, KeyError, TypeError):
+        layers = {layer["mediaType"]: layer["digest"] for layer in read_json(manifest)["layers"]}
+    except (EngineError, KeyError, TypeError):
         raise EngineError(f"Ollama manifest {manifest} is not a valid image manifest") from None
 
     def blob(digest: str) -> Path:
@@ -92,9 +92,9 @@ def find_in_ollama(name: str) -> Resolved | None:
     options = {}
     if OLLAMA_PARAMS in layers:
         try:
-            params = json.loads(blob(layers[OLLAMA_PARAMS]).read_text())
-        except ValueError:
-            raise EngineError(f"the params layer of Ollama's {name} is not JSON") from None
+            params = read_json(blob(layers[OLLAMA_PARAMS]))
+        except EngineError as e:
+            raise EngineError(f"the params layer of Ollama's {name} is not usable: {e}") from None
         options = {OLLAMA_OPTIONS[k]: v for k, v in params.items() if k in OLLAMA_OPTIONS}
     return Resolved(blob(layers[OLLAMA_MODEL]), f"Ollama's {name} ({store})", options)
 

@@ -202,6 +202,26 @@ def test_templates_still_render_what_transformers_renders(deepseek_tokenizer_dir
     assert len(expected) < MAX_CHARS
 
 
+def test_a_damaged_weight_cache_is_rewritten_and_the_answer_stays_right(smollm2, tmp_path):
+    """The issue's case: 64 KiB flipped in the middle of SmolLM2's entry, then `generate`."""
+    env = {"ENGINE_WEIGHT_CACHE": str(tmp_path / "cache")}
+    question = ["generate", "-m", str(smollm2), "-p", "What is the capital of France?", "--system",
+                "You are a helpful assistant.", "--temperature", "0", "--repeat-penalty", "1", "-n", "12"]
+    status, answer, _ = run_cli(*question, env=env)
+    assert status == 0 and "Paris" in answer
+    entry = next((tmp_path / "cache").glob("*.bin"))
+    data = bytearray(entry.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 65536] = bytes(b ^ 0xFF for b in data[middle:middle + 65536])
+    entry.write_bytes(bytes(data))
+    for expect_note in (True, False):   # damaged: said once and rewritten; then a sound entry again
+        status, again, stderr = run_cli(*question, env=env)
+        assert status == 0 and again == answer
+        notes = [line for line in stderr.splitlines() if line.startswith("note: the cached repacked weights")]
+        assert len(notes) == (1 if expect_note else 0), stderr
+        assert not expect_note or "does not match its checksum" in notes[0]
+
+
 # --- weights that are not finite ------------------------------------------------------------------
 
 def poke(src: Path, dst: Path, offset: int, data: bytes) -> Path:
@@ -217,6 +237,27 @@ def test_an_infinite_block_scale_is_named_at_load(smollm2, tmp_path, monkeypatch
     bad = poke(Path(smollm2), tmp_path / "inf.gguf", offset, b"\x00\x7c")
     with pytest.raises(EngineError, match="tensor 'model.layers.5.mlp.down_proj.weight' has 1 q4_1 blocks whose "
                                           "scale is infinite or NaN"):
+        engine.load(str(bad))
+
+
+def relabel(src: Path, dst: Path, tensor: str, type_id: int) -> Path:
+    """A copy of a GGUF file with one tensor's ggml type changed in its tensor table."""
+    data = bytearray(src.read_bytes())
+    name = tensor.encode()
+    at = data.index(struct.pack("<Q", len(name)) + name) + 8 + len(name)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    struct.pack_into("<I", data, at + 4 + 8 * n_dims, type_id)
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+@pytest.mark.parametrize("tensor", ["blk.3.ffn_up.weight", "blk.29.attn_v.weight"])
+def test_a_mislabelled_tensor_type(smollm2, tmp_path, tensor):
+    """Q4_1 read as Q4_0 still fits the file (18 of its 20 bytes per block): garbage, not NaN."""
+    last = max(GGUFFile(smollm2).tensors.values(), key=lambda t: t.offset).name
+    bad = relabel(Path(smollm2), tmp_path / "relabelled.gguf", tensor, 2)   # Q4_0
+    where = "after the last tensor" if tensor == last else f"between tensor '{tensor}' and tensor"
+    with pytest.raises(EngineError, match=f"bytes lie unused {where}.*a tensor's type or shape is mislabelled"):
         engine.load(str(bad))
 
 
