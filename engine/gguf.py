@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .kernels.formats import FORMATS
 from .kernels.scan import length_prefixed_starts
 
 from .config import ModelConfig, config_from_dict
@@ -309,9 +310,8 @@ def generation_defaults(g: GGUFFile) -> tuple[dict, str]:
     return {}, "GGUF metadata"
 
 
-GGUF_FORMATS = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1",
-                "Q4_K": "q4_k", "Q6_K": "q6_k"}
-STORAGE = {"F32": np.float32, "F16": np.uint16, "BF16": np.uint16}
+# the ggml types this engine computes with: GGUF's type name -> our format (the format table's ids)
+GGUF_FORMATS = {GGML_TYPES[f.ggml_type][0]: f for f in FORMATS.values() if f.ggml_type is not None}
 
 
 def gguf_tensors(g: GGUFFile) -> tuple[dict, dict]:
@@ -324,16 +324,14 @@ def gguf_tensors(g: GGUFFile) -> tuple[dict, dict]:
         if info.type_name not in GGUF_FORMATS:
             raise EngineError(f"{g.path.name}: tensor {name!r} has type {info.type_name}, which this engine "
                               f"cannot read; supported: {', '.join(GGUF_FORMATS)}")
-        raw = g.raw(name)
+        fmt, raw = GGUF_FORMATS[info.type_name], g.raw(name)
         if len(info.shape) == 1:
-            if info.type_name not in STORAGE:
+            if fmt.packed:
                 raise EngineError(f"{g.path.name}: vector {name!r} must be F32, F16 or BF16, not {info.type_name}")
-            tensors[hf] = (info.type_name, raw.reshape(-1).view(STORAGE[info.type_name]))
+            tensors[hf] = (info.type_name, raw.reshape(-1).view(fmt.storage_dtype))
             continue
-        fmt = GGUF_FORMATS[info.type_name]
-        storage = STORAGE.get(info.type_name, np.uint8)
-        tensors[hf] = (info.type_name, raw.view(storage))
-        formats[hf] = fmt
+        tensors[hf] = (info.type_name, raw.view(fmt.storage_dtype))
+        formats[hf] = fmt.name
     return tensors, formats
 
 

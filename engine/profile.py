@@ -48,8 +48,8 @@ class Kernels:
 
     def _check_outputs(self, names: dict) -> None:
         def checked(kernel, output: int, label):
-            def call(*args):
-                kernel(*args)
+            def call(*args, **kwargs):
+                kernel(*args, **kwargs)
                 if not np.isfinite(args[output]).all():
                     raise NonFinite(label(*args))
             return call

@@ -44,19 +44,19 @@ def target_format(name: str, quant: str) -> str:
     return OVERRIDES[quant].get(name, quant)
 
 
-def quantize_weight(weight: Weight, fmt: str, use: str) -> Weight:
+def quantize_weight(weight: Weight, fmt: str, rows_only: bool) -> Weight:
     target = FORMATS[fmt]
     rows, cols = weight.shape
     data = np.empty((rows, target.row_items(cols)), target.storage_dtype)
     for start in range(0, rows, ROWS_PER_CHUNK):
         stop = min(rows, start + ROWS_PER_CHUNK)
         data[start:stop] = target.quantize(weight.dequantize(start, stop))
-    return Weight(target, weight.shape, data, use)
+    return Weight(target, weight.shape, data, rows_only)
 
 
 def quantize_weights(weights: dict, quant: str, progress: bool = True, to_file: bool = False) -> dict:
     """A copy of `weights` with every float matrix quantized (vectors stay float32).
-    to_file: only to be written to a file, so kept in the file layout (Weight.use "lookup")."""
+    to_file: only to be written to a file, so kept in the file layout (Weight.rows_only)."""
     check_quant(quant)
     already = {w.format.name for w in weights.values() if isinstance(w, Weight) and w.format.block_size > 1}
     if already - {quant, *OVERRIDES[quant].values()}:
@@ -69,7 +69,7 @@ def quantize_weights(weights: dict, quant: str, progress: bool = True, to_file: 
               disable=not progress or None) as bar:
         for name in todo:
             out[name] = quantize_weight(weights[name], target_format(name, quant),
-                                        "lookup" if to_file else weights[name].use)
+                                        to_file or weights[name].rows_only)
             release_pages(weights[name].data)   # the float copy is no longer needed in memory
             bar.update(weights[name].shape[0] * weights[name].shape[1])
     return out

@@ -206,14 +206,6 @@ def stored_formats(metadata: dict) -> dict:
     return formats
 
 
-def weight_use(name: str, config: ModelConfig) -> str:
-    """How the forward pass reads a matrix (kernels.formats.Weight.use): the LM head with
-    activations rounded to int16 ("fine"), an untied embedding by rows only, every other matrix
-    with int8 ones."""
-    lm_head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-    return "fine" if name == lm_head else "lookup" if name == "model.embed_tokens.weight" else "matmul"
-
-
 def load_weights(config: ModelConfig, tensors: dict, formats: dict | None = None,
                  cache: WeightCache | None = None) -> dict:
     """Check presence, format and shape of every tensor against the config before any kernel
@@ -234,18 +226,19 @@ def load_weights(config: ModelConfig, tensors: dict, formats: dict | None = None
     weights = {}
     for name, shape in shapes.items():
         dtype_name, array = tensors[name]
-        use = weight_use(name, config)
+        # an untied embedding: only rows of it are read (a tied one is also the LM head)
+        rows_only = name == "model.embed_tokens.weight" and not config.tie_word_embeddings
         if name in formats:
             fmt = FORMATS[formats[name]]
             if name in cached:   # (only matrices that are repacked are cached)
                 try:
-                    weights[name] = Weight(fmt, shape, cached[name], use)
+                    weights[name] = Weight(fmt, shape, cached[name], rows_only)
                     continue
                 except ValueError as e:   # the entry was made from these very files: damaged
                     cache.report(f"tensor {name}: {e}")
                     cached = {}
             try:
-                weights[name] = Weight(fmt, shape, array, use)
+                weights[name] = Weight(fmt, shape, array, rows_only)
             except ValueError as e:
                 raise EngineError(f"tensor '{name}' does not match the config: {e}") from None
             bad = weights[name].non_finite_scales()
@@ -264,7 +257,7 @@ def load_weights(config: ModelConfig, tensors: dict, formats: dict | None = None
         fmt = SAFETENSORS_DTYPES[dtype_name][1]
         if fmt is None:
             raise EngineError(f"tensor '{name}' has dtype {dtype_name}; float weights must be F32, F16 or BF16")
-        weights[name] = Weight(FORMATS[fmt], shape, array, use)
+        weights[name] = Weight(FORMATS[fmt], shape, array, rows_only)
     if cache and repacked:
         cache.save({name: w.data for name, w in weights.items() if isinstance(w, Weight) and w.packed})
     return weights

@@ -6,11 +6,13 @@ types); uint8 GGML blocks for the quantized formats. Float formats are read in p
 mapped); block formats are repacked at load into the interleaved layout of kernels/layout.py
 (the same bytes in a new order: twice as fast), and unpacked again only to write files.
 
-Each row of FORMATS says, for one format: its block geometry, how to decode a row to float32
-(embedding lookups, dequantization, tests), which kernel multiplies it (by float32
+Each row of FORMATS says, for one format, in named fields: its GGUF type id, its storage and
+block geometry, where its fp16 scales are, how its blocks are packed, how to decode a row to
+float32 (embedding lookups, dequantization, tests), which kernel multiplies it (by float32
 activations, or by integer ones: int8, or int16 for the LM head), and how to make it from
-float32. The forward pass only calls `matmul` and `embedding_rows`;
-adding a format is adding a row here (and, for a block format, its kernels for the layout).
+float32. Everything else (GGUF's type names, tests, benchmarks, synthetic files) reads it from
+here. The forward pass only calls `matmul` and `embedding_rows`; adding a format is adding a
+row here (and, for a block format, its kernels for the layout).
 """
 from dataclasses import dataclass
 from typing import Callable
@@ -104,22 +106,25 @@ def to_bf16(x):
     return ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Format:
+    """One weight format: its storage, its block geometry, and the kernels that read it."""
     name: str
-    storage_dtype: type      # numpy dtype of the raw row storage
-    block_size: int          # weights per block (1 for plain floats)
-    block_bytes: int         # bytes per block
-    decode_row: Callable     # njit (file row, float32 out) -> None
+    ggml_type: int | None         # its type id in GGUF files (ggml's enum), None if GGUF has none
+    storage_dtype: type           # numpy dtype of the raw row storage
+    block_size: int               # weights per block (1 for plain floats)
+    block_bytes: int              # bytes per block
+    half_fields: tuple = ()       # byte offsets in a block of its fp16 scales (d, and m or dmin)
+    runs: tuple = ()              # where a block's bytes go when packed (layout.byte_positions)
+    decode_row: Callable          # njit (file row, float32 out) -> None
     # how it multiplies: exactly one of the two kernels
-    float_matmul: Callable | None  # (data, x (tokens, cols) f32, out (tokens, rows) f32) -> None
-    int_matmul: Callable | None    # (data, x int8 or int16, x scale per 32, x int32 sum per 16, out)
-    quantize: Callable | None  # float32 (rows, cols) -> file rows (None: read from files only)
-    runs: tuple | None = layout.PLANES  # where the bytes of a block go when packed (layout.byte_positions)
-    half_fields: tuple = ()  # byte offsets in a block of its fp16 scales (d, and m or dmin)
+    float_matmul: Callable | None = None  # (data, x (tokens, cols) f32, out (tokens, rows) f32) -> None
+    int_matmul: Callable | None = None    # (data, x int8 or int16, x scale per 32, x int32 sum per 16, out)
+    quantize: Callable | None = None      # float32 (rows, cols) -> file rows (None: read from files only)
 
     def __post_init__(self):
         assert (self.float_matmul is None) != (self.int_matmul is None), f"{self.name}: one matmul kernel"
+        assert not self.packed or self.runs, f"{self.name}: a block format says how its blocks are packed"
 
     @property
     def packed(self) -> bool:
@@ -134,34 +139,39 @@ class Format:
         return cols // self.block_size * self.block_bytes
 
 
-
-def float_format(name, dtype, item_bytes, decode_row, kernel, quantize):
-    return Format(name, dtype, 1, item_bytes, decode_row, kernel, None, quantize)
+def scales_then_quads(scale_bytes: int, block_bytes: int) -> tuple:
+    """The packing of a block whose fp16 scales come first: the scales in planes, the quants in
+    quads (layout.py)."""
+    return ((0, scale_bytes, False), (scale_bytes, block_bytes, True))
 
 
 FORMATS = {f.name: f for f in [
-    float_format("f32", np.float32, 4, decode_f32_row, matmul_f32,
-                 lambda x: np.ascontiguousarray(x, dtype=np.float32)),
-    float_format("f16", np.uint16, 2, decode_f16_row, matmul_f16,
-                 lambda x: np.ascontiguousarray(x, dtype=np.float32).astype(np.float16).view(np.uint16)),
-    float_format("bf16", np.uint16, 2, decode_bf16_row, matmul_bf16, to_bf16),
-    Format("q8_0", np.uint8, quant.QK, quant.Q8_0_BYTES, quant.decode_q8_0_row,
-           None, quant.matmul_q8_0, blocks_quantizer(quant.quantize_q8_0, quant.Q8_0_BYTES),
-           runs=((0, 2, False), (2, quant.Q8_0_BYTES, True)), half_fields=(0,)),
-    Format("q4_0", np.uint8, quant.QK, quant.Q4_0_BYTES, quant.decode_q4_0_row,
-           None, quant.matmul_q4_0, blocks_quantizer(quant.quantize_q4_0, quant.Q4_0_BYTES),
-           runs=((0, 2, False), (2, quant.Q4_0_BYTES, True)), half_fields=(0,)),
-    # formats read from GGUF files: no quantizer of ours
-    Format("q4_1", np.uint8, 32, kquants.Q4_1_BYTES, kquants.decode_q4_1_row, None, kquants.matmul_q4_1, None,
-           runs=((0, 4, False), (4, kquants.Q4_1_BYTES, True)), half_fields=(0, 2)),
-    Format("q4_k", np.uint8, kquants.QK_K, kquants.Q4_K_BYTES, kquants.decode_q4_k_row, None,
-           kquants.matmul_q4_k, None, runs=((0, 16, False), (16, kquants.Q4_K_BYTES, True)), half_fields=(0, 2)),
-    Format("q6_k", np.uint8, kquants.QK_K, kquants.Q6_K_BYTES, kquants.decode_q6_k_row, None,
-           kquants.matmul_q6_k, None, runs=kquants.Q6_K_RUNS, half_fields=(kquants.Q6_K_BYTES - 2,)),
+    Format(name="f32", ggml_type=0, storage_dtype=np.float32, block_size=1, block_bytes=4,
+           decode_row=decode_f32_row, float_matmul=matmul_f32,
+           quantize=lambda x: np.ascontiguousarray(x, dtype=np.float32)),
+    Format(name="f16", ggml_type=1, storage_dtype=np.uint16, block_size=1, block_bytes=2,
+           decode_row=decode_f16_row, float_matmul=matmul_f16,
+           quantize=lambda x: np.ascontiguousarray(x, dtype=np.float32).astype(np.float16).view(np.uint16)),
+    Format(name="bf16", ggml_type=30, storage_dtype=np.uint16, block_size=1, block_bytes=2,
+           decode_row=decode_bf16_row, float_matmul=matmul_bf16, quantize=to_bf16),
+    Format(name="q8_0", ggml_type=8, storage_dtype=np.uint8, block_size=quant.QK, block_bytes=quant.Q8_0_BYTES,
+           half_fields=(0,), runs=scales_then_quads(2, quant.Q8_0_BYTES),
+           decode_row=quant.decode_q8_0_row, int_matmul=quant.matmul_q8_0,
+           quantize=blocks_quantizer(quant.quantize_q8_0, quant.Q8_0_BYTES)),
+    Format(name="q4_0", ggml_type=2, storage_dtype=np.uint8, block_size=quant.QK, block_bytes=quant.Q4_0_BYTES,
+           half_fields=(0,), runs=scales_then_quads(2, quant.Q4_0_BYTES),
+           decode_row=quant.decode_q4_0_row, int_matmul=quant.matmul_q4_0,
+           quantize=blocks_quantizer(quant.quantize_q4_0, quant.Q4_0_BYTES)),
+    Format(name="q4_1", ggml_type=3, storage_dtype=np.uint8, block_size=quant.QK, block_bytes=quant.Q4_1_BYTES,
+           half_fields=(0, 2), runs=scales_then_quads(4, quant.Q4_1_BYTES),
+           decode_row=quant.decode_q4_1_row, int_matmul=quant.matmul_q4_1),
+    Format(name="q4_k", ggml_type=12, storage_dtype=np.uint8, block_size=kquants.QK_K,
+           block_bytes=kquants.Q4_K_BYTES, half_fields=(0, 2), runs=scales_then_quads(16, kquants.Q4_K_BYTES),
+           decode_row=kquants.decode_q4_k_row, int_matmul=kquants.matmul_q4_k),
+    Format(name="q6_k", ggml_type=14, storage_dtype=np.uint8, block_size=kquants.QK_K,
+           block_bytes=kquants.Q6_K_BYTES, half_fields=(kquants.Q6_K_BYTES - 2,), runs=kquants.Q6_K_RUNS,
+           decode_row=kquants.decode_q6_k_row, int_matmul=kquants.matmul_q6_k),
 ]}
-
-
-WEIGHT_USES = ("matmul", "fine", "lookup")
 
 
 @dataclass(frozen=True)
@@ -173,24 +183,18 @@ class Weight:
     (kernels/layout.py) for block formats. The constructor checks the storage against the format
     and shape, because the kernels index it without bounds checks.
 
-    use says how it is read:
-    - "matmul": multiplied by activations rounded to int8 blocks where the format has an integer
-      kernel (float32 otherwise);
-    - "fine": the same with int16 blocks (the LM head: its logits pick the token, and int8
-      rounding there visibly changes answers of small models);
-    - "lookup": only rows are read (an untied embedding: 150,000 rows of which a prompt reads a
-      few) or written back to a file; kept in the file's row layout, never packed or multiplied.
+    rows_only: only rows are ever read (an untied embedding: 150,000 rows of which a prompt reads
+    a few), or it is only written back to a file: kept in the file's row layout, never packed,
+    never multiplied.
     """
     format: Format
     shape: tuple
     data: np.ndarray
-    use: str = "matmul"
+    rows_only: bool = False
 
     def __post_init__(self):
         rows, cols = self.shape
         f = self.format
-        if self.use not in WEIGHT_USES:
-            raise ValueError(f"weight use must be one of {', '.join(WEIGHT_USES)}, got {self.use!r}")
         if cols % f.block_size:
             raise ValueError(f"{f.name} needs a multiple of {f.block_size} columns, got {cols}")
         already_packed = self.packed and self.data.ndim == 3   # e.g. mapped from engine/weight_cache.py
@@ -207,7 +211,7 @@ class Weight:
     @property
     def packed(self) -> bool:
         """Whether `data` is in the interleaved layout of the block-format kernels."""
-        return self.format.packed and self.use != "lookup"
+        return self.format.packed and not self.rows_only
 
     def file_rows(self, ids=slice(None)) -> np.ndarray:
         """Rows `ids` (an index array or a slice; default: all) as files hold them: row by row."""
@@ -217,9 +221,9 @@ class Weight:
         return layout.unpack(self.data, self.format.block_bytes, rows, self.format.runs)
 
     @classmethod
-    def quantize(cls, values: np.ndarray, format_name: str, use: str = "matmul") -> "Weight":
+    def quantize(cls, values: np.ndarray, format_name: str, rows_only: bool = False) -> "Weight":
         f = FORMATS[format_name]
-        return cls(f, values.shape, f.quantize(values), use)
+        return cls(f, values.shape, f.quantize(values), rows_only)
 
     @property
     def nbytes(self) -> int:
@@ -269,19 +273,20 @@ class Activations:
         return self._integer[dtype]
 
 
-def matmul(weight: Weight, x, out: np.ndarray) -> None:
+def matmul(weight: Weight, x, out: np.ndarray, activations=np.int8) -> None:
     """out = x @ W.T with x (tokens, cols) float32 (an array or Activations), out (tokens, rows).
 
-    Block formats round the activations to int8 blocks, or int16 for weights of use "fine";
-    float formats and Q4_1 multiply the float activations."""
+    activations: the integer type that formats with an integer kernel round the activations to,
+    per block of 32: int8, or int16 where the product decides more (the LM head). Float formats
+    multiply the float activations."""
     f = weight.format
-    if weight.use == "lookup":
+    if weight.rows_only:
         raise ValueError(f"this {f.name} weight was loaded for row lookups only, not for matmul")
     acts = x if isinstance(x, Activations) else Activations(x)
     if f.int_matmul is None:
         f.float_matmul(weight.data, acts.x, out)
     else:
-        f.int_matmul(weight.data, *acts.integer(np.int16 if weight.use == "fine" else np.int8), out)
+        f.int_matmul(weight.data, *acts.integer(activations), out)
 
 
 def embedding_rows(weight: Weight, ids: np.ndarray, out: np.ndarray) -> None:

@@ -1,13 +1,12 @@
-"""Formats that arrive in GGUF files: Q4_1, and the k-quants Q4_K and Q6_K of Ollama's Q4_K_M.
+"""The k-quants of Ollama's Q4_K_M files: Q4_K and Q6_K (super-blocks of 256 weights).
 
 Row decoders, bit-exact with ggml's reference dequantization (and the gguf package): the same
 float32 operations in the same order, without fast-math, so no fused multiply-adds. Matrix
 products read the interleaved layout of kernels/layout.py, take integer activations (int8, or
 int16 for the LM head) and keep their quants in quads: integer sums of q * x per block or
-sub-block (bits.dot4_*; Q4_1 shares Q4_0's kernel body), then per lane
+sub-block (bits.dot4_*), then per lane
     sum d * sc * q * x - dmin * m * x  =  d * sc * sum(q * x) - dmin * m * sum(x)
 
-    Q4_1, 32 weights in 20 bytes: fp16 d, fp16 m, 16 bytes of nibbles;  w = d * q + m
     Q4_K, 256 weights in 144 bytes: fp16 d, fp16 dmin, 12 bytes of 6-bit (scale, min) for 8
           sub-blocks of 32, 128 bytes of nibbles;                      w = d * sc * q - dmin * m
     Q6_K, 256 weights in 210 bytes: 128 bytes low nibbles, 64 bytes of high 2 bits,
@@ -19,24 +18,10 @@ from numba import njit, prange
 from . import compiler  # noqa: F401  (numba's settings before any kernel is defined)
 from .bits import DOT4_LANES, dot4_nibbles_partial, dot4_six_bits, half_at_bytes, scaled_sums, stack_array
 from .layout import QUADS, ROW_GROUP, half_at, prefetch_ahead, store_group
-from .quant import _matmul_nibbles
 
-Q4_1_BYTES = 20
 QK_K = 256
 Q4_K_BYTES = 144
 Q6_K_BYTES = 210
-
-
-@njit(cache=True)
-def decode_q4_1_row(row, dst):
-    for b in range(dst.shape[0] // 32):
-        o = b * Q4_1_BYTES
-        d = half_at_bytes(row, o)
-        m = half_at_bytes(row, o + 2)
-        for j in range(16):
-            q = row[o + 4 + j]
-            dst[b * 32 + j] = np.float32(np.int32(q & np.uint8(15))) * d + m
-            dst[b * 32 + j + 16] = np.float32(np.int32(q >> np.uint8(4))) * d + m
 
 
 @njit(inline="always")
@@ -96,12 +81,6 @@ def decode_q6_k_row(row, dst):
 
 
 # --- matrix products (packed weights, integer activations) --------------------------------------
-
-@njit(parallel=True, fastmath=True, cache=True)
-def matmul_q4_1(w, xq, xd, xs, out):
-    """Q4_1: fp16 d and m in planes 0-3, then the nibbles in quads, as Q4_0's (quant._matmul_nibbles)."""
-    _matmul_nibbles(w, xq, xd, xs, out, 4, True)
-
 
 @njit(inline="always")
 def _k4_scale_bytes(w, g, b, scales, mins):

@@ -7,20 +7,18 @@ block b, packed[g, b, k * 64 + lane] = byte k of block b of row g * 64 + lane.
 
 So byte k of 64 rows is one contiguous 64-byte vector: a GEMV kernel lets each SIMD lane
 accumulate one output row across a whole block and applies the 64 rows' scales with one vector
-multiply, with no horizontal sum per block (which is what bounded the row-by-row kernels:
-Q4_0 at 2 threads went from 4.9 GB/s to 10 GB/s, and to 17 GB/s with the prefetch hints).
+multiply, with no horizontal sum per block (what bounded row-by-row kernels; the README has
+the measurements).
 Quads: a format may lay out some bytes of each block (its quants) 4 bytes per lane instead: for
 4 bytes k..k+3 of a block in quads, 256 packed bytes hold those 4 bytes of lane 0, then of lane
 1, ... Four consecutive weights of a row are then one 32-bit word, which is what x86's pairwise
 byte products (pmaddubsw, bits.dot4_*) consume. A format's `runs` say where each byte goes: runs
 of block bytes (start, end, in_quads), placed one after the other in the packed block, so that
-a kernel reads its block front to back (a stream the hardware prefetchers follow; Q6_K's blocks
-read out of order streamed at 8-11 GB/s where reading in order gave 13-17 here).
+a kernel reads its block front to back: a stream the hardware prefetchers follow.
 
 A group of 64 rows is also one parallel work item; its bytes are contiguous, so each thread
 streams through memory. Rows missing from the last group are zero bytes (zero scales): they
-compute zeros and are never stored. In planes, the packed bytes of a group are simply the
-transpose of its 64 x row_bytes tile of the file, which is how `pack` computes them.
+compute zeros and are never stored.
 """
 import functools
 
@@ -39,56 +37,10 @@ def packed_shape(rows: int, blocks_per_row: int, block_bytes: int) -> tuple:
     return (-(-rows // ROW_GROUP), blocks_per_row, block_bytes * ROW_GROUP)
 
 
-_BYTE_PAIRS = np.uint64(0x00FF00FF00FF00FF)
-_HALF_PAIRS = np.uint64(0x0000FFFF0000FFFF)
-_WORD_PAIRS = np.uint64(0x00000000FFFFFFFF)
-
-
-@njit(inline="always")
-def _swap(x, y, shift, mask):
-    """Exchange the `mask` bits of y with the bits of x `shift` above them."""
-    t = ((x >> np.uint64(shift)) ^ y) & mask
-    return x ^ (t << np.uint64(shift)), y ^ t
-
-
-@njit(parallel=True, cache=True)
-def _pack_words(words, packed_words, full_groups):
-    """The planes of whole groups, 8 x 8 bytes at a time: 8 rows' 64-bit words are transposed in
-    registers (three rounds of swaps), about 1.6x faster than moving single bytes.
-    words: the rows as uint64 (n, row_bytes / 8); packed_words: (groups, row_bytes, 8)."""
-    for task in prange(full_groups * 8):
-        g, lanes = task // 8, task % 8          # lanes 8 * lanes ... + 7 of group g
-        r = g * ROW_GROUP + 8 * lanes
-        for c in range(words.shape[1]):
-            a0, a1, a2, a3 = words[r, c], words[r + 1, c], words[r + 2, c], words[r + 3, c]
-            a4, a5, a6, a7 = words[r + 4, c], words[r + 5, c], words[r + 6, c], words[r + 7, c]
-            a0, a1 = _swap(a0, a1, 8, _BYTE_PAIRS)
-            a2, a3 = _swap(a2, a3, 8, _BYTE_PAIRS)
-            a4, a5 = _swap(a4, a5, 8, _BYTE_PAIRS)
-            a6, a7 = _swap(a6, a7, 8, _BYTE_PAIRS)
-            a0, a2 = _swap(a0, a2, 16, _HALF_PAIRS)
-            a1, a3 = _swap(a1, a3, 16, _HALF_PAIRS)
-            a4, a6 = _swap(a4, a6, 16, _HALF_PAIRS)
-            a5, a7 = _swap(a5, a7, 16, _HALF_PAIRS)
-            a0, a4 = _swap(a0, a4, 32, _WORD_PAIRS)
-            a1, a5 = _swap(a1, a5, 32, _WORD_PAIRS)
-            a2, a6 = _swap(a2, a6, 32, _WORD_PAIRS)
-            a3, a7 = _swap(a3, a7, 32, _WORD_PAIRS)
-            j = 8 * c                           # now a_k holds byte 8c + k of the 8 rows
-            packed_words[g, j, lanes], packed_words[g, j + 1, lanes] = a0, a1
-            packed_words[g, j + 2, lanes], packed_words[g, j + 3, lanes] = a2, a3
-            packed_words[g, j + 4, lanes], packed_words[g, j + 5, lanes] = a4, a5
-            packed_words[g, j + 6, lanes], packed_words[g, j + 7, lanes] = a6, a7
-
-
-PLANES = None   # runs of a block kept in planes, in order: what a format without quads uses
-
-
 @functools.cache
-def byte_positions(runs: tuple | None, block_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+def byte_positions(runs: tuple, block_bytes: int) -> tuple[np.ndarray, np.ndarray]:
     """(position, step) per byte k of a block: lane l's copy of byte k is at packed offset
     position[k] + step[k] * l within its packed block (step 1 in planes, QUADS in quads)."""
-    runs = runs or ((0, block_bytes, False),)
     position, step = np.full(block_bytes, -1, np.int64), np.zeros(block_bytes, np.int64)
     at = 0
     for start, end, in_quads in runs:
@@ -121,30 +73,20 @@ def _pack_bytes(rows, packed, position, step):
                     packed[g, b, position[k] + step[k] * lane] = rows[n, b * block_bytes + k] if n < n_rows else 0
 
 
-def pack(rows: np.ndarray, block_bytes: int, runs: tuple | None = PLANES) -> np.ndarray:
+def pack(rows: np.ndarray, block_bytes: int, runs: tuple) -> np.ndarray:
     """GGML rows (n, blocks * block_bytes) uint8 -> the packed layout, bytes placed as `runs`
-    say (byte_positions; PLANES: every byte in planes, in order).
-
-    In planes, the packed bytes of a group are the transpose of its 64 x row_bytes tile: done
-    8 x 8 bytes at a time where the rows allow 64-bit words, byte by byte otherwise (and for a
-    last partial group)."""
+    say (byte_positions)."""
     n_rows, row_bytes = rows.shape
     packed = np.empty(packed_shape(n_rows, row_bytes // block_bytes, block_bytes), np.uint8)
     # Fault in the (usually memory-mapped) rows first, one byte per page, in one thread: page
     # faults taken by both kernel threads at once contend (1.9 GB of Q8_0: 1.4 s -> 0.6 s).
     if rows.size:
         rows.reshape(-1)[::4096].max()
-    full = 0
-    if runs is PLANES and row_bytes % 8 == 0 and rows.ctypes.data % 8 == 0:
-        full = n_rows // ROW_GROUP
-        if full:
-            _pack_words(rows.view(np.uint64), packed.reshape(len(packed), row_bytes, ROW_GROUP).view(np.uint64), full)
-    if full < len(packed):
-        _pack_bytes(rows[full * ROW_GROUP:], packed[full:], *byte_positions(runs, block_bytes))
+    _pack_bytes(rows, packed, *byte_positions(runs, block_bytes))
     return packed
 
 
-def unpack(packed: np.ndarray, block_bytes: int, rows: np.ndarray, runs: tuple | None = PLANES) -> np.ndarray:
+def unpack(packed: np.ndarray, block_bytes: int, rows: np.ndarray, runs: tuple) -> np.ndarray:
     """The rows with indices `rows` of a packed matrix, as GGML rows."""
     n_groups, n_blocks, _ = packed.shape
     position, step = byte_positions(runs, block_bytes)

@@ -1,11 +1,13 @@
-"""GGML block quantization: Q8_0 (int8) and Q4_0 (int4), byte-compatible with GGUF.
+"""GGML's blocks of 32 weights: Q8_0 (int8), Q4_0 and Q4_1 (int4), byte-compatible with GGUF.
 
     Q8_0 block, 32 weights in 34 bytes: fp16 scale d, int8 q[32];          w = d * q
     Q4_0 block, 32 weights in 18 bytes: fp16 scale d, 16 bytes of nibbles; w = d * (q - 8)
             byte j holds weight j in its low nibble and weight j + 16 in its high nibble
+    Q4_1 block, 32 weights in 20 bytes: fp16 d, fp16 minimum m, 16 bytes of nibbles; w = d * q + m
 
 Files (GGUF, our quantized directories) hold these blocks row by row, as ggml does; weight
-quantizers round exactly as ggml's reference code (and the gguf package) do.
+quantizers (Q8_0, Q4_0: Q4_1 is only read) round exactly as ggml's reference code (and the gguf
+package) do.
 
 The kernels read the blocks repacked at load into the interleaved layout of kernels/layout.py
 (64 rows side by side: the scale bytes in planes, the quants in quads of 4 bytes per row).
@@ -26,6 +28,7 @@ QK = 32            # weights per block
 SUM_BLOCK = 16     # activations per block sum (quantize_for_matmul): Q6_K's scales cover 16
 Q8_0_BYTES = 34
 Q4_0_BYTES = 18
+Q4_1_BYTES = 20
 
 
 @njit(inline="always")
@@ -98,6 +101,18 @@ def decode_q4_0_row(row, dst):
             q = row[o + 2 + j]
             dst[b * QK + j] = d * np.float32(np.int32(q & np.uint8(15)) - 8)
             dst[b * QK + j + 16] = d * np.float32(np.int32(q >> np.uint8(4)) - 8)
+
+
+@njit(cache=True)
+def decode_q4_1_row(row, dst):
+    for b in range(dst.shape[0] // QK):
+        o = b * Q4_1_BYTES
+        d = half_at_bytes(row, o)
+        m = half_at_bytes(row, o + 2)
+        for j in range(16):
+            q = row[o + 4 + j]
+            dst[b * QK + j] = np.float32(np.int32(q & np.uint8(15))) * d + m
+            dst[b * QK + j + 16] = np.float32(np.int32(q >> np.uint8(4))) * d + m
 
 
 # --- activations ----------------------------------------------------------------------------
@@ -227,3 +242,9 @@ def _matmul_nibbles(w, xq, xd, xs, out, scale_planes, with_min):
 def matmul_q4_0(w, xq, xd, xs, out):
     """Q4_0 weights (fp16 d in planes 0-1), integer activations: see _matmul_nibbles."""
     _matmul_nibbles(w, xq, xd, xs, out, 2, False)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_q4_1(w, xq, xd, xs, out):
+    """Q4_1 weights (fp16 d and m in planes 0-3), integer activations: see _matmul_nibbles."""
+    _matmul_nibbles(w, xq, xd, xs, out, 4, True)

@@ -30,8 +30,6 @@ SHAPES = {   # hidden, intermediate, heads, kv_heads, head_dim, vocab, layers
 }
 
 
-HALF_OFFSETS = {"q4_1": [0, 2], "q4_k": [0, 2], "q6_k": [208]}   # fp16 fields in a block
-
 
 def matrices(s):
     """(name, rows, cols, uses per token) of every matrix in one forward pass."""
@@ -50,7 +48,7 @@ def weight_pool(fmt_name, rows, cols, pool_bytes):
     raw = (np.arange(copies * rows * fmt.row_bytes(cols), dtype=np.uint32) * 2654435761 >> 24).astype(np.uint8)
     if fmt.block_size > 1:   # valid fp16 scales (0.0625) where each format keeps them
         blocks = raw.reshape(-1, fmt.block_bytes)
-        for offset in HALF_OFFSETS.get(fmt_name, [0]):
+        for offset in fmt.half_fields:
             blocks[:, offset], blocks[:, offset + 1] = 0x00, 0x2C
     elif fmt_name in ("f16", "bf16"):
         raw.view(np.uint16)[:] = 0x3C00 if fmt_name == "f16" else 0x3F80
@@ -71,16 +69,16 @@ def time_calls(fn, calls, repeats=3):
     return statistics.median(per_call)
 
 
-def bench_matmul(fmt_name, rows, cols, tokens, pool_bytes, use="matmul"):
-    """use: as the forward pass reads the matrix ("fine": the LM head's int16 activations)."""
+def bench_matmul(fmt_name, rows, cols, tokens, pool_bytes, activations=np.int8):
+    """activations: as the forward pass rounds them for this matrix (the LM head's: int16)."""
     pool, copies, matrix_bytes = weight_pool(fmt_name, rows, cols, pool_bytes)
     fmt = FORMATS[fmt_name]
-    weights = [Weight(fmt, (rows, cols), pool[j * rows:(j + 1) * rows], use) for j in range(copies)]
+    weights = [Weight(fmt, (rows, cols), pool[j * rows:(j + 1) * rows]) for j in range(copies)]
     x = np.random.default_rng(0).standard_normal((tokens, cols)).astype(np.float32)
     out = np.empty((tokens, rows), np.float32)
 
     def call(i):
-        matmul(weights[i % copies], x, out)
+        matmul(weights[i % copies], x, out, activations)
     calls = copies if tokens == 1 else 2
     return time_calls(call, calls, repeats=3 if tokens == 1 else 2), matrix_bytes
 
@@ -112,8 +110,8 @@ def main():
                 per_token = 0.0
                 weight_bytes = 0
                 for name, rows, cols, uses in matrices(shape):
-                    use = "fine" if name == "lm_head" else "matmul"   # as the forward pass
-                    seconds, nbytes = bench_matmul(fmt_name, rows, cols, 1, pool_bytes, use)
+                    activations = np.int16 if name == "lm_head" else np.int8   # as the forward pass
+                    seconds, nbytes = bench_matmul(fmt_name, rows, cols, 1, pool_bytes, activations)
                     per_token += seconds * uses
                     weight_bytes += nbytes * uses
                     gbs = nbytes / seconds / 1e9

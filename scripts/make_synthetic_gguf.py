@@ -16,19 +16,20 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFWriter
 
+from engine.kernels.formats import FORMATS
+
 SHAPES = {
     "1.5b": dict(hidden=1536, intermediate=8960, heads=12, kv_heads=2, layers=28, vocab=151936, theta=10000.0),
     "7b": dict(hidden=3584, intermediate=18944, heads=28, kv_heads=4, layers=28, vocab=152064, theta=10000.0),
 }
-BLOCKS = {T.Q4_0: (32, 18, [0]), T.Q8_0: (32, 34, [0]), T.Q4_K: (256, 144, [0, 2]), T.Q6_K: (256, 210, [208])}
 HEADER = Path(__file__).resolve().parents[2] / "shared" / "data" / "deepseek-r1-distill-qwen-7b.header-only.gguf"
 
 
 def random_blocks(rows: int, cols: int, qtype, rng) -> np.ndarray:
-    block, nbytes, scale_at = BLOCKS[qtype]
-    data = rng.integers(0, 256, (rows, cols // block * nbytes), dtype=np.uint8)
-    blocks = data.reshape(-1, nbytes)
-    for offset in scale_at:   # fp16 0.0039 (0x1C00): small and valid
+    fmt = next(f for f in FORMATS.values() if f.ggml_type == int(qtype))   # its geometry and scale fields
+    data = rng.integers(0, 256, (rows, fmt.row_bytes(cols)), dtype=np.uint8)
+    blocks = data.reshape(-1, fmt.block_bytes)
+    for offset in fmt.half_fields:   # fp16 0.0039 (0x1C00): small and valid
         blocks[:, offset], blocks[:, offset + 1] = 0x00, 0x1C
     return data
 

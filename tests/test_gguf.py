@@ -411,3 +411,16 @@ def test_gguf_of_tiny_models_matches_transformers(name, version, model_dirs, loa
     assert diff <= 1e-3
     if name.startswith("llama"):
         assert from_gguf.config.rope_interleaved and from_gguf.config.rope_freq_factors is not None
+
+
+def test_the_format_table_agrees_with_the_gguf_specification():
+    """Our formats' GGUF type ids and block geometry against GGML_TYPES (the specification's
+    table, which names the types we cannot read too) and the gguf package's own."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from engine.gguf import GGML_TYPES, GGUF_FORMATS
+    from engine.kernels.formats import FORMATS
+    assert set(GGUF_FORMATS) == {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"}
+    for f in FORMATS.values():
+        name, block_size, block_bytes = GGML_TYPES[f.ggml_type]
+        assert (name.lower(), block_size, block_bytes) == (f.name, f.block_size, f.block_bytes)
+        assert GGML_QUANT_SIZES[GGMLQuantizationType(f.ggml_type)] == (f.block_size, f.block_bytes)

@@ -52,10 +52,10 @@ def test_round_trip_error_bound(fmt):
     assert err.max() <= ROUND_TRIP_BOUND[fmt] + 2 ** -11
 
 
-def reference_matmul(weight: Weight, x: np.ndarray) -> np.ndarray:
+def reference_matmul(weight: Weight, x: np.ndarray, activations=np.int8) -> np.ndarray:
     """What the kernels compute, in float64: dequantized weights times quantize-dequantized
-    activations (int16 for weights of use "fine", else int8)."""
-    xq = np.empty(x.shape, np.int16 if weight.use == "fine" else np.int8)
+    activations (int8, or int16 as the LM head's)."""
+    xq = np.empty(x.shape, activations)
     xd = np.empty((x.shape[0], x.shape[1] // 32), np.float32)
     quant.quantize_activations(x, xq, xd)
     x_back = xq.astype(np.float64).reshape(len(x), -1, 32) * xd[:, :, None]
@@ -80,15 +80,15 @@ def test_kernels_equal_dequantize_then_matmul(fmt, tokens):
 
 
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
-def test_fine_kernels_equal_dequantize_then_matmul(fmt):
+def test_int16_activation_kernels_equal_dequantize_then_matmul(fmt):
     """The LM head's int16 activations: the same arithmetic as the reference, and within 1e-4
     of the product with unrounded activations (int8 ones are only within 2e-2, above)."""
     rows, cols = 130, 320
-    w = Weight.quantize(random_weights(rows, cols, seed=6), fmt, use="fine")
+    w = Weight.quantize(random_weights(rows, cols, seed=6), fmt)
     x = np.random.default_rng(7).standard_normal((3, cols)).astype(np.float32)
     out = np.empty((3, rows), np.float32)
-    matmul(w, x, out)
-    assert np.abs(out - reference_matmul(w, x)).max() <= 1e-5 * np.abs(out).max()
+    matmul(w, x, out, activations=np.int16)
+    assert np.abs(out - reference_matmul(w, x, np.int16)).max() <= 1e-5 * np.abs(out).max()
     exact = x.astype(np.float64) @ w.dequantize().astype(np.float64).T
     assert np.abs(out - exact).max() <= 1e-4 * np.abs(exact).max()
 
@@ -98,8 +98,8 @@ def test_fine_kernels_equal_dequantize_then_matmul(fmt):
 def test_packing_keeps_every_byte(fmt, rows, cols):
     """The kernels' interleaved layout is a permutation of the file's blocks: unpacking gives
     back exactly the GGML rows, also for a row count that is not a multiple of the group, with
-    rows of 8-byte words (packed 8 x 8 bytes at a time) or not (Q4_0's 18-byte blocks), in
-    planes (Q4_1) and with quads (the others; Q6_K's bytes out of their file order)."""
+    rows of 8-byte words or not (Q4_0's 18-byte blocks), scales in planes and quants in quads
+    (Q6_K's bytes out of their file order)."""
     f = FORMATS[fmt]
     blocks = random_blocks(fmt, rows, cols, seed=8)
     w = Weight(f, (rows, cols), blocks)
@@ -113,7 +113,7 @@ def test_packing_keeps_every_byte(fmt, rows, cols):
         assert np.array_equal(second_block[at:at + step[k] * 64:step[k]], blocks[:64, f.block_bytes + k])
     every = np.sort((position[:, None] + step[:, None] * np.arange(64)).ravel())
     assert np.array_equal(every, np.arange(64 * f.block_bytes))   # each packed byte used once
-    lookup = Weight(f, (rows, cols), blocks, "lookup")   # not packed
+    lookup = Weight(f, (rows, cols), blocks, rows_only=True)   # not packed
     assert lookup.data is blocks and np.array_equal(lookup.file_rows(np.array([5])), blocks[[5]])
 
 
@@ -215,8 +215,7 @@ def random_blocks(fmt, rows, cols, seed=0):
     data = rng.integers(0, 256, (rows, f.row_bytes(cols)), dtype=np.uint8)
     blocks = data.reshape(-1, f.block_bytes)
     scales = rng.uniform(-0.05, 0.05, (len(blocks), 2)).astype(np.float16).view(np.uint8)
-    at = {"q8_0": [0], "q4_0": [0], "q4_1": [0, 2], "q4_k": [0, 2], "q6_k": [208]}[fmt]
-    for k, offset in enumerate(at):
+    for k, offset in enumerate(f.half_fields):
         blocks[:, offset:offset + 2] = scales[:, 2 * k:2 * k + 2]
     return data
 
@@ -234,20 +233,20 @@ def test_gguf_format_decoders_are_bit_exact(fmt):
 
 
 @pytest.mark.parametrize("fmt", list(GGUF_TYPES))
-@pytest.mark.parametrize("use", ["matmul", "fine"])
-def test_gguf_format_matmul_equals_dequantize_then_matmul(fmt, use):
+@pytest.mark.parametrize("activations", [np.int8, np.int16])
+def test_gguf_format_matmul_equals_dequantize_then_matmul(fmt, activations):
     blocks = random_blocks(fmt, 40, 512, seed=8)
-    w = Weight(FORMATS[fmt], (40, 512), blocks, use)
+    w = Weight(FORMATS[fmt], (40, 512), blocks)
     x = np.random.default_rng(9).standard_normal((3, 512)).astype(np.float32)
     out = np.empty((3, 40), np.float32)
-    matmul(w, x, out)
+    matmul(w, x, out, activations)
     ref = x.astype(np.float64) @ w.dequantize().astype(np.float64).T if FORMATS[fmt].int_matmul is None \
-        else reference_matmul(w, x)   # the same arithmetic as the kernel (integer activations)
+        else reference_matmul(w, x, activations)   # the same arithmetic as the kernel (integer activations)
     assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
-@pytest.mark.parametrize("use", ["matmul", "fine"])
-def test_q6_k_integer_sums_at_their_extremes(use):
+@pytest.mark.parametrize("activations", [np.int8, np.int16])
+def test_q6_k_integer_sums_at_their_extremes(activations):
     """Q6_K applies its int8 scales in int32: sc * sum (q - 32) x over 16 weights, which at the
     extremes (q = 0, sc = -128, int16 activations of -32767) is 2^31 - 65536. Every weight is
     then -128 * -32 = 4096, so each output is -4096 * cols; an overflow would be far off."""
@@ -255,10 +254,10 @@ def test_q6_k_integer_sums_at_their_extremes(use):
     blocks = np.zeros((rows * cols // 256, 210), np.uint8)
     blocks[:, 192:208] = 0x80                  # the 16 scales: -128
     blocks[:, 208:210] = [0x00, 0x3C]          # d = 1.0
-    w = Weight(FORMATS["q6_k"], (rows, cols), blocks.reshape(rows, -1), use)
+    w = Weight(FORMATS["q6_k"], (rows, cols), blocks.reshape(rows, -1))
     assert np.all(w.dequantize() == 4096)
     out = np.empty((1, rows), np.float32)
-    matmul(w, np.full((1, cols), -1.0, np.float32), out)
+    matmul(w, np.full((1, cols), -1.0, np.float32), out, activations)
     assert np.allclose(out, -4096.0 * cols, rtol=1e-6)
 
 

@@ -84,9 +84,9 @@ def test_second_load_maps_the_cached_entry(quantized_dir, cache_dir):
 def test_untied_embedding_stays_in_file_layout(quantized_dir, cache_dir):
     llm = load(quantized_dir)
     embed = llm.model.embed
-    assert embed.format.name == "q8_0" and embed.use == "lookup" and not embed.packed
+    assert embed.format.name == "q8_0" and embed.rows_only and not embed.packed
     assert embed.data.shape == (embed.shape[0], embed.shape[1] // 32 * 34)
-    assert llm.model.lm_head is not embed and llm.model.lm_head.packed and llm.model.lm_head.use == "fine"
+    assert llm.model.lm_head is not embed and llm.model.lm_head.packed
     with pytest.raises(ValueError, match="row lookups only"):
         matmul(embed, np.zeros((1, embed.shape[1]), np.float32), np.zeros((1, embed.shape[0]), np.float32))
 
