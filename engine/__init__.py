@@ -25,18 +25,17 @@ if not os.path.isdir(os.path.join(__path__[0], "kernels")):
 from .kernels.attention import KV_KINDS
 from .kernels.compiler import available_threads
 
-from .config import ModelConfig, load_config
+from .config import ModelConfig
 from .errors import EngineError
 from .generate import CompileWatch, Stats, check_request, generate_text
 from .model import Transformer
 from .quantize import check_quant, quantize_weights
 from .resolve import resolve
 from .sampler import OLLAMA_DEFAULTS, Sampler, SamplerSettings, describe, layered_settings
-from .gguf import GGUFFile, gguf_config, gguf_tensors
-from .tokenizer import Tokenizer, check_text, tokenizer_from_gguf
-from .weight_cache import WeightCache
+from .source import open_source
+from .tokenizer import Tokenizer, check_text
 from .threads import ThreadTuner
-from .weights import load_checkpoint, load_weights
+from .weights import load_weights
 
 __all__ = ["load", "load_tokenizer", "LLM", "EngineError", "ModelConfig", "SamplerSettings"]
 
@@ -95,22 +94,15 @@ def check_context_memory(config: ModelConfig, context_length: int, kv_cache: str
 
 def load_tokenizer(model: str) -> Tokenizer:
     """Only the tokenizer (and chat template) of a model: no weights are read or downloaded."""
-    path = resolve(str(model), tokenizer_only=True).path
-    if path.is_file():
-        return tokenizer_from_gguf(GGUFFile(path, require_data=False).metadata)
-    return Tokenizer.from_dir(path)
+    return open_source(resolve(str(model), tokenizer_only=True).path, tokenizer_only=True).tokenizer
 
 
 def read_model(path) -> tuple[ModelConfig, Tokenizer, dict]:
     """Config, tokenizer and checked weights of a model directory or GGUF file."""
-    if path.is_file():
-        gguf = GGUFFile(path)
-        config = gguf_config(gguf)
-        tokenizer = checked_tokenizer(tokenizer_from_gguf(gguf.metadata), config)
-        return config, tokenizer, load_weights(config, *gguf_tensors(gguf), WeightCache.for_files([path]))
-    config = load_config(path)
-    tokenizer = checked_tokenizer(Tokenizer.from_dir(path), config)
-    return config, tokenizer, load_checkpoint(path, config)
+    source = open_source(path)
+    config = source.config
+    tokenizer = checked_tokenizer(source.tokenizer, config)
+    return config, tokenizer, load_weights(config, *source.tensors(), source.weight_cache())
 
 
 def checked_tokenizer(tokenizer: Tokenizer, config: ModelConfig) -> Tokenizer:

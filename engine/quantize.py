@@ -19,10 +19,10 @@ from tqdm import tqdm
 
 from .kernels.formats import FORMATS, Weight
 
-from .config import load_config
 from .errors import EngineError
 from .resolve import resolve
-from .weights import QUANTIZED_FORMAT, QUANTIZED_FORMAT_VERSION, load_checkpoint, release_pages
+from .source import DirectorySource, open_source
+from .weights import QUANTIZED_FORMAT, QUANTIZED_FORMAT_VERSION, load_weights, release_pages
 
 QUANT_TYPES = ("q8_0", "q4_0")
 # tensors kept at a higher precision than the requested type
@@ -78,14 +78,14 @@ def quantize_weights(weights: dict, quant: str, progress: bool = True, to_file: 
 def save_quantized(model: str, output: str, quant: str) -> Path:
     """Quantize the checkpoint `model` (a directory, repo id or alias) and write it to `output`."""
     check_quant(quant)
-    source = resolve(model).path
-    if source.is_file():
+    source = open_source(resolve(model).path)
+    if not isinstance(source, DirectorySource):
         raise EngineError("quantize reads Hugging Face checkpoints (a directory); a GGUF file is already quantized")
     out = Path(output)
-    if out.resolve() == source.resolve():
+    if out.resolve() == source.path.resolve():
         raise EngineError("the output directory must differ from the model's own directory")
-    config = load_config(source)
-    weights = quantize_weights(load_checkpoint(source, config), quant, to_file=True)
+    config = source.config
+    weights = quantize_weights(load_weights(config, *source.tensors(), source.weight_cache()), quant, to_file=True)
     tensors = {name: (w.file_rows() if isinstance(w, Weight) else w) for name, w in weights.items()}
     formats = {name: w.format.name for name, w in weights.items() if isinstance(w, Weight)}
     out.mkdir(parents=True, exist_ok=True)
@@ -95,6 +95,6 @@ def save_quantized(model: str, output: str, quant: str) -> Path:
         "format": QUANTIZED_FORMAT, "format_version": str(QUANTIZED_FORMAT_VERSION), "quant": quant,
         "tensor_formats": json.dumps(formats), "source": str(model)})
     for name in COPIED_FILES:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, out / name)
+        if (source.path / name).is_file():
+            shutil.copyfile(source.path / name, out / name)
     return out

@@ -261,11 +261,3 @@ def load_weights(config: ModelConfig, tensors: dict, formats: dict | None = None
     if cache and repacked:
         cache.save({name: w.data for name, w in weights.items() if isinstance(w, Weight) and w.packed})
     return weights
-
-
-def load_checkpoint(model_dir: Path, config: ModelConfig) -> dict:
-    """The checked weights of a safetensors model directory (float or quantized by us)."""
-    tensors, metadata = read_checkpoint(model_dir)
-    formats = stored_formats(metadata)
-    cache = WeightCache.for_files(sorted(Path(model_dir).glob("*.safetensors"))) if formats else None
-    return load_weights(config, tensors, formats, cache)

@@ -46,9 +46,8 @@ def test_chunked_prefill_equals_single_batch(model_dirs):
 
 
 def _weights(path):
-    from engine.config import load_config
-    from engine.weights import load_checkpoint
-    return load_checkpoint(path, load_config(path))
+    from engine import read_model
+    return read_model(path)[2]
 
 
 @pytest.mark.parametrize("name", ["qwen2-f32", "llama-bf16"])
