@@ -12,6 +12,10 @@ from pathlib import Path
 
 from .errors import EngineError
 
+# every file of a Hugging Face model directory besides its weights: what `tokenize` downloads,
+# and what `quantize` copies into its output
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "chat_template.jinja", "special_tokens_map.json")
 MAX_INTEGER_DIGITS = 30   # sizes, offsets and token ids fit in 20; anything longer is not one of ours
 
 

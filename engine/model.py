@@ -11,11 +11,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from .kernels.attention import KVCache
-from .kernels.formats import Activations, Weight
+from .kernels.formats import Activations, Weight, embedding_rows, matmul
+from .kernels.ops import rmsnorm, rope, swiglu
 
 from .config import ModelConfig
 from .errors import EngineError
-from .profile import Kernels, NonFinite, Profile
+from .profile import Profile
 
 
 @dataclass
@@ -33,6 +34,58 @@ class Layer:
     gate: Weight
     up: Weight
     down: Weight
+
+
+class NonFinite(Exception):
+    """A kernel's output holds NaN or infinity; the message says which kernel and weight."""
+
+
+class Kernels:
+    """The kernels the forward pass calls, by role (matmuls are also told which weight they read).
+
+    Plain, it holds the kernels themselves. With a profile, each is wrapped to time its calls
+    (engine/profile.py). With check (only to diagnose NaN or infinite values), each checks its
+    output and raises NonFinite naming the first kernel and weight whose output is not finite.
+    weight_names: {id(array or Weight): name}."""
+
+    def __init__(self, cache: KVCache, weight_names: dict | None = None, profile: Profile | None = None,
+                 check: bool = False):
+        self.embedding_rows, self.rmsnorm, self.rope, self.swiglu = embedding_rows, rmsnorm, rope, swiglu
+        self.matmul, self.store, self.attend = matmul, cache.store, cache.attend
+        self.checking = check
+        names = weight_names or {}
+        if profile is not None:
+            self._time(profile, names, cache)
+        if check:
+            self._check(names)
+
+    def _time(self, profile: Profile, names: dict, cache: KVCache) -> None:
+        def weight_label(weight: Weight, *_, **__):
+            return f"matmul {names.get(id(weight), 'other')} ({weight.format.name})", weight.nbytes
+        self.matmul = profile.timed(matmul, weight_label)
+        self.embedding_rows = profile.timed(embedding_rows, lambda *a: ("embedding lookup", 0))
+        self.rmsnorm = profile.timed(rmsnorm, lambda *a: ("rmsnorm", 0))
+        self.rope = profile.timed(rope, lambda *a: ("rope", 0))
+        self.swiglu = profile.timed(swiglu, lambda *a: ("swiglu", 0))
+        self.store = profile.timed(cache.store, lambda *a: (f"kv cache store ({cache.kind})", 0))
+        self.attend = profile.timed(cache.attend, lambda *a: (f"attention ({cache.kind})", 0))
+
+    def _check(self, names: dict) -> None:
+        def checked(kernel, output: int, label):
+            def call(*args, **kwargs):
+                kernel(*args, **kwargs)
+                if not np.isfinite(args[output]).all():
+                    raise NonFinite(label(*args))
+            return call
+
+        def weight(array):
+            return names.get(id(array), "a weight")
+        self.embedding_rows = checked(embedding_rows, 2, lambda w, *_: f"the embedding rows of {weight(w)}")
+        self.rmsnorm = checked(rmsnorm, 3, lambda x, w, *_: f"the RMSNorm with {weight(w)}")
+        self.matmul = checked(matmul, 2, lambda w, *_: f"the product with {weight(w)}")
+        self.rope = checked(rope, 0, lambda *_: "the rotary embedding")
+        self.swiglu = checked(swiglu, 2, lambda *_: "SwiGLU")
+        self.attend = checked(self.attend, 3, lambda layer, *_: f"the attention of layer {layer}")
 
 
 def rope_frequencies(config: ModelConfig) -> np.ndarray:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from .kernels.formats import FORMATS, Weight
 
 from .errors import EngineError
+from .files import SIDE_FILES
 from .resolve import resolve
 from .source import DirectorySource, open_source
 from .weights import QUANTIZED_FORMAT, QUANTIZED_FORMAT_VERSION, load_weights, release_pages
@@ -31,8 +32,6 @@ OVERRIDES = {
     "q8_0": {},
 }
 ROWS_PER_CHUNK = 4096   # quantize big matrices in slices, never holding a whole float32 copy
-COPIED_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                "chat_template.jinja", "special_tokens_map.json"]
 
 
 def check_quant(quant: str) -> None:
@@ -94,7 +93,7 @@ def save_quantized(model: str, output: str, quant: str) -> Path:
     save_file(tensors, str(out / "model.safetensors"), metadata={
         "format": QUANTIZED_FORMAT, "format_version": str(QUANTIZED_FORMAT_VERSION), "quant": quant,
         "tensor_formats": json.dumps(formats), "source": str(model)})
-    for name in COPIED_FILES:
+    for name in SIDE_FILES:
         if (source.path / name).is_file():
             shutil.copyfile(source.path / name, out / name)
     return out

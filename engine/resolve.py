@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import EngineError
-from .files import read_json
+from .files import SIDE_FILES, read_json
 
 
 
@@ -40,8 +40,6 @@ ALIASES = {
 
 # What a model needs from a repo: configs, weights, tokenizer; not the .bin/.pth duplicates.
 MODEL_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
-TOKENIZER_PATTERNS = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-                      "config.json", "generation_config.json"]
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 OLLAMA_NAME = re.compile(r"^(?:(?P<namespace>[\w.-]+)/)?(?P<name>[\w.-]+)(?::(?P<tag>[\w.-]+))?$")
 OLLAMA_MODEL = "application/vnd.ollama.image.model"
@@ -146,7 +144,7 @@ def resolve(name: str, tokenizer_only: bool = False) -> Resolved:
     source = f"Hugging Face {repo_id}"
     if alias:
         source += f" ({name} is not in Ollama's store {ollama_store()})"
-    return Resolved(download(name, repo_id, alias, TOKENIZER_PATTERNS if tokenizer_only else MODEL_PATTERNS), source)
+    return Resolved(download(name, repo_id, alias, list(SIDE_FILES) if tokenizer_only else MODEL_PATTERNS), source)
 
 
 def not_found(name: str, repo_id: str, alias: Alias | None, why: str) -> EngineError:

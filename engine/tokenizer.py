@@ -13,9 +13,6 @@ from .errors import EngineError
 from .files import read_json, read_text
 from .template import ChatTemplate
 
-TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                   "special_tokens_map.json", "generation_config.json", "config.json"]
-
 
 def _token_text(value) -> str | None:
     """tokenizer_config.json stores special tokens as strings or as {"content": ...} objects."""

@@ -22,7 +22,7 @@ compiled with it (cache=True would otherwise keep a slow copy), hence here, not 
 
 On CPUs with AVX-512 it also lets LLVM use 512-bit vectors: LLVM's tuning for Intel server
 cores prefers 256-bit ones ("prefer-256-bit"), which halves the work per instruction of the
-integer GEMVs (measured: in-cache Q4_0 GEMV 6.5 -> 11 GB/s on one core). numba's cache key
+integer GEMVs. numba's cache key
 includes the CPU features, so cached kernels never mix the two settings.
 
 Cache: numba's cache=True checks only the file a kernel is written in, not the files it calls

@@ -114,7 +114,7 @@ class Format:
     storage_dtype: type           # numpy dtype of the raw row storage
     block_size: int               # weights per block (1 for plain floats)
     block_bytes: int              # bytes per block
-    half_fields: tuple = ()       # byte offsets in a block of its fp16 scales (d, and m or dmin)
+    f16_fields: tuple = ()       # byte offsets in a block of its fp16 scales (d, and m or dmin)
     runs: tuple = ()              # where a block's bytes go when packed (layout.byte_positions)
     decode_row: Callable          # njit (file row, float32 out) -> None
     # how it multiplies: exactly one of the two kernels
@@ -155,21 +155,21 @@ FORMATS = {f.name: f for f in [
     Format(name="bf16", ggml_type=30, storage_dtype=np.uint16, block_size=1, block_bytes=2,
            decode_row=decode_bf16_row, float_matmul=matmul_bf16, quantize=to_bf16),
     Format(name="q8_0", ggml_type=8, storage_dtype=np.uint8, block_size=quant.QK, block_bytes=quant.Q8_0_BYTES,
-           half_fields=(0,), runs=scales_then_quads(2, quant.Q8_0_BYTES),
+           f16_fields=(0,), runs=scales_then_quads(2, quant.Q8_0_BYTES),
            decode_row=quant.decode_q8_0_row, int_matmul=quant.matmul_q8_0,
            quantize=blocks_quantizer(quant.quantize_q8_0, quant.Q8_0_BYTES)),
     Format(name="q4_0", ggml_type=2, storage_dtype=np.uint8, block_size=quant.QK, block_bytes=quant.Q4_0_BYTES,
-           half_fields=(0,), runs=scales_then_quads(2, quant.Q4_0_BYTES),
+           f16_fields=(0,), runs=scales_then_quads(2, quant.Q4_0_BYTES),
            decode_row=quant.decode_q4_0_row, int_matmul=quant.matmul_q4_0,
            quantize=blocks_quantizer(quant.quantize_q4_0, quant.Q4_0_BYTES)),
     Format(name="q4_1", ggml_type=3, storage_dtype=np.uint8, block_size=quant.QK, block_bytes=quant.Q4_1_BYTES,
-           half_fields=(0, 2), runs=scales_then_quads(4, quant.Q4_1_BYTES),
+           f16_fields=(0, 2), runs=scales_then_quads(4, quant.Q4_1_BYTES),
            decode_row=quant.decode_q4_1_row, int_matmul=quant.matmul_q4_1),
     Format(name="q4_k", ggml_type=12, storage_dtype=np.uint8, block_size=kquants.QK_K,
-           block_bytes=kquants.Q4_K_BYTES, half_fields=(0, 2), runs=scales_then_quads(16, kquants.Q4_K_BYTES),
+           block_bytes=kquants.Q4_K_BYTES, f16_fields=(0, 2), runs=scales_then_quads(16, kquants.Q4_K_BYTES),
            decode_row=kquants.decode_q4_k_row, int_matmul=kquants.matmul_q4_k),
     Format(name="q6_k", ggml_type=14, storage_dtype=np.uint8, block_size=kquants.QK_K,
-           block_bytes=kquants.Q6_K_BYTES, half_fields=(kquants.Q6_K_BYTES - 2,), runs=kquants.Q6_K_RUNS,
+           block_bytes=kquants.Q6_K_BYTES, f16_fields=(kquants.Q6_K_BYTES - 2,), runs=kquants.Q6_K_RUNS,
            decode_row=kquants.decode_q6_k_row, int_matmul=kquants.matmul_q6_k),
 ]}
 
@@ -236,7 +236,7 @@ class Weight:
         bytes of 64 rows are one plane (or every 4th byte of a run of quads)."""
         f = self.format
         count = 0
-        for offset in f.half_fields:
+        for offset in f.f16_fields:
             if self.packed:
                 position, step = layout.byte_positions(f.runs, f.block_bytes)
                 start, stride = position[offset + 1], step[offset + 1]

@@ -16,8 +16,8 @@ import numpy as np
 from numba import njit, prange
 
 from . import compiler  # noqa: F401  (numba's settings before any kernel is defined)
-from .bits import DOT4_LANES, dot4_nibbles_partial, dot4_six_bits, half_at_bytes, scaled_sums, stack_array
-from .layout import QUADS, ROW_GROUP, half_at, prefetch_ahead, store_group
+from .bits import DOT4_LANES, dot4_nibbles_partial, dot4_six_bits, f16_at_bytes, scaled_sums, stack_array
+from .layout import QUADS, ROW_GROUP, f16_at, prefetch_ahead, store_group
 
 QK_K = 256
 Q4_K_BYTES = 144
@@ -40,8 +40,8 @@ def _scale_min_k4(row, scales_at, j):
 def decode_q4_k_row(row, dst):
     for b in range(dst.shape[0] // QK_K):
         o = b * Q4_K_BYTES
-        d = half_at_bytes(row, o)
-        dmin = half_at_bytes(row, o + 2)
+        d = f16_at_bytes(row, o)
+        dmin = f16_at_bytes(row, o + 2)
         qs = o + 16
         y = b * QK_K
         for chunk in range(4):   # 64 weights: two sub-blocks sharing 32 bytes of nibbles
@@ -59,7 +59,7 @@ def decode_q4_k_row(row, dst):
 def decode_q6_k_row(row, dst):
     for b in range(dst.shape[0] // QK_K):
         o = b * Q6_K_BYTES
-        d = half_at_bytes(row, o + 208)
+        d = f16_at_bytes(row, o + 208)
         for half in range(2):   # two halves of 128 weights
             ql = o + half * 64
             qh = o + 128 + half * 32
@@ -149,7 +149,7 @@ def matmul_q4_k(w, xq, xd, xs, out):
                         block_min[lane] += (min_lo * np.float32(np.int32(mins[j * ROW_GROUP + lane]))
                                             + min_hi * np.float32(np.int32(mins[(j + 1) * ROW_GROUP + lane])))
                 for lane in range(ROW_GROUP):
-                    acc[lane] += half_at(w, g, b, 0, lane) * block[lane] - half_at(w, g, b, 2, lane) * block_min[lane]
+                    acc[lane] += f16_at(w, g, b, 0, lane) * block[lane] - f16_at(w, g, b, 2, lane) * block_min[lane]
             store_group(out, t, g, acc)
 
 
@@ -204,17 +204,13 @@ def matmul_q6_k(w, xq, xd, xs, out):
     ql[32 (i % 2) + l] with the 2 bits at bit 2 i of qh[l] above it, minus 32; its scale is
     sc[8 half + 2 i + l // 16]. So quad j of ql and of qh gives 4 consecutive weights of each
     quarter i (bits.dot4_six_bits), summed for all 64 lanes per 16 weights; the -32 is applied
-    then, as -32 * sum x, and the int8 scale as an integer (applying float scales per 16 weights
-    was a tenth of the kernel's time: one core in cache 11.3-13.2 -> 14.6 GB/s, 2 threads from
-    memory 11.6-13.4 -> 12.6-13.8; in 1.5B decode within the noise, prefill about 4 % faster).
-    Each quarter is its own call, so that its shifts are constants.
+    then, as -32 * sum x, and the int8 scale as an integer (float scales per 16 weights cost a
+    tenth of the kernel's time). Each quarter is its own call, so that its shifts are constants.
     Before each quarter it prefetches an eighth of the next block (layout.prefetch_ahead, on every
     CPU): the quarters read their bytes in bursts and then compute on them from L1, and in those
-    gaps nothing asked memory for more; with the hints the next block streams in meanwhile (AMD
-    Zen 3, 2 threads from memory: 1536 x 8960 11.3-12.2 -> 14.1 GB/s, the LM head 9.5 -> 11.4;
-    its rows in the 1.5B Q4_K_M decode profile 9.4-10.9 -> 11.4-13.3; 2 KiB ahead did nothing).
-    (Keeping the four quarters' sums in registers, 8 lanes at a time, makes fewer instructions
-    but reads the block out of order: 1.5B Q4_K_M decode 10.2 -> 8.4 tokens/s on AMD Zen 3.)"""
+    gaps nothing asks memory for more; with the hints the next block streams in meanwhile. The
+    block is read in order, front to back (see the README's kernel notes for what the
+    alternatives measured)."""
     n_groups, n_blocks, group_bytes = w.shape
     for g in prange(n_groups):
         part = stack_array(np.int32, 2, ROW_GROUP)
@@ -236,5 +232,5 @@ def matmul_q6_k(w, xq, xd, xs, out):
                     prefetch_ahead(w, g, b + 1, 4 * half + 3, 8, always=True)
                     _q6_quarter(w, g, b, at, half, 3, 4, 6, xq, xd, xs, t, x0 + 96, part, block)
                 for lane in range(ROW_GROUP):   # the int8 scales are planes 0-15, d is in 16-17
-                    acc[lane] += half_at(w, g, b, 16, lane) * block[lane]
+                    acc[lane] += f16_at(w, g, b, 16, lane) * block[lane]
             store_group(out, t, g, acc)

@@ -99,7 +99,7 @@ def unpack(packed: np.ndarray, block_bytes: int, rows: np.ndarray, runs: tuple) 
 # --- helpers inlined into the kernels ----------------------------------------------------------
 
 @njit(inline="always")
-def half_at(w, g, b, k, lane):
+def f16_at(w, g, b, k, lane):
     """The fp16 value at bytes k, k + 1 of a lane's block, as float32."""
     return f16_to_f32(np.uint16(np.uint16(w[g, b, ROW_GROUP * k + lane])
                                 | (np.uint16(w[g, b, ROW_GROUP * (k + 1) + lane]) << np.uint16(8))))

@@ -21,8 +21,8 @@ import numpy as np
 from numba import njit, prange
 
 from . import compiler  # noqa: F401  (numba's settings before any kernel is defined)
-from .bits import DOT4_LANES, dot4_int8, dot4_nibbles_partial, f32_to_f16, half_at_bytes, scaled_sums, stack_array
-from .layout import QUADS, ROW_GROUP, half_at, prefetch_ahead, store_group
+from .bits import DOT4_LANES, dot4_int8, dot4_nibbles_partial, f32_to_f16, f16_at_bytes, scaled_sums, stack_array
+from .layout import QUADS, ROW_GROUP, f16_at, prefetch_ahead, store_group
 
 QK = 32            # weights per block
 SUM_BLOCK = 16     # activations per block sum (quantize_for_matmul): Q6_K's scales cover 16
@@ -87,7 +87,7 @@ def quantize_q4_0(x, out):
 def decode_q8_0_row(row, dst):
     for b in range(dst.shape[0] // QK):
         o = b * Q8_0_BYTES
-        d = half_at_bytes(row, o)
+        d = f16_at_bytes(row, o)
         for j in range(QK):
             dst[b * QK + j] = d * np.float32(np.int8(row[o + 2 + j]))
 
@@ -96,7 +96,7 @@ def decode_q8_0_row(row, dst):
 def decode_q4_0_row(row, dst):
     for b in range(dst.shape[0] // QK):
         o = b * Q4_0_BYTES
-        d = half_at_bytes(row, o)
+        d = f16_at_bytes(row, o)
         for j in range(QK // 2):
             q = row[o + 2 + j]
             dst[b * QK + j] = d * np.float32(np.int32(q & np.uint8(15)) - 8)
@@ -107,8 +107,8 @@ def decode_q4_0_row(row, dst):
 def decode_q4_1_row(row, dst):
     for b in range(dst.shape[0] // QK):
         o = b * Q4_1_BYTES
-        d = half_at_bytes(row, o)
-        m = half_at_bytes(row, o + 2)
+        d = f16_at_bytes(row, o)
+        m = f16_at_bytes(row, o + 2)
         for j in range(16):
             q = row[o + 4 + j]
             dst[b * QK + j] = np.float32(np.int32(q & np.uint8(15))) * d + m
@@ -170,9 +170,7 @@ def quantize_for_matmul(x, xq, xd, xs):
 def matmul_q8_0(w, xq, xd, xs, out):
     """Q8_0 weights, integer activations. The quants are in quads (layout.py): 4 weights of a row
     per 32-bit word, so bits.dot4_int8 sums 4 products per lane with x86's pairwise byte
-    multiplies; int32 block sums per lane (xs, the activations' sums, is not needed).
-    Measured against the byte-plane kernel it replaces, one core, in cache: 13 -> 26 GB/s
-    (AMD Zen 3, AVX2)."""
+    multiplies; int32 block sums per lane (xs, the activations' sums, is not needed)."""
     n_groups, n_blocks, group_bytes = w.shape
     cols = xq.shape[1]
     for g in prange(n_groups):
@@ -190,7 +188,7 @@ def matmul_q8_0(w, xq, xd, xs, out):
                                   t * cols + b * QK + QUADS * j)
                 x_scale = xd[t, b]
                 for lane in range(ROW_GROUP):
-                    acc[lane] += np.float32(block[lane]) * (half_at(w, g, b, 0, lane) * x_scale)
+                    acc[lane] += np.float32(block[lane]) * (f16_at(w, g, b, 0, lane) * x_scale)
             store_group(out, t, g, acc)
 
 
@@ -228,12 +226,12 @@ def _matmul_nibbles(w, xq, xd, xs, out, scale_planes, with_min):
                 if with_min:
                     x_min = np.float32(x_sum) * x_scale
                     for lane in range(ROW_GROUP):
-                        acc[lane] += (np.float32(block[lane]) * (half_at(w, g, b, 0, lane) * x_scale)
-                                      + half_at(w, g, b, 2, lane) * x_min)
+                        acc[lane] += (np.float32(block[lane]) * (f16_at(w, g, b, 0, lane) * x_scale)
+                                      + f16_at(w, g, b, 2, lane) * x_min)
                 else:
                     x_offset = np.int32(8 * x_sum)
                     for lane in range(ROW_GROUP):   # int32 until converted: numba would widen to int64
-                        acc[lane] += np.float32(np.int32(block[lane] - x_offset)) * (half_at(w, g, b, 0, lane)
+                        acc[lane] += np.float32(np.int32(block[lane] - x_offset)) * (f16_at(w, g, b, 0, lane)
                                                                                      * x_scale)
             store_group(out, t, g, acc)
 

@@ -48,7 +48,7 @@ def weight_pool(fmt_name, rows, cols, pool_bytes):
     raw = (np.arange(copies * rows * fmt.row_bytes(cols), dtype=np.uint32) * 2654435761 >> 24).astype(np.uint8)
     if fmt.block_size > 1:   # valid fp16 scales (0.0625) where each format keeps them
         blocks = raw.reshape(-1, fmt.block_bytes)
-        for offset in fmt.half_fields:
+        for offset in fmt.f16_fields:
             blocks[:, offset], blocks[:, offset + 1] = 0x00, 0x2C
     elif fmt_name in ("f16", "bf16"):
         raw.view(np.uint16)[:] = 0x3C00 if fmt_name == "f16" else 0x3F80

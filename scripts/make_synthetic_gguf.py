@@ -29,7 +29,7 @@ def random_blocks(rows: int, cols: int, qtype, rng) -> np.ndarray:
     fmt = next(f for f in FORMATS.values() if f.ggml_type == int(qtype))   # its geometry and scale fields
     data = rng.integers(0, 256, (rows, fmt.row_bytes(cols)), dtype=np.uint8)
     blocks = data.reshape(-1, fmt.block_bytes)
-    for offset in fmt.half_fields:   # fp16 0.0039 (0x1C00): small and valid
+    for offset in fmt.f16_fields:   # fp16 0.0039 (0x1C00): small and valid
         blocks[:, offset], blocks[:, offset + 1] = 0x00, 0x1C
     return data
 

@@ -291,10 +291,10 @@ def test_non_finite_scales_are_counted_in_every_format(format_name, rows_only):
     f = FORMATS[format_name]
     rows, cols = 70, 2 * f.block_size   # a partial second group of 64 rows
     raw = np.random.default_rng(0).integers(0, 256, (rows, f.row_bytes(cols)), dtype=np.uint8)
-    for field in f.half_fields:
+    for field in f.f16_fields:
         raw.reshape(-1, f.block_bytes)[:, field:field + 2] = (0x00, 0x3C)         # 1.0
     assert Weight(f, (rows, cols), raw, rows_only).non_finite_scales() == 0
-    for field in f.half_fields:
+    for field in f.f16_fields:
         damaged = raw.copy()
         damaged.reshape(-1, f.block_bytes)[5, field:field + 2] = (0x00, 0x7C)      # +inf
         damaged.reshape(-1, f.block_bytes)[-1, field:field + 2] = (0x01, 0xFE)     # NaN

@@ -215,7 +215,7 @@ def random_blocks(fmt, rows, cols, seed=0):
     data = rng.integers(0, 256, (rows, f.row_bytes(cols)), dtype=np.uint8)
     blocks = data.reshape(-1, f.block_bytes)
     scales = rng.uniform(-0.05, 0.05, (len(blocks), 2)).astype(np.float16).view(np.uint8)
-    for k, offset in enumerate(f.half_fields):
+    for k, offset in enumerate(f.f16_fields):
         blocks[:, offset:offset + 2] = scales[:, 2 * k:2 * k + 2]
     return data
 
