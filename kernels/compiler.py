@@ -3,8 +3,8 @@
 The kernels (this folder, installed as `engine.kernels`) know nothing of models, files or
 tokenizers:
 - `formats`: the table of weight storage formats, each with the kernels that read it;
-- `quant`: the Q8_0 / Q4_0 block formats and their integer kernels;
-- `kquants`: the formats read from GGUF files (Q4_1, Q4_K, Q6_K) and their kernels;
+- `quant`: the blocks of 32 (Q8_0, Q4_0, Q4_1) and their integer kernels;
+- `kquants`: the k-quants of GGUF files (Q4_K, Q6_K) and their kernels;
 - `layout`: how block formats are repacked at load (64 rows side by side, planes and quads);
 - `bits`: LLVM intrinsics numba lacks (half floats, prefetch, stack arrays, byte dot products);
 - `ops`: RMSNorm, rotary embeddings, SwiGLU;
@@ -14,7 +14,10 @@ Each of them imports this module first. The folder has no `__init__.py` on purpo
 Face's `kernels` package (a dependency of transformers) has the same top-level name, and a
 regular package here would shadow it wherever the repository's root is on sys.path.
 
-Importing this module turns on LLVM's SLP vectorizer (numba's NUMBA_SLP_VECTORIZE, off by default),
+Importing this module applies numba's settings (`configure`, below). That is done at import,
+not later, because numba fixes a kernel's cache directory when the kernel is defined.
+
+It turns on LLVM's SLP vectorizer (numba's NUMBA_SLP_VECTORIZE, off by default),
 unless the user set that variable: it is what turns the block-wise integer dot products and
 the int4 unpacking into SIMD code. numba reads the setting at every compilation, so it is set
 on numba's config object directly and works whatever was imported first. All kernels must be
@@ -22,8 +25,8 @@ compiled with it (cache=True would otherwise keep a slow copy), hence here, not 
 
 On CPUs with AVX-512 it also lets LLVM use 512-bit vectors: LLVM's tuning for Intel server
 cores prefers 256-bit ones ("prefer-256-bit"), which halves the work per instruction of the
-integer GEMVs. numba's cache key
-includes the CPU features, so cached kernels never mix the two settings.
+integer GEMVs. numba's cache key includes the CPU features, so cached kernels never mix the two
+settings.
 
 Cache: numba's cache=True checks only the file a kernel is written in, not the files it calls
 into: after an edit of bits.py (the dot-product intrinsics) or of an inlined helper in another
@@ -33,11 +36,10 @@ package's __pycache__, or ~/.cache/engine when that is not writable): any edit s
 one, and the in-tree default removes the stale ones. Hashing the sources takes well under 1 ms.
 
 Threads: numba's OpenMP layer is preferred (then tbb, then workqueue), unless the user chose
-one. Measured on SmolLM2-135M decode, 2 threads (scripts/bench_threading.py): omp 93-113
-tokens/s, workqueue 35-38 (it cannot keep its workers hot between the many small parallel
-regions of a token), tbb not installed. OpenMP's default wait policy spins about 10 ms after a
-parallel region and then sleeps, so an idle engine uses no CPU (measured 0.01 CPU-s per idle
-second); OMP_WAIT_POLICY=active was no faster beyond noise and keeps a core spinning forever.
+one: workqueue cannot keep its workers hot between the many small parallel regions of a token.
+OpenMP's default wait policy spins about 10 ms after a parallel region and then sleeps, so an
+idle engine uses no CPU; OMP_WAIT_POLICY=active keeps a core spinning forever for nothing
+measurable. (Measurements in the README's kernel notes.)
 """
 import hashlib
 import os
@@ -45,14 +47,6 @@ import time
 
 from numba.core import config as _numba_config
 from numba.core import event as _numba_event
-
-if "NUMBA_THREADING_LAYER" not in os.environ and "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:
-    os.environ["NUMBA_THREADING_LAYER_PRIORITY"] = "omp tbb workqueue"
-    _numba_config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
-
-if "NUMBA_SLP_VECTORIZE" not in os.environ:
-    os.environ["NUMBA_SLP_VECTORIZE"] = "1"
-    _numba_config.SLP_VECTORIZE = 1
 
 
 def _wide_vector_features():
@@ -64,25 +58,16 @@ def _wide_vector_features():
 
 
 def _software_prefetch_helps() -> bool:
-    """Whether the GEMVs issue prefetch hints (kernels/layout.prefetch_ahead). Measured at 2
-    threads: on Intel (Xeon, Emerald Rapids) the hints took the Q4_0 GEMV from 12 to 17 GB/s,
-    the hardware prefetchers stopping at every 4 KiB page; on AMD Zen 3 (EPYC) they cost 10-20 %
-    (Q8_0 GEMV over a 585 MB pool: 14.1-15.4 GB/s without, 12.9-13.5 with; 1.5B decode, 3 runs
-    each: Q8_0 7.9-8.8 tokens/s without, 6.7-7.3 with; Q4_K_M 8.1-9.2 against 8.0-8.2), its
-    prefetchers doing better alone. The exception, Q4_0's int8 kernel, prefetches everywhere
-    (quant.matmul_q4_0: on Zen 3 10.1-10.5 tokens/s without, 11.0-14.0 with). Decided by the
-    host CPU's name, which numba's cache key includes, so a cached kernel matches the machine."""
+    """Whether the GEMVs issue prefetch hints (kernels/layout.prefetch_ahead): on Intel they help
+    (the hardware prefetchers stop at every 4 KiB page), on AMD Zen they cost 10-20 % (its
+    prefetchers do better alone; measured in the README's kernel notes). Kernels that measured
+    a gain everywhere prefetch regardless (`always`). Decided by the host CPU's name, which
+    numba's cache key includes, so a cached kernel matches the machine."""
     import llvmlite.binding as llvm
     return not llvm.get_host_cpu_name().startswith("znver")
 
 
 SOFTWARE_PREFETCH = _software_prefetch_helps()
-
-if "NUMBA_CPU_FEATURES" not in os.environ and "NUMBA_CPU_NAME" not in os.environ:
-    _features = _wide_vector_features()
-    if _features:
-        os.environ["NUMBA_CPU_FEATURES"] = _features
-        _numba_config.CPU_FEATURES = _features
 
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -114,7 +99,26 @@ def _use_cache_keyed_by_sources() -> None:
     _numba_config.CACHE_DIR = os.path.join(base, current)
 
 
-_use_cache_keyed_by_sources()
+def configure() -> None:
+    """numba's settings for every kernel of this package, each unless the user set it: the
+    threading layer, the SLP vectorizer, wide vectors on AVX-512, the cache directory. Set on
+    numba's config object as well as in the environment, so that they hold whatever was
+    imported first."""
+    if "NUMBA_THREADING_LAYER" not in os.environ and "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ:
+        os.environ["NUMBA_THREADING_LAYER_PRIORITY"] = "omp tbb workqueue"
+        _numba_config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
+    if "NUMBA_SLP_VECTORIZE" not in os.environ:
+        os.environ["NUMBA_SLP_VECTORIZE"] = "1"
+        _numba_config.SLP_VECTORIZE = 1
+    if "NUMBA_CPU_FEATURES" not in os.environ and "NUMBA_CPU_NAME" not in os.environ:
+        features = _wide_vector_features()
+        if features:
+            os.environ["NUMBA_CPU_FEATURES"] = features
+            _numba_config.CPU_FEATURES = features
+    _use_cache_keyed_by_sources()
+
+
+configure()
 
 
 def available_threads() -> int:

@@ -173,7 +173,13 @@ Q6_K_HALF_BYTES = 96 * ROW_GROUP
 @njit(inline="always")
 def _q6_quarter(w, g, b, half_start, half, i, low_shift, high_shift, xq, xd, xs, t, x0, part, block):
     """block += the products of quarter i (weights 32 i .. 32 i + 31) of a half-block of Q6_K, for
-    the 64 lanes, before the block's d; the shifts are constants of each call (see matmul_q6_k)."""
+    the 64 lanes, before the block's d; the shifts are constants of each call (see matmul_q6_k).
+
+    w, g, b: the packed weights, the group of 64 rows and the block; half_start: the flat offset
+    of the half-block's quads; half, i: which half and quarter; low_shift, high_shift: where the
+    quarter's 4 low bits sit in ql and its 2 high bits in qh; xq, xd, xs: the integer activations,
+    their scales per 32 and sums per 16; t, x0: the token and the quarter's first column; part:
+    scratch sums per 16 weights; block: the block's running sums, one per lane."""
     cols = xq.shape[1]
     for s in range(2):   # 16 weights share a scale: part[64 s + lane]
         part[s * ROW_GROUP:(s + 1) * ROW_GROUP] = 0

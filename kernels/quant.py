@@ -210,7 +210,7 @@ def _matmul_nibbles(w, xq, xd, xs, out, scale_planes, with_min):
         for t in range(xq.shape[0]):
             acc[:] = 0.0
             for b in range(n_blocks):
-                prefetch_ahead(w, g, b, 0, 1, always=True)   # faster with the hints on AMD too (kernels/compiler.py)
+                prefetch_ahead(w, g, b, 0, 1, always=True)   # faster with the hints on AMD too (README)
                 partial[:] = 0
                 quads = (g * n_blocks + b) * group_bytes + scale_planes * ROW_GROUP   # after the fp16 planes
                 x0 = t * cols + b * QK
