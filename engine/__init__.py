@@ -27,7 +27,7 @@ from .kernels.compiler import available_threads
 
 from .config import ModelConfig
 from .errors import EngineError
-from .generate import CompileWatch, Stats, check_request, generate_text
+from .generation import CompileWatch, Stats, check_request, generate_text
 from .model import Transformer
 from .quantize import check_quant, quantize_weights
 from .resolve import resolve
@@ -37,7 +37,9 @@ from .tokenizer import Tokenizer, check_text
 from .threads import ThreadTuner
 from .weights import load_weights
 
-__all__ = ["load", "load_tokenizer", "LLM", "EngineError", "ModelConfig", "SamplerSettings"]
+from .api import chat, generate, ps   # noqa: E402  (the ollama-shaped API, over load and LLM)
+
+__all__ = ["load", "load_tokenizer", "LLM", "EngineError", "ModelConfig", "SamplerSettings", "chat", "generate", "ps"]
 
 DEFAULT_CONTEXT = 4096
 
@@ -220,10 +222,16 @@ class LLM:
         layer, then the model's own, then Ollama's defaults; `last_stats.sampling` says which).
         Returns the text, or with stream=True an iterator of text pieces.
         """
+        return self.generate_ids(self.prompt_ids(prompt, raw), max_tokens=max_tokens, stop=stop, stream=stream,
+                                 **sampler_options)
+
+    def generate_ids(self, ids, *, max_tokens: int = 512, stop: list[str] | None = None, stream: bool = False,
+                     **sampler_options):
+        """Generate from prompt token ids (a chat already rendered and tokenized, for example);
+        the options are generate's. Everything is checked now, not at the first piece."""
         settings, sources = layered_settings([*self.sampler_layers, ("this request", sampler_options)])
         sampler = Sampler(settings)
-        ids = self.prompt_ids(prompt, raw)
-        check_request(len(ids), self.model.context_length, max_tokens)   # now, not at the first next()
+        check_request(len(ids), self.model.context_length, max_tokens)
         ids = [int(i) for i in self._check_ids(ids)]
         # Reuse the cached prefix (a chat's earlier turns); the last prompt token is always rerun.
         common = 0

@@ -1,4 +1,4 @@
-"""The command line: `python -m engine generate | info | quantize | tokenize`.
+"""The command line: `python -m engine run | generate | info | quantize | tokenize`.
 
 generate streams only the generated text to stdout; statistics and errors go to stderr.
 """
@@ -17,11 +17,13 @@ from .quantize import QUANT_TYPES
 from .resolve import ALIASES
 
 
+MODEL_HELP = ("a local directory (config.json, *.safetensors, tokenizer.json); a .gguf file; an Ollama NAME:TAG "
+              "already pulled (its store: $OLLAMA_MODELS or ~/.ollama/models); a short name: "
+              f"{', '.join(ALIASES)}; or a Hugging Face repo id (organization/name), downloaded once")
+
+
 def _add_model(p):
-    p.add_argument("--model", "-m", required=True, metavar="MODEL",
-                   help="a local directory (config.json, *.safetensors, tokenizer.json); a .gguf file; an Ollama "
-                        "NAME:TAG already pulled (its store: $OLLAMA_MODELS or ~/.ollama/models); a short name: "
-                        f"{', '.join(ALIASES)}; or a Hugging Face repo id (organization/name), downloaded once")
+    p.add_argument("--model", "-m", required=True, metavar="MODEL", help=MODEL_HELP)
 
 
 def _add_load_options(p):
@@ -34,6 +36,16 @@ def _add_load_options(p):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine", description="Run LLMs locally on the CPU.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="chat with a model, as `ollama run`: answer PROMPT (or stdin) once, or talk")
+    r.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    r.add_argument("prompt", nargs="*", help="answer this and exit (text piped on stdin is added to it)")
+    r.add_argument("--think", nargs="?", const="true", choices=["true", "false"],
+                   help="let a reasoning model think first (default: yes when it can); --think=false answers at once")
+    r.add_argument("--hidethinking", action="store_true", help="do not show the model's reasoning")
+    r.add_argument("--verbose", action="store_true", help="print Ollama's statistics after each answer")
+    r.add_argument("--ctx", type=int, help="context length (default: the model's, at most 4096)")
+    r.add_argument("--threads", "-t", type=int, help="worker threads (default: all cores)")
 
     g = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout")
     _add_model(g)
@@ -107,6 +119,22 @@ def read_stdin() -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise EngineError(f"the prompt on stdin is not valid UTF-8 (byte {e.start})") from None
+
+
+def cmd_run(args) -> int:
+    from .repl import Session, interactive
+    options = {name: value for name, value in (("num_ctx", args.ctx), ("num_thread", args.threads)) if value is not None}
+    think = None if args.think is None else args.think == "true"
+    session = Session(args.model, think=think, hide_thinking=args.hidethinking, verbose=args.verbose,
+                      options=options, before_output=args.progress.finish)
+    prompt = " ".join(args.prompt)
+    if not sys.stdin.isatty():
+        piped = read_stdin()
+        prompt = f"{prompt}\n\n{piped}" if prompt and piped.strip() else prompt or piped
+    if prompt.strip():
+        session.ask(prompt)
+        return 0
+    return interactive(session)
 
 
 def cmd_quantize(args) -> int:
@@ -187,7 +215,8 @@ def main(argv=None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
-        commands = {"generate": cmd_generate, "info": cmd_info, "quantize": cmd_quantize, "tokenize": cmd_tokenize}
+        commands = {"run": cmd_run, "generate": cmd_generate, "info": cmd_info, "quantize": cmd_quantize,
+                    "tokenize": cmd_tokenize}
         args.progress = CompileProgress()
         try:
             return commands[args.command](args)

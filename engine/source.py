@@ -27,7 +27,10 @@ from .tokenizer import Tokenizer, tokenizer_from_gguf
 from .weight_cache import WeightCache
 from .weights import check_layer_count, read_checkpoint, stored_formats
 
-THINKING_TAGS = ("<think>", "</think>")   # a template holding both renders reasoning (as Ollama decides)
+# A reasoning model's template mentions the closing tag: DeepSeek-R1's strips earlier turns'
+# reasoning at it, and its later revision also opens the block at the end of the prompt (the
+# first one leaves the opening tag for the model to write).
+THINKING_CLOSE = "</think>"
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,7 @@ def _elements(array: np.ndarray, format_name: str | None) -> int:
 
 def capabilities(tokenizer: Tokenizer) -> tuple:
     template = tokenizer.chat_template_source or ""
-    return ("completion",) + (("thinking",) if all(tag in template for tag in THINKING_TAGS) else ())
+    return ("completion",) + (("thinking",) if THINKING_CLOSE in template else ())
 
 
 def open_source(path: Path, tokenizer_only: bool = False) -> GGUFSource | DirectorySource:

@@ -3,7 +3,7 @@ import pytest
 
 import engine
 from engine.errors import EngineError
-from engine.generate import Stats, StopStrings, generate_text
+from engine.generation import Stats, StopStrings, generate_text
 from engine.sampler import Sampler, SamplerSettings
 
 

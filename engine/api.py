@@ -1,0 +1,349 @@
+"""A Python API shaped like the `ollama` package, running on this engine in-process:
+
+    import engine as ollama
+    r = ollama.chat(model="deepseek-r1:1.5b", messages=[{"role": "user", "content": "Why is the sky blue?"}])
+    print(r["message"]["content"])          # or r.message.content; r.message.thinking holds the reasoning
+    for chunk in ollama.chat(model=..., messages=..., stream=True):
+        print(chunk.message.content, end="", flush=True)
+
+Responses carry the fields of the `ollama` package's ChatResponse and GenerateResponse (durations
+in nanoseconds, the statistics on the last chunk) and read both as dicts and as attributes.
+Options use Ollama's names. A model stays loaded between calls for `keep_alive` (default five
+minutes; 0 releases it after the call, a negative value keeps it), as Ollama's server does.
+"""
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from .errors import EngineError
+from .source import capabilities
+from .thinking import CLOSING, OPENING, ThinkingParser
+
+DEFAULT_KEEP_ALIVE = 300.0   # seconds, as Ollama
+# Ollama's option names -> (where it goes, our name): the sampler, the generation or the load
+OPTIONS = {
+    "temperature": ("sampler", "temperature"), "top_k": ("sampler", "top_k"), "top_p": ("sampler", "top_p"),
+    "min_p": ("sampler", "min_p"), "seed": ("sampler", "seed"), "repeat_penalty": ("sampler", "repeat_penalty"),
+    "repeat_last_n": ("sampler", "repeat_last_n"), "presence_penalty": ("sampler", "presence_penalty"),
+    "frequency_penalty": ("sampler", "frequency_penalty"),
+    "num_predict": ("generation", "max_tokens"), "stop": ("generation", "stop"),
+    "num_ctx": ("load", "context_length"), "num_thread": ("load", "threads"),
+}
+DEFAULT_NUM_PREDICT = 512
+EMPTY_THINKING = f"{OPENING}\n\n{CLOSING}\n\n"   # what the model is given instead of reasoning (think=False)
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class Record(dict):
+    """A dict whose keys also read as attributes: r["message"]["content"] is r.message.content."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+# --- options and keep_alive ------------------------------------------------------------------
+
+def split_options(options) -> dict[str, dict]:
+    """Ollama's options by where they apply: {"sampler": ..., "generation": ..., "load": ...}."""
+    if options is None:
+        options = {}
+    elif hasattr(options, "model_dump"):   # the ollama package's Options object
+        options = options.model_dump(exclude_none=True)
+    if not isinstance(options, dict):
+        raise EngineError(f"options must be an object of Ollama's option names, not {type(options).__name__}")
+    out = {"sampler": {}, "generation": {}, "load": {}}
+    for name, value in options.items():
+        if name not in OPTIONS:
+            raise EngineError(f"unknown option {name!r}; supported: {', '.join(OPTIONS)}")
+        where, ours = OPTIONS[name]
+        if value is not None:
+            out[where][ours] = value
+    stop = out["generation"].get("stop")
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise EngineError(f"option 'stop' must be a list of strings, got {stop!r}")
+    predict = out["generation"].get("max_tokens")
+    if predict is not None:
+        if isinstance(predict, bool) or not isinstance(predict, int):
+            raise EngineError(f"option 'num_predict' must be an integer, got {predict!r}")
+        out["generation"]["max_tokens"] = 10**9 if predict < 0 else predict   # -1: until the context is full
+    return out
+
+
+DURATION = re.compile(r"(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive_seconds(keep_alive) -> float:
+    """Ollama's keep_alive: seconds as a number, or a duration such as "5m", "1h30m", "-1"."""
+    if keep_alive is None:
+        return DEFAULT_KEEP_ALIVE
+    if isinstance(keep_alive, (int, float)) and not isinstance(keep_alive, bool):
+        return float(keep_alive)
+    if isinstance(keep_alive, str):
+        text = keep_alive.strip()
+        try:
+            return float(text)
+        except ValueError:
+            pass
+        parts = DURATION.findall(text)
+        if parts and "".join(number + unit for number, unit in parts) == text.replace(" ", ""):
+            return sum(float(number) * UNITS[unit] for number, unit in parts)
+    raise EngineError(f"keep_alive must be a number of seconds or a duration such as '5m', got {keep_alive!r}")
+
+
+# --- loaded models -----------------------------------------------------------------------------
+
+@dataclass
+class Loaded:
+    llm: object
+    load_options: dict
+    expires: float = float("inf")
+    lock: threading.Lock = field(default_factory=threading.Lock)   # one generation at a time
+
+
+class ModelRegistry:
+    """The models kept in memory between calls, each released when its keep_alive runs out."""
+
+    def __init__(self):
+        self.models: dict[str, Loaded] = {}
+        self.lock = threading.Lock()
+
+    def acquire(self, name: str, load_options: dict) -> tuple[Loaded, float]:
+        """The loaded model (loading it, or reloading it with other load options), and the seconds
+        its loading took now (0 when it was already loaded). The caller holds its lock."""
+        from . import load
+        self.release_expired()
+        with self.lock:
+            loaded = self.models.get(name)
+            if loaded is not None and loaded.load_options == load_options:
+                loaded.lock.acquire()
+                return loaded, 0.0
+        started = time.perf_counter()
+        llm = load(name, **load_options)
+        loaded = Loaded(llm, dict(load_options))
+        loaded.lock.acquire()
+        with self.lock:
+            self.models[name] = loaded
+        return loaded, time.perf_counter() - started
+
+    def done(self, name: str, loaded: Loaded, keep_alive: float) -> None:
+        loaded.expires = float("inf") if keep_alive < 0 else time.monotonic() + keep_alive
+        loaded.lock.release()
+        if keep_alive == 0:
+            self.release_expired()
+        elif keep_alive > 0:
+            timer = threading.Timer(keep_alive + 0.01, self.release_expired)
+            timer.daemon = True
+            timer.start()
+
+    def release_expired(self) -> None:
+        now = time.monotonic()
+        with self.lock:
+            for name, loaded in list(self.models.items()):
+                if loaded.expires <= now and not loaded.lock.locked():
+                    del self.models[name]
+
+    def running(self) -> list[tuple[str, Loaded]]:
+        self.release_expired()
+        with self.lock:
+            return list(self.models.items())
+
+
+MODELS = ModelRegistry()
+
+
+# --- prompts -----------------------------------------------------------------------------------
+
+def check_chat(messages) -> list[dict]:
+    """Messages as the template gets them: roles checked, earlier reasoning never sent back."""
+    if not isinstance(messages, (list, tuple)):
+        raise EngineError(f"messages must be a list of messages, not {type(messages).__name__}")
+    out = []
+    for i, message in enumerate(messages):
+        if hasattr(message, "model_dump"):   # the ollama package's Message
+            message = message.model_dump(exclude_none=True)
+        if not isinstance(message, dict):
+            raise EngineError(f"message {i} must be an object with 'role' and 'content'")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise EngineError(f"message {i} has role {role!r}; supported: {', '.join(ROLES)}")
+        if content is None:
+            raise EngineError(f"message {i} has no 'content'")
+        if not isinstance(content, str):
+            raise EngineError(f"message {i} has a 'content' that is not a string")
+        if role == "assistant" and CLOSING in content:   # a template that does not strip it itself
+            content = content.split(CLOSING)[-1].lstrip()
+        out.append({"role": role, "content": content})
+    return out
+
+
+def render_chat(llm, messages: list[dict], think) -> tuple[str, bool]:
+    """The chat's prompt text and whether it leaves the model inside a thinking block.
+    think: None (the model's default: on when its template reasons), True or False."""
+    capable = "thinking" in capabilities(llm.tokenizer)
+    if think and not capable:
+        raise EngineError(f"this model does not support thinking (its chat template has no {OPENING} block)")
+    text = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    if capable and think is False:
+        body = text.rstrip()
+        if body.endswith(OPENING):   # the template opened the block itself: close it empty instead
+            body = body[:-len(OPENING)]
+        return body + EMPTY_THINKING, False
+    return text, capable and text.rstrip().endswith(OPENING)
+
+
+# --- chat and generate -------------------------------------------------------------------------
+
+def _statistics(llm, load_seconds: float, started: float) -> dict:
+    stats = llm.last_stats
+    ns = 1e9
+    return {
+        "done_reason": "length" if stats.stop_reason in ("max_tokens", "context full") else "stop",
+        "total_duration": int((time.perf_counter() - started) * ns),
+        "load_duration": int(load_seconds * ns),
+        "prompt_eval_count": stats.prompt_tokens,
+        "prompt_eval_duration": int(stats.prompt_seconds * ns),
+        "eval_count": stats.generated_tokens,
+        "eval_duration": int(stats.generate_seconds * ns),
+    }
+
+
+def _run(model: str, render, options, keep_alive, shape, stream: bool):
+    """Load the model (or find it loaded), render the prompt with `render(llm) -> (text, opened)`
+    and generate; `shape(thinking, answer, done, statistics)` makes each response. Every check
+    happens now, before the first chunk is asked for."""
+    if not isinstance(model, str) or not model:
+        raise EngineError("model must be a model name")
+    parts = split_options(options)
+    keep = keep_alive_seconds(keep_alive)
+    started = time.perf_counter()
+    loaded, load_seconds = MODELS.acquire(model, parts["load"])
+    try:
+        llm = loaded.llm
+        text, opened = render(llm)
+        ids = llm.tokenizer.encode(text, add_special_tokens=False)
+        pieces = llm.generate_ids(ids, stream=True, stop=parts["generation"].get("stop"),
+                                  max_tokens=parts["generation"].get("max_tokens", DEFAULT_NUM_PREDICT),
+                                  **parts["sampler"])
+    except BaseException:
+        MODELS.done(model, loaded, keep)
+        raise
+
+    def responses():
+        try:
+            parser = ThinkingParser(opened=opened)
+            for piece in pieces:
+                thinking, answer = parser.feed(piece)
+                if thinking or answer:
+                    yield shape(thinking, answer, False, {})
+            thinking, answer = parser.flush()
+            yield shape(thinking, answer, True, _statistics(llm, load_seconds, started))
+        finally:
+            MODELS.done(model, loaded, keep)
+
+    if stream:
+        return responses()
+    thinking, answer, last = [], [], None
+    for response in responses():
+        last = response
+        thinking.append(shape.thinking_of(response))
+        answer.append(shape.answer_of(response))
+    return shape.whole(last, "".join(thinking), "".join(answer))
+
+
+class _ChatShape:
+    def __init__(self, model: str):
+        self.model = model
+
+    def __call__(self, thinking, answer, done, statistics):
+        return Record(model=self.model, created_at=_now(), done=done, **statistics,
+                      message=Record(role="assistant", content=answer, thinking=thinking or None))
+
+    @staticmethod
+    def thinking_of(response):
+        return response["message"]["thinking"] or ""
+
+    @staticmethod
+    def answer_of(response):
+        return response["message"]["content"]
+
+    @staticmethod
+    def whole(last, thinking, answer):
+        last["message"] = Record(role="assistant", content=answer, thinking=thinking or None)
+        return last
+
+
+class _GenerateShape(_ChatShape):
+    def __call__(self, thinking, answer, done, statistics):
+        return Record(model=self.model, created_at=_now(), done=done, **statistics, response=answer,
+                      thinking=thinking or None)
+
+    @staticmethod
+    def thinking_of(response):
+        return response["thinking"] or ""
+
+    @staticmethod
+    def answer_of(response):
+        return response["response"]
+
+    @staticmethod
+    def whole(last, thinking, answer):
+        last["response"], last["thinking"] = answer, thinking or None
+        return last
+
+
+def chat(model: str = "", messages=None, *, stream: bool = False, think=None, options=None, keep_alive=None,
+         format=None, tools=None):
+    """Ollama's chat: the assistant's next message (or, with stream=True, an iterator of chunks)."""
+    if format not in (None, ""):
+        raise EngineError("structured output (format) is not supported yet")
+    if tools:
+        raise EngineError("tools are not supported yet")
+    chat_messages = check_chat(messages if messages is not None else [])
+    if not chat_messages:
+        raise EngineError("messages must hold at least one message")
+    return _run(model, lambda llm: render_chat(llm, chat_messages, think), options, keep_alive, _ChatShape(model),
+                stream)
+
+
+def generate(model: str = "", prompt: str = "", *, system: str | None = None, raw: bool = False,
+             stream: bool = False, think=None, options=None, keep_alive=None, format=None):
+    """Ollama's generate: a completion of `prompt` (as one user message, unless raw)."""
+    if format not in (None, ""):
+        raise EngineError("structured output (format) is not supported yet")
+    if not isinstance(prompt, str):
+        raise EngineError("prompt must be a string")
+    if raw:
+        if system is not None or think is not None:
+            raise EngineError("raw prompts take no system message and no think setting")
+
+        def render(llm):
+            return prompt, False
+    else:
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + \
+                   [{"role": "user", "content": prompt}]
+        messages = check_chat(messages)
+
+        def render(llm):
+            return render_chat(llm, messages, think)
+    return _run(model, render, options, keep_alive, _GenerateShape(model), stream)
+
+
+def ps() -> Record:
+    """The models loaded now, as Ollama's `ps`."""
+    models = []
+    for name, loaded in MODELS.running():
+        expires = None if loaded.expires == float("inf") else \
+            datetime.fromtimestamp(time.time() + loaded.expires - time.monotonic(), timezone.utc).isoformat()
+        models.append(Record(model=name, name=name, expires_at=expires,
+                             context_length=loaded.llm.model.context_length))
+    return Record(models=models)
