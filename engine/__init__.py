@@ -37,7 +37,7 @@ from .tokenizer import Tokenizer, check_text
 from .threads import ThreadTuner
 from .weights import load_weights
 
-from .api import chat, generate, ps   # noqa: E402  (the ollama-shaped API, over load and LLM)
+from .surfaces.api import chat, generate, ps   # noqa: E402  (the ollama-shaped API, over load and LLM)
 
 __all__ = ["load", "load_tokenizer", "LLM", "EngineError", "ModelConfig", "SamplerSettings", "chat", "generate", "ps"]
 

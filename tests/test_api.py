@@ -1,4 +1,4 @@
-"""The ollama-shaped Python API (engine/api.py): responses the real `ollama` package's types
+"""The ollama-shaped Python API (engine/surfaces/api.py): responses the real `ollama` package's types
 accept, thinking apart from the answer, options by Ollama's names, models kept for keep_alive."""
 import time
 from pathlib import Path
@@ -7,7 +7,8 @@ import ollama
 import pytest
 
 import engine
-from engine import EngineError, api
+from engine import EngineError
+from engine.surfaces import api
 
 PARIS = [{"role": "system", "content": "You are a helpful assistant."},
          {"role": "user", "content": "What is the capital of France?"}]

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from engine.repl import Session, parse_value
+from engine.surfaces.repl import Session, parse_value
 
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]|\r")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import engine
-from engine.cli import main as cli_main
+from engine.surfaces.cli import main as cli_main
 from engine.kernels.formats import Weight, matmul
 
 TEXT = "The quick brown fox jumps over the lazy dog, and then some more words follow."

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from . import api
-from .errors import EngineError
+from ..errors import EngineError
 
 DIM, RESET = "\033[2m", "\033[0m"
 HELP = """Available commands:
@@ -142,7 +142,7 @@ class Session:
             raise EngineError(f"unknown setting {what!r}; see /?")
 
     def _show(self, what: str) -> None:
-        from .info import model_info
+        from ..info import model_info
         if what == "info":
             self._write("".join(f"  {label:<16}{value}\n" for label, value in model_info(self.model)))
         elif what == "parameters":

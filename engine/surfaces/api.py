@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from .errors import EngineError
-from .source import capabilities
-from .thinking import CLOSING, OPENING, ThinkingParser
+from ..errors import EngineError
+from ..source import capabilities
+from ..thinking import CLOSING, OPENING, ThinkingParser
 
 DEFAULT_KEEP_ALIVE = 300.0   # seconds, as Ollama
 # Ollama's option names -> (where it goes, our name): the sampler, the generation or the load
@@ -120,7 +120,7 @@ class ModelRegistry:
     def acquire(self, name: str, load_options: dict) -> tuple[Loaded, float]:
         """The loaded model (loading it, or reloading it with other load options), and the seconds
         its loading took now (0 when it was already loaded). The caller holds its lock."""
-        from . import load
+        from .. import load
         self.release_expired()
         with self.lock:
             loaded = self.models.get(name)

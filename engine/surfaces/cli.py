@@ -9,12 +9,12 @@ import sys
 import threading
 import time
 
-from .kernels.attention import KV_KINDS
-from .kernels.compiler import COMPILE_LOG
+from ..kernels.attention import KV_KINDS
+from ..kernels.compiler import COMPILE_LOG
 
-from .errors import EngineError
-from .quantize import QUANT_TYPES
-from .resolve import ALIASES
+from ..errors import EngineError
+from ..quantize import QUANT_TYPES
+from ..resolve import ALIASES
 
 
 MODEL_HELP = ("a local directory (config.json, *.safetensors, tokenizer.json); a .gguf file; an Ollama NAME:TAG "
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(args) -> int:
-    from . import load
+    from .. import load
     prompt = read_stdin() if args.prompt == "-" else args.prompt
     if args.system is not None:
         if args.raw:
@@ -138,7 +138,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_quantize(args) -> int:
-    from .quantize import save_quantized
+    from ..quantize import save_quantized
     started = time.perf_counter()
     out = save_quantized(args.model, args.output, args.type)
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
@@ -148,14 +148,14 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .info import model_info
+    from ..info import model_info
     for label, value in model_info(args.model):
         print(f"{label + ':':<16}{value}")
     return 0
 
 
 def cmd_tokenize(args) -> int:
-    from . import load_tokenizer
+    from .. import load_tokenizer
     print(json.dumps(load_tokenizer(args.model).encode(args.text)))
     return 0
 
