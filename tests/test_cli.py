@@ -91,38 +91,46 @@ def test_unknown_model_name():
 
 @pytest.fixture(scope="module")
 def hf_cache(tmp_path_factory, model_dirs):
-    """A Hugging Face hub cache laid out as snapshot_download leaves it, holding the tiny Qwen2
-    under the name of DeepSeek-R1-Distill-Qwen-1.5B."""
+    """A Hugging Face hub cache laid out as huggingface_hub leaves it: the tiny Qwen2 as the GGUF
+    file of deepseek-r1:1.5b and as the safetensors repo of deepseek-r1:1.5b-safetensors."""
+    import tiny_models
+    from test_library import add_to_cache
     cache = tmp_path_factory.mktemp("hf") / "hub"
-    repo = cache / "models--deepseek-ai--DeepSeek-R1-Distill-Qwen-1.5B"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    shutil.copytree(model_dirs("qwen2-f32"), repo / "snapshots" / commit)
+    gguf = tiny_models.hf_to_gguf(model_dirs("qwen2-f32"), tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+    add_to_cache(cache, "bartowski/DeepSeek-R1-Distill-Qwen-1.5B-GGUF",
+                 {"DeepSeek-R1-Distill-Qwen-1.5B-Q4_K_M.gguf": gguf})
+    add_to_cache(cache, "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
+                 {p.name: p for p in model_dirs("qwen2-f32").iterdir() if p.is_file()})
     return cache
 
 
 def test_alias_resolves_from_offline_cache(hf_cache, loaded, tmp_path):
     env = {"HF_HUB_CACHE": str(hf_cache), "HF_HUB_OFFLINE": "1", "OLLAMA_MODELS": str(tmp_path / "no-ollama")}
-    result = run("generate", "--model", "deepseek-r1:1.5b", "--prompt", "Hi", "--temperature", "0",
-                 "--max-tokens", "5", env=env)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == loaded("qwen2-f32").generate("Hi", temperature=0, max_tokens=5) + "\n"
-    assert "model: Hugging Face deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B (deepseek-r1:1.5b is not in Ollama's store" \
-        in result.stderr
+    for name, source in (("deepseek-r1:1.5b", "bartowski/DeepSeek-R1-Distill-Qwen-1.5B-GGUF/"
+                                               "DeepSeek-R1-Distill-Qwen-1.5B-Q4_K_M.gguf"),
+                         ("deepseek-r1:1.5b-safetensors", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B")):
+        result = run("generate", "--model", name, "--prompt", "Hi", "--temperature", "0", "--max-tokens", "5", env=env)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == loaded("qwen2-f32").generate("Hi", temperature=0, max_tokens=5) + "\n"
+        assert f"model: Hugging Face {source} ({name} is not in Ollama's store" in result.stderr
     result = run("tokenize", "--model", "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "Hello", env=env)
+    assert json.loads(result.stdout) == loaded("qwen2-f32").tokenize("Hello")
+    result = run("tokenize", "--model", "deepseek-r1:1.5b", "Hello", env=env)   # the tokenizer, not the GGUF
     assert json.loads(result.stdout) == loaded("qwen2-f32").tokenize("Hello")
     result = run("tokenize", "--model", "deepseek-r1:7b", "Hello", env=env)
     assert result.returncode == 2
     assert "'deepseek-ai/DeepSeek-R1-Distill-Qwen-7B' is not in the Hugging Face cache" in result.stderr
 
 
-def test_aliases_cover_every_distill():
+def test_aliases_cover_every_distill_as_ollama_ships_it():
     from engine.resolve import ALIASES
-    assert ALIASES["deepseek-r1:8b"].repo == "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"
-    assert ALIASES["deepseek-r1:70b"].repo == "deepseek-ai/DeepSeek-R1-Distill-Llama-70B"
-    assert {k.split(":")[1] for k in ALIASES if k.startswith("deepseek-r1:")} == {"1.5b", "7b", "8b", "14b", "32b",
-                                                                                "70b"}
+    assert ALIASES["deepseek-r1:7b"].repo == "bartowski/DeepSeek-R1-Distill-Qwen-7B-GGUF"
+    assert ALIASES["deepseek-r1:7b"].filename == "DeepSeek-R1-Distill-Qwen-7B-Q4_K_M.gguf"
+    assert ALIASES["deepseek-r1:8b-q8_0"].filename == "DeepSeek-R1-Distill-Llama-8B-Q8_0.gguf"
+    assert ALIASES["deepseek-r1:14b-fp16"].filename == "DeepSeek-R1-Distill-Qwen-14B-f16.gguf"
+    assert ALIASES["deepseek-r1:70b-safetensors"].repo == "deepseek-ai/DeepSeek-R1-Distill-Llama-70B"
+    assert {k.split(":")[1] for k in ALIASES if k.startswith("deepseek-r1:") and "-" not in k.split(":")[1]} == {
+        "1.5b", "7b", "8b", "14b", "32b", "70b"}
 
 
 def test_compilation_is_shown_and_counted_apart(capsys):

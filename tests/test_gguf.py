@@ -358,7 +358,8 @@ def test_alias_not_in_store_falls_back_to_hugging_face(ollama_store, monkeypatch
                             capture_output=True, text=True, timeout=120,
                             env={**__import__("os").environ, "HF_HUB_CACHE": str(tmp_path / "empty")})
     assert result.returncode == 2
-    assert "'deepseek-ai/DeepSeek-R1-Distill-Qwen-7B' is not in the Hugging Face cache" in result.stderr
+    assert "'bartowski/DeepSeek-R1-Distill-Qwen-7B-GGUF/DeepSeek-R1-Distill-Qwen-7B-Q4_K_M.gguf' is not in the " \
+           "Hugging Face cache" in result.stderr
 
 
 def test_info_on_gguf(smollm2, capsys):

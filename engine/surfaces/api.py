@@ -1,4 +1,5 @@
-"""A Python API shaped like the `ollama` package, running on this engine in-process:
+"""A Python API shaped like the `ollama` package, running on this engine in-process: chat,
+generate, list, show, ps, pull, delete.
 
     import engine as ollama
     r = ollama.chat(model="deepseek-r1:1.5b", messages=[{"role": "user", "content": "Why is the sky blue?"}])
@@ -17,8 +18,10 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from .. import library
 from ..errors import EngineError
-from ..source import capabilities
+from ..resolve import resolve
+from ..source import capabilities, open_source
 from ..thinking import CLOSING, OPENING, ThinkingParser
 
 DEFAULT_KEEP_ALIVE = 300.0   # seconds, as Ollama
@@ -347,3 +350,45 @@ def ps() -> Record:
         models.append(Record(model=name, name=name, expires_at=expires,
                              context_length=loaded.llm.model.context_length))
     return Record(models=models)
+
+
+# --- models by name ---------------------------------------------------------------------------
+
+def list_models() -> Record:
+    """The models on this machine, as Ollama's `list` (`engine.list`)."""
+    return Record(models=[Record(model=m.name, name=m.name, modified_at=m.modified_at, size=m.size, digest=None,
+                                 details=Record(format="gguf" if m.path.is_file() else "safetensors"))
+                          for m in library.local_models()])
+
+
+def show(model: str) -> Record:
+    """What a model is, as Ollama's `show`: details, model_info, template, capabilities."""
+    source = open_source(resolve(model).path)
+    config, details = source.config, source.details()
+    params = details.parameters
+    return Record(
+        modelfile="", parameters="", license=None, modified_at=None,
+        template=source.tokenizer.chat_template_source or "",
+        details=Record(parent_model="", format=details.file_format.split()[0].lower(), family=config.architecture,
+                       families=[config.architecture], quantization_level=details.quantization,
+                       parameter_size=f"{params / 1e9:.1f}B" if params >= 1e9 else f"{params / 1e6:.0f}M"),
+        model_info={"general.architecture": config.architecture, "general.parameter_count": params,
+                    f"{config.architecture}.context_length": config.max_position_embeddings,
+                    f"{config.architecture}.embedding_length": config.hidden_size,
+                    f"{config.architecture}.block_count": config.num_layers,
+                    f"{config.architecture}.attention.head_count": config.num_heads,
+                    f"{config.architecture}.attention.head_count_kv": config.num_kv_heads},
+        capabilities=list(details.capabilities))
+
+
+def pull(model: str, *, stream: bool = False):
+    """Download a model (Hugging Face's progress bars show on stderr), as Ollama's `pull`."""
+    library.pull(model)
+    done = Record(status="success")
+    return iter([done]) if stream else done
+
+
+def delete(model: str) -> Record:
+    """Remove a downloaded model from the Hugging Face cache (never Ollama's), as Ollama's `delete`."""
+    library.remove(model)
+    return Record(status="success")

@@ -1,4 +1,4 @@
-"""The command line: `python -m engine run | generate | info | quantize | tokenize`.
+"""The command line: `python -m engine run | generate | pull | list | rm | show | info | quantize | tokenize`.
 
 generate streams only the generated text to stdout; statistics and errors go to stderr.
 """
@@ -14,12 +14,12 @@ from ..kernels.compiler import COMPILE_LOG
 
 from ..errors import EngineError
 from ..quantize import QUANT_TYPES
-from ..resolve import ALIASES
+from ..resolve import SHORT_NAMES
 
 
 MODEL_HELP = ("a local directory (config.json, *.safetensors, tokenizer.json); a .gguf file; an Ollama NAME:TAG "
               "already pulled (its store: $OLLAMA_MODELS or ~/.ollama/models); a short name: "
-              f"{', '.join(ALIASES)}; or a Hugging Face repo id (organization/name), downloaded once")
+              f"{SHORT_NAMES}; or a Hugging Face repo id (organization/name), downloaded once")
 
 
 def _add_model(p):
@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--verbose", action="store_true", help="print Ollama's statistics after each answer")
     r.add_argument("--ctx", type=int, help="context length (default: the model's, at most 4096)")
     r.add_argument("--threads", "-t", type=int, help="worker threads (default: all cores)")
+
+    sub.add_parser("pull", help="download a model (into the Hugging Face cache)").add_argument("model", metavar="MODEL")
+    sub.add_parser("list", aliases=["ls"], help="the models on this machine")
+    sub.add_parser("rm", help="delete a downloaded model (never Ollama's)").add_argument("model", metavar="MODEL")
+    sub.add_parser("show", help="describe a model, as `info`").add_argument("model", metavar="MODEL")
 
     g = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout")
     _add_model(g)
@@ -137,6 +142,29 @@ def cmd_run(args) -> int:
     return interactive(session)
 
 
+def cmd_pull(args) -> int:
+    from ..library import pull
+    resolved = pull(args.model)
+    print(f"{args.model}: {resolved.path}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from ..library import human_size, local_models, modified_ago
+    rows = [(m.name, human_size(m.size), m.where, modified_ago(m.modified)) for m in local_models()]
+    widths = [max(len(row[i]) for row in [("NAME", "SIZE", "WHERE", "MODIFIED"), *rows]) for i in range(4)]
+    for row in [("NAME", "SIZE", "WHERE", "MODIFIED"), *rows]:
+        print("   ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def cmd_rm(args) -> int:
+    from ..library import remove
+    remove(args.model)
+    print(f"deleted '{args.model}'")
+    return 0
+
+
 def cmd_quantize(args) -> int:
     from ..quantize import save_quantized
     started = time.perf_counter()
@@ -215,8 +243,8 @@ def main(argv=None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
-        commands = {"run": cmd_run, "generate": cmd_generate, "info": cmd_info, "quantize": cmd_quantize,
-                    "tokenize": cmd_tokenize}
+        commands = {"run": cmd_run, "generate": cmd_generate, "info": cmd_info, "show": cmd_info, "pull": cmd_pull,
+                    "list": cmd_list, "ls": cmd_list, "rm": cmd_rm, "quantize": cmd_quantize, "tokenize": cmd_tokenize}
         args.progress = CompileProgress()
         try:
             return commands[args.command](args)
