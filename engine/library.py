@@ -6,11 +6,14 @@ a pip package's files (smollm2:135m). `list` shows all three; `remove` deletes o
 in the Hugging Face cache: a short name's GGUF file, or a repo's whole snapshot.
 """
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import EngineError
+from .gguf import GGUFFile
+from .weights import read_checkpoint, stored_formats
 from .resolve import ALIASES, Resolved, find_in_ollama, installed_package_file, ollama_store, resolve
 
 
@@ -25,6 +28,25 @@ class LocalModel:
     @property
     def modified_at(self) -> str:
         return datetime.fromtimestamp(self.modified, timezone.utc).isoformat().replace("+00:00", "Z")
+
+    @property
+    def file_format(self) -> str:
+        return "gguf" if self.path.is_file() else "safetensors"
+
+    def quantization(self) -> str:
+        """The most common type among its matrices (Q4_K for a Q4_K_M file), read from the GGUF
+        tensor table or the safetensors headers; "?" when the files cannot tell."""
+        try:
+            if self.path.is_file():
+                types = [t.type_name for t in GGUFFile(self.path, require_data=False).tensors.values()
+                         if len(t.shape) > 1]
+            else:
+                tensors, metadata = read_checkpoint(self.path)
+                formats = stored_formats(metadata)
+                types = [formats.get(name, dtype) for name, (dtype, array) in tensors.items() if array.ndim > 1]
+        except EngineError:
+            return "?"
+        return Counter(types).most_common(1)[0][0] if types else "?"
 
 
 def pull(name: str) -> Resolved:

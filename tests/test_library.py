@@ -51,8 +51,11 @@ def test_pull_list_run_rm(cache):
     status, out, err = cli("list", env=cache)
     assert status == 0, err
     lines = out.splitlines()
-    assert lines[0].split() == ["NAME", "SIZE", "WHERE", "MODIFIED"]
+    assert lines[0].split() == ["NAME", "SIZE", "FORMAT", "QUANTIZATION", "WHERE", "MODIFIED"]
     names = [line.split()[0] for line in lines[1:]]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert rows["deepseek-r1:1.5b"][3:5] == ["gguf", "F32"] and rows["someone/other-model"][3:5] == ["safetensors", "F32"]
+    assert rows["smollm2:135m"][3:5] == ["gguf", "Q4_1"]
     assert "deepseek-r1:1.5b" in names and "someone/other-model" in names and "smollm2:135m" in names
     assert "deepseek-r1:1.5b-q4_k_m" not in names   # the same file, listed once
     status, out, err = cli("run", "deepseek-r1:1.5b", "Hi", env=cache)
@@ -80,7 +83,8 @@ def test_clear_errors(cache, args, message):
 def test_api_list_show_pull_delete_in_the_ollama_packages_types(smollm2):
     import engine
     listed = ollama.ListResponse.model_validate(engine.list())
-    assert any(m.model == "smollm2:135m" and m.size > 50_000_000 for m in listed.models)
+    assert any(m.model == "smollm2:135m" and m.size > 50_000_000 and m.details.quantization_level == "Q4_1"
+               for m in listed.models)
     shown = ollama.ShowResponse.model_validate(engine.show("smollm2:135m"))
     assert shown.details.family == "llama" and shown.details.quantization_level == "Q4_1"
     assert shown.capabilities == ["completion"] and shown.modelinfo["llama.block_count"] == 30

@@ -357,7 +357,7 @@ def ps() -> Record:
 def list_models() -> Record:
     """The models on this machine, as Ollama's `list` (`engine.list`)."""
     return Record(models=[Record(model=m.name, name=m.name, modified_at=m.modified_at, size=m.size, digest=None,
-                                 details=Record(format="gguf" if m.path.is_file() else "safetensors"))
+                                 details=Record(format=m.file_format, quantization_level=m.quantization()))
                           for m in library.local_models()])
 
 
