@@ -45,6 +45,19 @@ ALIGN = 4096
 CACHE_ENV = "ENGINE_WEIGHT_CACHE"
 
 
+# set when the process is interrupted (Ctrl-C, SIGTERM): a writer abandons its entry at the next
+# tensor and removes its temporary files, so that the process ends at once; the next load writes it
+STOP_WRITING = threading.Event()
+
+
+class _Abandoned(Exception):
+    pass
+
+
+def abandon_writes() -> None:
+    STOP_WRITING.set()
+
+
 def checksum_of(array: np.ndarray) -> str:
     return xxhash.xxh3_64_hexdigest(memoryview(np.ascontiguousarray(array)).cast("B"))
 
@@ -123,24 +136,28 @@ class WeightCache:
         """Write an entry for {tensor name: packed array} (the arrays are only read), in a
         background thread: writing costs about as long as repacking did, and the model can
         generate meanwhile (the thread is not a daemon, so the process finishes the entry before
-        it exits). A failure (disk full, read-only home) only costs the next load its speed: it
-        is reported, not raised."""
+        it exits, unless it was interrupted: abandon_writes). A failure (disk full, read-only
+        home) only costs the next load its speed: it is reported, not raised."""
         thread = threading.Thread(target=self._write, args=(packed,), name="weight-cache-writer")
         thread.start()
         return thread
 
     def _write(self, packed: dict[str, np.ndarray]) -> None:
-        tensors, offset = {}, 0
-        for name, array in packed.items():
-            tensors[name] = (offset, list(array.shape), checksum_of(array))
-            offset = -(-(offset + array.nbytes) // ALIGN) * ALIGN
         suffix = f".{os.getpid()}-{threading.get_ident()}.tmp"   # unique to this writer
         data_tmp = self.data_path.with_name(self.data_path.name + suffix)
         index_tmp = self.index_path.with_name(self.index_path.name + suffix)
         try:
+            tensors, offset = {}, 0
+            for name, array in packed.items():
+                if STOP_WRITING.is_set():
+                    raise _Abandoned
+                tensors[name] = (offset, list(array.shape), checksum_of(array))
+                offset = -(-(offset + array.nbytes) // ALIGN) * ALIGN
             self.data_path.parent.mkdir(parents=True, exist_ok=True)
             with open(data_tmp, "wb") as f:
                 for (name, array), (start, _, _) in zip(packed.items(), tensors.values()):
+                    if STOP_WRITING.is_set():
+                        raise _Abandoned
                     f.seek(start)
                     f.write(memoryview(np.ascontiguousarray(array)).cast("B"))
                 f.truncate(offset)
@@ -149,6 +166,9 @@ class WeightCache:
                                               "layout": LAYOUT_VERSION}))
             os.replace(index_tmp, self.index_path)
             self._remove_superseded()
+        except _Abandoned:
+            with contextlib.suppress(OSError):
+                data_tmp.unlink()
         except OSError as e:
             for tmp in (data_tmp, index_tmp):
                 with contextlib.suppress(OSError):

@@ -200,3 +200,16 @@ def test_unwritable_cache_is_a_note_not_an_error(quantized_dir, tmp_path, monkey
     assert "could not cache the repacked weights" in capfd.readouterr().err
     assert len(llm.generate("Hi", max_tokens=3, temperature=0)) > 0
     assert list(tmp_path.iterdir()) == [blocker]
+
+
+def test_an_interrupted_process_abandons_the_entry_it_writes(quantized_dir, cache_dir):
+    """Ctrl-C or SIGTERM (engine/surfaces/cli.py) must not wait for an entry to be written."""
+    from engine import weight_cache
+    weight_cache.abandon_writes()
+    try:
+        load(quantized_dir)
+        assert entries(cache_dir) == []   # nothing written, no temporary file left
+    finally:
+        weight_cache.STOP_WRITING.clear()
+    load(quantized_dir)
+    assert len(entries(cache_dir)) == 2

@@ -15,6 +15,7 @@ from ..kernels.compiler import COMPILE_LOG
 from ..errors import EngineError
 from ..quantize import QUANT_TYPES
 from ..resolve import SHORT_NAMES
+from ..weight_cache import abandon_writes
 
 
 MODEL_HELP = ("a local directory (config.json, *.safetensors, tokenizer.json); a .gguf file; an Ollama NAME:TAG "
@@ -256,8 +257,10 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        abandon_writes()
         return 130
     except Terminated:
+        abandon_writes()
         return 128 + signal.SIGTERM
     finally:
         if in_main_thread:
