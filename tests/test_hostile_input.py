@@ -309,11 +309,17 @@ def test_lone_surrogates_in_a_prompt(smollm2_llm):
         smollm2_llm.generate([{"role": "user", "content": "a"}, {"role": "user", "content": 5}], max_tokens=1)
 
 
+def default_sigint():
+    """A process started in the background by a shell without job control (as CI may run the
+    tests) inherits SIGINT ignored, and Python then leaves it ignored: give the child the default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_stops_at_once_and_ends_the_line(smollm2, sig, status):
     process = subprocess.Popen([sys.executable, "-m", "engine", "generate", "-m", str(smollm2), "-p",
                                 "Tell me a very long story about a dragon.", "-n", "2000", "--temperature", "0"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
     first = process.stdout.read(20)   # the answer is streaming
     process.send_signal(sig)
     rest, stderr = process.communicate(timeout=60)   # a watchdog: it ends at once, not after 2000 tokens
