@@ -114,7 +114,7 @@ class DirectorySource:
         matrices = [types[name] for name, (_, array) in tensors.items() if array.ndim > 1]
         return ModelDetails(
             file_format="quantized safetensors" if formats else "safetensors",
-            parameters=sum(_elements(array, formats.get(name)) for name, (_, array) in tensors.items()),
+            parameters=sum(weights_in(array, formats.get(name)) for name, (_, array) in tensors.items()),
             quantization=Counter(matrices).most_common(1)[0][0] if matrices else "none",
             tensor_types=Counter(types.values()),
             file_size=sum(p.stat().st_size for p in self.path.glob("*.safetensors")),
@@ -122,7 +122,7 @@ class DirectorySource:
             capabilities=capabilities(self.tokenizer))
 
 
-def _elements(array: np.ndarray, format_name: str | None) -> int:
+def weights_in(array: np.ndarray, format_name: str | None) -> int:
     """Weights in a tensor: its elements, or for a block format its rows times the weights per row."""
     if format_name is None:
         return int(np.prod(array.shape))

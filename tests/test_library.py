@@ -83,8 +83,9 @@ def test_clear_errors(cache, args, message):
 def test_api_list_show_pull_delete_in_the_ollama_packages_types(smollm2):
     import engine
     listed = ollama.ListResponse.model_validate(engine.list())
-    assert any(m.model == "smollm2:135m" and m.size > 50_000_000 and m.details.quantization_level == "Q4_1"
-               for m in listed.models)
+    smollm2_entry = next(m for m in listed.models if m.model == "smollm2:135m")
+    assert smollm2_entry.size > 50_000_000 and smollm2_entry.details.quantization_level == "Q4_1"
+    assert (smollm2_entry.details.family, smollm2_entry.details.parameter_size) == ("llama", "135M")
     shown = ollama.ShowResponse.model_validate(engine.show("smollm2:135m"))
     assert shown.details.family == "llama" and shown.details.quantization_level == "Q4_1"
     assert shown.capabilities == ["completion"] and shown.modelinfo["llama.block_count"] == 30

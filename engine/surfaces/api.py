@@ -356,9 +356,14 @@ def ps() -> Record:
 
 def list_models() -> Record:
     """The models on this machine, as Ollama's `list` (`engine.list`)."""
-    return Record(models=[Record(model=m.name, name=m.name, modified_at=m.modified_at, size=m.size, digest=None,
-                                 details=Record(format=m.file_format, quantization_level=m.quantization()))
-                          for m in library.local_models()])
+    models = []
+    for m in library.local_models():
+        summary = m.summary()
+        models.append(Record(model=m.name, name=m.name, modified_at=m.modified_at, size=m.size, digest=None,
+                             details=Record(parent_model="", format=m.file_format, family=summary.family,
+                                            families=[summary.family], parameter_size=summary.parameter_size,
+                                            quantization_level=summary.quantization)))
+    return Record(models=models)
 
 
 def show(model: str) -> Record:

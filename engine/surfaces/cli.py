@@ -153,7 +153,7 @@ def cmd_pull(args) -> int:
 def cmd_list(args) -> int:
     from ..library import human_size, local_models, modified_ago
     header = ("NAME", "SIZE", "FORMAT", "QUANTIZATION", "WHERE", "MODIFIED")
-    rows = [(m.name, human_size(m.size), m.file_format, m.quantization(), m.where, modified_ago(m.modified))
+    rows = [(m.name, human_size(m.size), m.file_format, m.summary().quantization, m.where, modified_ago(m.modified))
             for m in local_models()]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
