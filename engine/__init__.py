@@ -33,7 +33,7 @@ from .quantize import check_quant, quantize_weights
 from .resolve import resolve
 from .sampler import OLLAMA_DEFAULTS, Sampler, SamplerSettings, describe, layered_settings
 from .source import open_source
-from .tokenizer import Tokenizer, check_text
+from .tokenizer import Tokenizer
 from .threads import ThreadTuner
 from .weights import load_weights
 
@@ -65,16 +65,6 @@ def check_context_length(context_length) -> None:
                                        or context_length < 2):
         raise EngineError(f"the context length (--ctx, context_length=) must be an integer of at least 2, "
                           f"got {context_length!r}")
-
-
-def check_messages(messages) -> None:
-    """A chat is a list of {"role": str, "content": str} objects (other keys are the template's)."""
-    if not isinstance(messages, list) or not messages:
-        raise EngineError("a prompt must be a string or a non-empty list of messages")
-    for i, message in enumerate(messages):
-        if not (isinstance(message, dict) and isinstance(message.get("role"), str)):
-            raise EngineError(f"message {i} must be an object with a string 'role' and a string 'content'")
-        check_text(message.get("content"), f"the content of message {i}")
 
 
 def available_memory() -> int:
@@ -220,7 +210,6 @@ class LLM:
                 raise EngineError("a raw prompt must be a string")
             return self.tokenizer.encode(prompt)
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        check_messages(messages)
         return self.tokenizer.encode_chat(messages)
 
     def generate(self, prompt: str | list, *, max_tokens: int = 512, stop: list[str] | None = None, raw: bool = False,

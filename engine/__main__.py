@@ -1,4 +1,4 @@
-"""`python -m engine <command>`: see engine/surfaces/cli.py.
+"""`python -m engine <command>`: see engine/cli.py.
 
 When the command is done the process ends without tearing the interpreter down: freeing
 numba's compiled code, the tokenizer's tables and the weights' mappings one object at a time
@@ -11,7 +11,7 @@ import os
 import sys
 import threading
 
-from .surfaces.cli import main
+from .cli import main
 
 code = main()
 for thread in threading.enumerate():

@@ -12,6 +12,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from .errors import EngineError
 from .files import read_json, read_text
 from .template import ChatTemplate
+from .thinking import CLOSING
 
 
 def _token_text(value) -> str | None:
@@ -31,6 +32,36 @@ def check_text(text, what: str = "the text") -> None:
     except UnicodeEncodeError as e:
         raise EngineError(f"{what} is not valid Unicode: character {e.start} is a lone surrogate "
                           f"(\\u{ord(text[e.start]):04x}; was it decoded from bytes that are not UTF-8?)") from None
+
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def chat_messages(messages) -> list[dict]:
+    """Messages as a chat template gets them, checked: a non-empty list of {"role", "content"}
+    objects (or the ollama package's Message objects) with a known role and a string of valid
+    Unicode. Earlier turns' reasoning is never sent back to the model: an assistant message keeps
+    only what follows its closing tag (DeepSeek's template strips it too; others may not)."""
+    if not isinstance(messages, (list, tuple)):
+        raise EngineError(f"messages must be a list of messages, not {type(messages).__name__}")
+    if not messages:
+        raise EngineError("messages must hold at least one message")
+    out = []
+    for i, message in enumerate(messages):
+        if hasattr(message, "model_dump"):
+            message = message.model_dump(exclude_none=True)
+        if not isinstance(message, dict):
+            raise EngineError(f"message {i} must be an object with 'role' and 'content'")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise EngineError(f"message {i} has role {role!r}; supported: {', '.join(ROLES)}")
+        if content is None:
+            raise EngineError(f"message {i} has no 'content'")
+        check_text(content, f"the content of message {i}")
+        if role == "assistant" and CLOSING in content:   # cut as DeepSeek's template cuts it
+            content = content.split(CLOSING)[-1]
+        out.append({"role": role, "content": content})
+    return out
 
 
 def _check_dense(backend: HFTokenizer) -> None:
@@ -103,7 +134,8 @@ class Tokenizer:
                                      **self.special_tokens)
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+        return self.encode(self.apply_chat_template(chat_messages(messages), add_generation_prompt),
+                           add_special_tokens=False)
 
     def stream_decoder(self) -> "StreamDecoder":
         return StreamDecoder(self)

@@ -137,7 +137,7 @@ def test_compilation_is_shown_and_counted_apart(capsys):
     compiled), --verbose reports the time on its own line; kernels loaded from numba's cache
     (or compiled before) show nothing."""
     import numba
-    from engine.surfaces.cli import CompileProgress
+    from engine.cli import CompileProgress
     progress = CompileProgress()
     numba.njit(lambda a: a + 1)(1)     # two fresh compilations
     numba.njit(lambda a: a * 2)(1)

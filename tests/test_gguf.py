@@ -363,7 +363,7 @@ def test_alias_not_in_store_falls_back_to_hugging_face(ollama_store, monkeypatch
 
 
 def test_info_on_gguf(smollm2, capsys):
-    from engine.surfaces.cli import main
+    from engine.cli import main
     assert main(["info", "--model", str(smollm2)]) == 0
     out = capsys.readouterr().out
     for expected in ["architecture:   llama", "parameters:     134.5 M", "Q4_1 x210, F32 x61, Q8_0 x1",

@@ -303,7 +303,7 @@ def test_lone_surrogates_in_a_prompt(smollm2_llm):
     for prompt, raw in (("caf\udce9", False), ("caf\udce9", True), ([{"role": "user", "content": "\ud800"}], False)):
         with pytest.raises(EngineError, match="is not valid Unicode: character 3|character 0 is a lone surrogate"):
             smollm2_llm.generate(prompt, raw=raw, max_tokens=1)
-    with pytest.raises(EngineError, match="message 0 must be an object"):
+    with pytest.raises(EngineError, match="message 0 has role None; supported: system, user"):
         smollm2_llm.generate([{"content": "no role"}], max_tokens=1)
     with pytest.raises(EngineError, match="the content of message 1 must be a string"):
         smollm2_llm.generate([{"role": "user", "content": "a"}, {"role": "user", "content": 5}], max_tokens=1)

@@ -109,7 +109,7 @@ def test_a_path_that_does_not_exist_is_no_such_file(name):
 
 
 def test_model_help_lists_every_kind_of_name():
-    from engine.surfaces.cli import build_parser
+    from engine.cli import build_parser
     generate = build_parser()._subparsers._group_actions[0].choices["generate"]
     text = " ".join(generate.format_help().split())
     for kind in ["local directory", ".gguf file", "Ollama NAME:TAG", "smollm2:135m", "deepseek-r1:7b",

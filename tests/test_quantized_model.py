@@ -9,7 +9,7 @@ from conftest import VARIANTS
 
 import engine
 import tiny_models
-from engine.surfaces.cli import main as cli_main
+from engine.cli import main as cli_main
 from engine.errors import EngineError
 from engine.weights import read_safetensors
 

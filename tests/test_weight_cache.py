@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import engine
-from engine.surfaces.cli import main as cli_main
+from engine.cli import main as cli_main
 from engine.kernels.formats import Weight, matmul
 
 TEXT = "The quick brown fox jumps over the lazy dog, and then some more words follow."
@@ -203,7 +203,7 @@ def test_unwritable_cache_is_a_note_not_an_error(quantized_dir, tmp_path, monkey
 
 
 def test_an_interrupted_process_abandons_the_entry_it_writes(quantized_dir, cache_dir):
-    """Ctrl-C or SIGTERM (engine/surfaces/cli.py) must not wait for an entry to be written."""
+    """Ctrl-C or SIGTERM (engine/cli.py) must not wait for an entry to be written."""
     from engine import weight_cache
     weight_cache.abandon_writes()
     try:

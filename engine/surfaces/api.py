@@ -23,6 +23,7 @@ from ..errors import EngineError
 from ..resolve import resolve
 from ..source import capabilities, open_source
 from ..thinking import CLOSING, OPENING, ThinkingParser
+from ..tokenizer import chat_messages
 
 DEFAULT_KEEP_ALIVE = 300.0   # seconds, as Ollama
 # Ollama's option names -> (where it goes, our name): the sampler, the generation or the load
@@ -36,7 +37,6 @@ OPTIONS = {
 }
 DEFAULT_NUM_PREDICT = 512
 EMPTY_THINKING = f"{OPENING}\n\n{CLOSING}\n\n"   # what the model is given instead of reasoning (think=False)
-ROLES = ("system", "user", "assistant", "tool")
 
 
 class Record(dict):
@@ -166,29 +166,6 @@ MODELS = ModelRegistry()
 
 # --- prompts -----------------------------------------------------------------------------------
 
-def check_chat(messages) -> list[dict]:
-    """Messages as the template gets them: roles checked, earlier reasoning never sent back."""
-    if not isinstance(messages, (list, tuple)):
-        raise EngineError(f"messages must be a list of messages, not {type(messages).__name__}")
-    out = []
-    for i, message in enumerate(messages):
-        if hasattr(message, "model_dump"):   # the ollama package's Message
-            message = message.model_dump(exclude_none=True)
-        if not isinstance(message, dict):
-            raise EngineError(f"message {i} must be an object with 'role' and 'content'")
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            raise EngineError(f"message {i} has role {role!r}; supported: {', '.join(ROLES)}")
-        if content is None:
-            raise EngineError(f"message {i} has no 'content'")
-        if not isinstance(content, str):
-            raise EngineError(f"message {i} has a 'content' that is not a string")
-        if role == "assistant" and CLOSING in content:   # a template that does not strip it itself
-            content = content.split(CLOSING)[-1].lstrip()
-        out.append({"role": role, "content": content})
-    return out
-
-
 def render_chat(llm, messages: list[dict], think) -> tuple[str, bool]:
     """The chat's prompt text and whether it leaves the model inside a thinking block.
     think: None (the model's default: on when its template reasons), True or False."""
@@ -311,10 +288,8 @@ def chat(model: str = "", messages=None, *, stream: bool = False, think=None, op
         raise EngineError("structured output (format) is not supported yet")
     if tools:
         raise EngineError("tools are not supported yet")
-    chat_messages = check_chat(messages if messages is not None else [])
-    if not chat_messages:
-        raise EngineError("messages must hold at least one message")
-    return _run(model, lambda llm: render_chat(llm, chat_messages, think), options, keep_alive, _ChatShape(model),
+    checked = chat_messages(messages if messages is not None else [])
+    return _run(model, lambda llm: render_chat(llm, checked, think), options, keep_alive, _ChatShape(model),
                 stream)
 
 
@@ -334,7 +309,7 @@ def generate(model: str = "", prompt: str = "", *, system: str | None = None, ra
     else:
         messages = ([{"role": "system", "content": system}] if system is not None else []) + \
                    [{"role": "user", "content": prompt}]
-        messages = check_chat(messages)
+        messages = chat_messages(messages)
 
         def render(llm):
             return render_chat(llm, messages, think)

@@ -1,4 +1,5 @@
-"""The command line: `python -m engine run | generate | pull | list | rm | show | info | quantize | tokenize`.
+"""The command line, `python -m engine run | generate | pull | list | rm | show | info | quantize |
+tokenize` (also the console script `engine`); the chat of `run` is surfaces/repl.py.
 
 generate streams only the generated text to stdout; statistics and errors go to stderr.
 """
@@ -9,13 +10,13 @@ import sys
 import threading
 import time
 
-from ..kernels.attention import KV_KINDS
-from ..kernels.compiler import COMPILE_LOG
+from .kernels.attention import KV_KINDS
+from .kernels.compiler import COMPILE_LOG
 
-from ..errors import EngineError
-from ..quantize import QUANT_TYPES
-from ..resolve import SHORT_NAMES
-from ..weight_cache import abandon_writes
+from .errors import EngineError
+from .quantize import QUANT_TYPES
+from .resolve import SHORT_NAMES
+from .weight_cache import abandon_writes
 
 
 MODEL_HELP = ("a local directory (config.json, *.safetensors, tokenizer.json); a .gguf file; an Ollama NAME:TAG "
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(args) -> int:
-    from .. import load
+    from . import load
     prompt = read_stdin() if args.prompt == "-" else args.prompt
     if args.system is not None:
         if args.raw:
@@ -128,7 +129,7 @@ def read_stdin() -> str:
 
 
 def cmd_run(args) -> int:
-    from .repl import Session, interactive
+    from .surfaces.repl import Session, interactive
     options = {name: value for name, value in (("num_ctx", args.ctx), ("num_thread", args.threads)) if value is not None}
     think = None if args.think is None else args.think == "true"
     session = Session(args.model, think=think, hide_thinking=args.hidethinking, verbose=args.verbose,
@@ -144,14 +145,14 @@ def cmd_run(args) -> int:
 
 
 def cmd_pull(args) -> int:
-    from ..library import pull
+    from .library import pull
     resolved = pull(args.model)
     print(f"{args.model}: {resolved.path}")
     return 0
 
 
 def cmd_list(args) -> int:
-    from ..library import human_size, local_models, modified_ago
+    from .library import human_size, local_models, modified_ago
     header = ("NAME", "SIZE", "FORMAT", "QUANTIZATION", "WHERE", "MODIFIED")
     rows = [(m.name, human_size(m.size), m.file_format, m.summary().quantization, m.where, modified_ago(m.modified))
             for m in local_models()]
@@ -162,14 +163,14 @@ def cmd_list(args) -> int:
 
 
 def cmd_rm(args) -> int:
-    from ..library import remove
+    from .library import remove
     remove(args.model)
     print(f"deleted '{args.model}'")
     return 0
 
 
 def cmd_quantize(args) -> int:
-    from ..quantize import save_quantized
+    from .quantize import save_quantized
     started = time.perf_counter()
     out = save_quantized(args.model, args.output, args.type)
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
@@ -179,14 +180,14 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from ..info import model_info
+    from .info import model_info
     for label, value in model_info(args.model):
         print(f"{label + ':':<16}{value}")
     return 0
 
 
 def cmd_tokenize(args) -> int:
-    from .. import load_tokenizer
+    from . import load_tokenizer
     print(json.dumps(load_tokenizer(args.model).encode(args.text)))
     return 0
 
