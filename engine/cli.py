@@ -154,8 +154,11 @@ def cmd_pull(args) -> int:
 def cmd_list(args) -> int:
     from .library import human_size, local_models, modified_ago
     header = ("NAME", "SIZE", "FORMAT", "QUANTIZATION", "WHERE", "MODIFIED")
-    rows = [(m.name, human_size(m.size), m.file_format, m.summary().quantization, m.where, modified_ago(m.modified))
-            for m in local_models()]
+    rows = []
+    for m in local_models():
+        details = m.details()
+        rows.append((m.name, human_size(m.size), m.file_format, details.quantization if details else "?", m.where,
+                     modified_ago(m.modified)))
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("   ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

@@ -1,6 +1,6 @@
 """`python -m engine info`: what a model is, read from its files without loading the weights."""
 from .resolve import resolve
-from .source import open_source
+from .source import capabilities, open_source
 
 
 def model_info(name: str) -> list[tuple[str, str]]:
@@ -23,6 +23,6 @@ def model_info(name: str) -> list[tuple[str, str]]:
         ("rope", f"theta {c.rope_theta:g}" + (", llama3 scaling" if c.rope_scaling or c.rope_freq_factors else "")),
         ("tokenizer", f"{details.tokenizer}, {tokenizer.vocab_size} tokens, BOS "
                       f"{tokenizer.special_tokens.get('bos_token')!r}, EOS {tokenizer.special_tokens.get('eos_token')!r}"),
-        ("capabilities", ", ".join(details.capabilities)),
+        ("capabilities", ", ".join(capabilities(tokenizer))),
         ("chat template", template[:160] + ("..." if len(template) > 160 else "")),
     ]

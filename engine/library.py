@@ -6,18 +6,12 @@ a pip package's files (smollm2:135m). `list` shows all three; `remove` deletes o
 in the Hugging Face cache: a short name's GGUF file, or a repo's whole snapshot.
 """
 import shutil
-from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
-
 from .errors import EngineError
-from .files import read_json
-from .gguf import GGUFFile
-from .source import weights_in
-from .weights import read_checkpoint, stored_formats
+from .source import ModelDetails, open_source
 from .resolve import ALIASES, Resolved, find_in_ollama, installed_package_file, ollama_store, resolve
 
 
@@ -37,38 +31,13 @@ class LocalModel:
     def file_format(self) -> str:
         return "gguf" if self.path.is_file() else "safetensors"
 
-    def summary(self) -> "Summary":
-        """Family, parameter count and quantization (the most common type among its matrices:
-        Q4_K for a Q4_K_M file), read from the GGUF header or the safetensors headers and
-        config.json, without loading anything; "?" where the files cannot tell."""
+    def details(self) -> ModelDetails | None:
+        """Family, parameters, quantization, ... read from its headers alone (None when its files
+        cannot tell)."""
         try:
-            if self.path.is_file():
-                g = GGUFFile(self.path, require_data=False)
-                family = g.metadata.get("general.architecture", "?")
-                infos = g.tensors.values()
-                parameters = sum(int(np.prod(t.shape)) for t in infos)
-                types = [t.type_name for t in infos if len(t.shape) > 1]
-            else:
-                family = read_json(self.path / "config.json").get("model_type", "?")
-                tensors, metadata = read_checkpoint(self.path)
-                formats = stored_formats(metadata)
-                parameters = sum(weights_in(array, formats.get(name)) for name, (_, array) in tensors.items())
-                types = [formats.get(name, dtype) for name, (dtype, array) in tensors.items() if array.ndim > 1]
+            return open_source(self.path, tokenizer_only=True).details()
         except EngineError:
-            return Summary("?", 0, "?")
-        return Summary(str(family), parameters, Counter(types).most_common(1)[0][0] if types else "?")
-
-
-@dataclass(frozen=True)
-class Summary:
-    family: str
-    parameters: int
-    quantization: str
-
-    @property
-    def parameter_size(self) -> str:
-        """As Ollama writes it: 1.8B, 135M."""
-        return f"{self.parameters / 1e9:.1f}B" if self.parameters >= 1e9 else f"{self.parameters / 1e6:.0f}M"
+            return None
 
 
 def pull(name: str) -> Resolved:

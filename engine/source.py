@@ -5,8 +5,8 @@ the same questions, so that every caller branches once (`open_source`):
 - tokenizer: the tokenizer and its chat template;
 - tensors: {Hugging Face name: (dtype name, array view)} and {name: format} for block formats;
 - weight_cache: where repacked block matrices are kept (engine/weight_cache.py), or None;
-- details: what `info` prints (and what `show` and `list` will): architecture, parameters,
-  quantization, tensor types, context length, template, capabilities.
+- details: what `info`, `show` and `list` print: family, parameters, quantization, tensor types,
+  file format and size (read from headers alone); capabilities come from the tokenizer's template.
 
 Reading is lazy: asking for the tokenizer reads no weights, and `tokenizer_only` opens a GGUF
 file whose tensor data is cut off or a directory holding only tokenizer files.
@@ -36,12 +36,17 @@ THINKING_CLOSE = "</think>"
 @dataclass(frozen=True)
 class ModelDetails:
     file_format: str           # "GGUF v3", "safetensors", "quantized safetensors"
+    family: str                # the architecture: "qwen2", "llama"
     parameters: int
     quantization: str          # the most common type among the matrices, e.g. "Q4_K", "bf16"
     tensor_types: Counter      # type name -> tensors
     file_size: int
     tokenizer: str             # what the tokenizer is built from
-    capabilities: tuple        # "completion", and "thinking" when the template reasons
+
+    @property
+    def parameter_size(self) -> str:
+        """As Ollama writes it: 1.8B, 135M."""
+        return f"{self.parameters / 1e9:.1f}B" if self.parameters >= 1e9 else f"{self.parameters / 1e6:.0f}M"
 
 
 class GGUFSource:
@@ -71,13 +76,13 @@ class GGUFSource:
         metadata = self.file.metadata
         return ModelDetails(
             file_format=f"GGUF v{self.file.version}",
+            family=str(metadata.get("general.architecture", "?")),
             parameters=sum(int(np.prod(t.shape)) for t in infos),
             quantization=Counter(matrices).most_common(1)[0][0] if matrices else "none",
             tensor_types=Counter(t.type_name for t in infos),
             file_size=self.path.stat().st_size,
             tokenizer=f"GGUF {metadata.get('tokenizer.ggml.model')} (pre-tokenizer "
-                      f"{metadata.get('tokenizer.ggml.pre', 'default')})",
-            capabilities=capabilities(self.tokenizer))
+                      f"{metadata.get('tokenizer.ggml.pre', 'default')})")
 
 
 class DirectorySource:
@@ -114,12 +119,12 @@ class DirectorySource:
         matrices = [types[name] for name, (_, array) in tensors.items() if array.ndim > 1]
         return ModelDetails(
             file_format="quantized safetensors" if formats else "safetensors",
+            family=self.config.architecture,
             parameters=sum(weights_in(array, formats.get(name)) for name, (_, array) in tensors.items()),
             quantization=Counter(matrices).most_common(1)[0][0] if matrices else "none",
             tensor_types=Counter(types.values()),
             file_size=sum(p.stat().st_size for p in self.path.glob("*.safetensors")),
-            tokenizer="tokenizer.json",
-            capabilities=capabilities(self.tokenizer))
+            tokenizer="tokenizer.json")
 
 
 def weights_in(array: np.ndarray, format_name: str | None) -> int:
@@ -132,6 +137,7 @@ def weights_in(array: np.ndarray, format_name: str | None) -> int:
 
 
 def capabilities(tokenizer: Tokenizer) -> tuple:
+    """What Ollama's `show` lists: "completion", and "thinking" when the template reasons."""
     template = tokenizer.chat_template_source or ""
     return ("completion",) + (("thinking",) if THINKING_CLOSE in template else ())
 

@@ -20,21 +20,18 @@ from datetime import datetime, timezone
 
 from .. import library
 from ..errors import EngineError
-from ..resolve import resolve
+from ..resolve import OLLAMA_OPTIONS, resolve
 from ..source import capabilities, open_source
 from ..thinking import CLOSING, OPENING, ThinkingParser
 from ..tokenizer import chat_messages
 
 DEFAULT_KEEP_ALIVE = 300.0   # seconds, as Ollama
-# Ollama's option names -> (where it goes, our name): the sampler, the generation or the load
-OPTIONS = {
-    "temperature": ("sampler", "temperature"), "top_k": ("sampler", "top_k"), "top_p": ("sampler", "top_p"),
-    "min_p": ("sampler", "min_p"), "seed": ("sampler", "seed"), "repeat_penalty": ("sampler", "repeat_penalty"),
-    "repeat_last_n": ("sampler", "repeat_last_n"), "presence_penalty": ("sampler", "presence_penalty"),
-    "frequency_penalty": ("sampler", "frequency_penalty"),
-    "num_predict": ("generation", "max_tokens"), "stop": ("generation", "stop"),
-    "num_ctx": ("load", "context_length"), "num_thread": ("load", "threads"),
-}
+# Ollama's option names -> (where it goes, our name): the names a Modelfile's params layer may set
+# (resolve.OLLAMA_OPTIONS), and two that only a request sets; each goes to the sampler unless
+# it is the generation's or the load's
+NOT_SAMPLER = {"stop": "generation", "max_tokens": "generation", "context_length": "load", "threads": "load"}
+OPTIONS = {name: (NOT_SAMPLER.get(ours, "sampler"), ours)
+           for name, ours in {**OLLAMA_OPTIONS, "num_predict": "max_tokens", "num_thread": "threads"}.items()}
 DEFAULT_NUM_PREDICT = 512
 EMPTY_THINKING = f"{OPENING}\n\n{CLOSING}\n\n"   # what the model is given instead of reasoning (think=False)
 
@@ -138,6 +135,12 @@ class ModelRegistry:
             self.models[name] = loaded
         return loaded, time.perf_counter() - started
 
+    def keep(self, name: str, load_options: dict):
+        """The model loaded and kept until released by hand (an interactive session's)."""
+        loaded, _ = self.acquire(name, load_options)
+        self.done(name, loaded, -1)
+        return loaded.llm
+
     def done(self, name: str, loaded: Loaded, keep_alive: float) -> None:
         loaded.expires = float("inf") if keep_alive < 0 else time.monotonic() + keep_alive
         loaded.lock.release()
@@ -197,10 +200,11 @@ def _statistics(llm, load_seconds: float, started: float) -> dict:
     }
 
 
-def _run(model: str, render, options, keep_alive, shape, stream: bool):
+def _run(model: str, render, options, keep_alive, respond, stream: bool):
     """Load the model (or find it loaded), render the prompt with `render(llm) -> (text, opened)`
-    and generate; `shape(thinking, answer, done, statistics)` makes each response. Every check
-    happens now, before the first chunk is asked for."""
+    and generate; `respond(thinking, answer, done, statistics)` makes each response: a chunk per
+    piece of text, then the last with the statistics (or, without streaming, one whole). Every
+    check happens now, before the first chunk is asked for."""
     if not isinstance(model, str) or not model:
         raise EngineError("model must be a model name")
     parts = split_options(options)
@@ -218,67 +222,40 @@ def _run(model: str, render, options, keep_alive, shape, stream: bool):
         MODELS.done(model, loaded, keep)
         raise
 
-    def responses():
+    def split():
+        """(thinking, answer) per piece of generated text, then what the parser held back."""
         try:
             parser = ThinkingParser(opened=opened)
             for piece in pieces:
-                thinking, answer = parser.feed(piece)
-                if thinking or answer:
-                    yield shape(thinking, answer, False, {})
-            thinking, answer = parser.flush()
-            yield shape(thinking, answer, True, _statistics(llm, load_seconds, started))
+                yield parser.feed(piece)
+            yield parser.flush()
         finally:
             MODELS.done(model, loaded, keep)
 
     if stream:
-        return responses()
-    thinking, answer, last = [], [], None
-    for response in responses():
-        last = response
-        thinking.append(shape.thinking_of(response))
-        answer.append(shape.answer_of(response))
-    return shape.whole(last, "".join(thinking), "".join(answer))
+        def chunks():
+            for thinking, answer in split():
+                if thinking or answer:
+                    yield respond(thinking, answer, False, {})
+            yield respond("", "", True, _statistics(llm, load_seconds, started))
+        return chunks()
+    whole = list(split())
+    return respond("".join(t for t, _ in whole), "".join(a for _, a in whole), True,
+                   _statistics(llm, load_seconds, started))
 
 
-class _ChatShape:
-    def __init__(self, model: str):
-        self.model = model
-
-    def __call__(self, thinking, answer, done, statistics):
-        return Record(model=self.model, created_at=_now(), done=done, **statistics,
+def _chat_response(model: str):
+    def respond(thinking, answer, done, statistics):
+        return Record(model=model, created_at=_now(), done=done, **statistics,
                       message=Record(role="assistant", content=answer, thinking=thinking or None))
-
-    @staticmethod
-    def thinking_of(response):
-        return response["message"]["thinking"] or ""
-
-    @staticmethod
-    def answer_of(response):
-        return response["message"]["content"]
-
-    @staticmethod
-    def whole(last, thinking, answer):
-        last["message"] = Record(role="assistant", content=answer, thinking=thinking or None)
-        return last
+    return respond
 
 
-class _GenerateShape(_ChatShape):
-    def __call__(self, thinking, answer, done, statistics):
-        return Record(model=self.model, created_at=_now(), done=done, **statistics, response=answer,
+def _generate_response(model: str):
+    def respond(thinking, answer, done, statistics):
+        return Record(model=model, created_at=_now(), done=done, **statistics, response=answer,
                       thinking=thinking or None)
-
-    @staticmethod
-    def thinking_of(response):
-        return response["thinking"] or ""
-
-    @staticmethod
-    def answer_of(response):
-        return response["response"]
-
-    @staticmethod
-    def whole(last, thinking, answer):
-        last["response"], last["thinking"] = answer, thinking or None
-        return last
+    return respond
 
 
 def chat(model: str = "", messages=None, *, stream: bool = False, think=None, options=None, keep_alive=None,
@@ -289,7 +266,7 @@ def chat(model: str = "", messages=None, *, stream: bool = False, think=None, op
     if tools:
         raise EngineError("tools are not supported yet")
     checked = chat_messages(messages if messages is not None else [])
-    return _run(model, lambda llm: render_chat(llm, checked, think), options, keep_alive, _ChatShape(model),
+    return _run(model, lambda llm: render_chat(llm, checked, think), options, keep_alive, _chat_response(model),
                 stream)
 
 
@@ -313,7 +290,7 @@ def generate(model: str = "", prompt: str = "", *, system: str | None = None, ra
 
         def render(llm):
             return render_chat(llm, messages, think)
-    return _run(model, render, options, keep_alive, _GenerateShape(model), stream)
+    return _run(model, render, options, keep_alive, _generate_response(model), stream)
 
 
 def ps() -> Record:
@@ -331,34 +308,36 @@ def ps() -> Record:
 
 def list_models() -> Record:
     """The models on this machine, as Ollama's `list` (`engine.list`)."""
-    models = []
-    for m in library.local_models():
-        summary = m.summary()
-        models.append(Record(model=m.name, name=m.name, modified_at=m.modified_at, size=m.size, digest=None,
-                             details=Record(parent_model="", format=m.file_format, family=summary.family,
-                                            families=[summary.family], parameter_size=summary.parameter_size,
-                                            quantization_level=summary.quantization)))
-    return Record(models=models)
+    return Record(models=[Record(model=m.name, name=m.name, modified_at=m.modified_at, size=m.size, digest=None,
+                                 details=_details(m.details()))
+                          for m in library.local_models()])
 
 
 def show(model: str) -> Record:
     """What a model is, as Ollama's `show`: details, model_info, template, capabilities."""
     source = open_source(resolve(model).path)
     config, details = source.config, source.details()
-    params = details.parameters
+    arch = config.architecture
     return Record(
         modelfile="", parameters="", license=None, modified_at=None,
         template=source.tokenizer.chat_template_source or "",
-        details=Record(parent_model="", format=details.file_format.split()[0].lower(), family=config.architecture,
-                       families=[config.architecture], quantization_level=details.quantization,
-                       parameter_size=f"{params / 1e9:.1f}B" if params >= 1e9 else f"{params / 1e6:.0f}M"),
-        model_info={"general.architecture": config.architecture, "general.parameter_count": params,
-                    f"{config.architecture}.context_length": config.max_position_embeddings,
-                    f"{config.architecture}.embedding_length": config.hidden_size,
-                    f"{config.architecture}.block_count": config.num_layers,
-                    f"{config.architecture}.attention.head_count": config.num_heads,
-                    f"{config.architecture}.attention.head_count_kv": config.num_kv_heads},
-        capabilities=list(details.capabilities))
+        details=_details(details),
+        model_info={"general.architecture": arch, "general.parameter_count": details.parameters,
+                    f"{arch}.context_length": config.max_position_embeddings,
+                    f"{arch}.embedding_length": config.hidden_size, f"{arch}.block_count": config.num_layers,
+                    f"{arch}.attention.head_count": config.num_heads,
+                    f"{arch}.attention.head_count_kv": config.num_kv_heads},
+        capabilities=list(capabilities(source.tokenizer)))
+
+
+def _details(details) -> Record:
+    """Ollama's ModelDetails from ours (None: the files could not tell)."""
+    if details is None:
+        return Record(parent_model="", format=None, family=None, families=None, parameter_size=None,
+                      quantization_level=None)
+    return Record(parent_model="", format=details.file_format.split()[0].lower(), family=details.family,
+                  families=[details.family], parameter_size=details.parameter_size,
+                  quantization_level=details.quantization)
 
 
 def pull(model: str, *, stream: bool = False):

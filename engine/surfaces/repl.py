@@ -63,8 +63,7 @@ class Session:
 
     def load(self) -> None:
         """Load the model now (a chat without messages would only load it in Ollama)."""
-        loaded, _ = api.MODELS.acquire(self.model, api.split_options(self.options)["load"])
-        api.MODELS.done(self.model, loaded, -1)
+        api.MODELS.keep(self.model, api.split_options(self.options)["load"])
 
     def ask(self, text: str) -> None:
         """Stream the answer to `text`; on Ctrl-C stop it and forget this turn."""
@@ -151,9 +150,8 @@ class Session:
                         or "No parameters set; the model's defaults apply (python -m engine generate --verbose "
                            "lists them).\n")
         elif what == "template":
-            loaded, _ = api.MODELS.acquire(self.model, api.split_options(self.options)["load"])
-            api.MODELS.done(self.model, loaded, -1)
-            self._write((loaded.llm.tokenizer.chat_template_source or "(no chat template)") + "\n")
+            llm = api.MODELS.keep(self.model, api.split_options(self.options)["load"])
+            self._write((llm.tokenizer.chat_template_source or "(no chat template)") + "\n")
         else:
             raise EngineError(f"unknown /show {what!r}; see /?")
 
