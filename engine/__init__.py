@@ -27,7 +27,7 @@ from .kernels.compiler import available_threads
 
 from .config import ModelConfig
 from .errors import EngineError
-from .generation import CompileWatch, Stats, check_request, generate_text
+from .generation import CompileWatch, Request, Stats, check_request, generate_text
 from .model import Transformer
 from .quantize import check_quant, quantize_weights
 from .resolve import resolve
@@ -52,6 +52,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'engine' has no attribute {name!r}")
 
 DEFAULT_CONTEXT = 4096
+MAX_PARALLEL = 64   # sequences decoded together (a batch step's rows stay well within batch_size)
 
 
 def check_threads(threads: int | None) -> None:
@@ -79,19 +80,20 @@ def available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_context_memory(config: ModelConfig, context_length: int, kv_cache: str) -> None:
+def check_context_memory(config: ModelConfig, context_length: int, kv_cache: str, parallel: int = 1) -> None:
     """The KV cache and rope tables of a context are allocated at load, before they are used
     (untouched pages cost nothing until then, so an oversized one would fail only halfway
     through a long answer): check now that the machine has the memory."""
     per_position = (config.num_layers * KV_KINDS[kv_cache].bytes_per_position(config.num_kv_heads, config.head_dim)
                     + config.head_dim * 8)   # cos and sin tables, float64 while computed
-    needed, available = per_position * context_length, available_memory()
+    needed, available = per_position * context_length * parallel, available_memory()
     if needed > available:
-        fits = max(available // per_position, 0)
-        raise EngineError(f"a context of {context_length} positions needs {needed / 1e9:.1f} GB for its {kv_cache} "
-                          f"KV cache, and this machine has {available / 1e9:.1f} GB available: use a smaller "
-                          f"context (--ctx on the command line, context_length= in engine.load; at most about "
-                          f"{fits} here)")
+        fits = max(available // (per_position * parallel), 0)
+        times = f" x {parallel} parallel sequences" if parallel > 1 else ""
+        raise EngineError(f"a context of {context_length} positions{times} needs {needed / 1e9:.1f} GB for its "
+                          f"{kv_cache} KV cache, and this machine has {available / 1e9:.1f} GB available: use a "
+                          f"smaller context (--ctx on the command line, context_length= in engine.load; at most "
+                          f"about {fits} here){' or fewer parallel sequences' if parallel > 1 else ''}")
 
 
 def load_tokenizer(model: str) -> Tokenizer:
@@ -116,7 +118,7 @@ def checked_tokenizer(tokenizer: Tokenizer, config: ModelConfig) -> Tokenizer:
 
 
 def load(model: str, *, context_length: int | None = None, threads: int | None = None, quant: str | None = None,
-         kv_cache: str = "f16") -> "LLM":
+         kv_cache: str = "f16", parallel: int = 1) -> "LLM":
     """Load a model: a directory, a .gguf file, an Ollama NAME:TAG, an alias (deepseek-r1:7b) or a repo id.
 
     context_length: positions in the KV cache (default: the model's maximum, capped at 4096).
@@ -124,6 +126,8 @@ def load(model: str, *, context_length: int | None = None, threads: int | None =
         cores busy; see engine/threads.py).
     quant: "q8_0" or "q4_0" to quantize a float checkpoint while loading.
     kv_cache: "f16" (default), "q8_0" or "f32" storage for the KV cache.
+    parallel: sequences the KV cache holds at once, each with its own context_length (for
+        batched decoding: engine/batching.py; `generate` uses the first).
     """
     started, load_stats = time.perf_counter(), Stats()
     compiling = CompileWatch(load_stats)
@@ -134,6 +138,8 @@ def load(model: str, *, context_length: int | None = None, threads: int | None =
     if kv_cache not in KV_KINDS:
         raise EngineError(f"unknown KV cache type {kv_cache!r}; supported: {', '.join(KV_KINDS)}")
     check_context_length(context_length)
+    if isinstance(parallel, bool) or not isinstance(parallel, int) or not 1 <= parallel <= MAX_PARALLEL:
+        raise EngineError(f"parallel must be an integer from 1 to {MAX_PARALLEL}, got {parallel!r}")
     resolved = resolve(str(model))
     config, tokenizer, weights = read_model(resolved.path)
     options = dict(resolved.options)
@@ -147,8 +153,8 @@ def load(model: str, *, context_length: int | None = None, threads: int | None =
     if context_length is None:
         context_length = model_context or min(config.max_position_embeddings, DEFAULT_CONTEXT)
         check_context_length(context_length)
-    check_context_memory(config, context_length, kv_cache)
-    transformer = Transformer(config, weights, context_length, kv_cache=kv_cache)
+    check_context_memory(config, context_length, kv_cache, parallel)
+    transformer = Transformer(config, weights, context_length, kv_cache=kv_cache, slots=parallel)
     load_stats.load_seconds = time.perf_counter() - started - compiling.count()
     return LLM(config, tokenizer, transformer, sampler_options=options, stop=default_stop, source=resolved.source,
                threads=tuner, load_stats=load_stats)
@@ -228,19 +234,31 @@ class LLM:
                      **sampler_options):
         """Generate from prompt token ids (a chat already rendered and tokenized, for example);
         the options are generate's. Everything is checked now, not at the first piece."""
+        request = self.request(ids, max_tokens=max_tokens, stop=stop, **sampler_options)
+        # Reuse the cached prefix (a chat's earlier turns); the last prompt token is always rerun.
+        common = common_prefix(self.model.cached_ids, request.prompt_ids[:-1])
+        request.stats = self.last_stats = replace(self.load_stats, sampling=request.stats.sampling)
+        self.load_stats = Stats()   # reported once, with the first generation
+        pieces = generate_text(self.model, self.tokenizer, request, eos_ids=self.eos_ids, start_pos=common,
+                               threads=self.threads)
+        return pieces if stream else "".join(pieces)
+
+    def request(self, ids, *, max_tokens: int = 512, stop: list[str] | None = None, **sampler_options) -> Request:
+        """A checked generation request from prompt ids and generate's options (for generate_ids,
+        or for the batched decoding of engine/batching.py)."""
         settings, sources = layered_settings([*self.sampler_layers, ("this request", sampler_options)])
         sampler = Sampler(settings)
         check_request(len(ids), self.model.context_length, max_tokens)
         ids = [int(i) for i in self._check_ids(ids)]
-        # Reuse the cached prefix (a chat's earlier turns); the last prompt token is always rerun.
-        common = 0
-        for a, b in zip(self.model.cached_ids, ids[:-1]):
-            if a != b:
-                break
-            common += 1
-        self.last_stats = replace(self.load_stats, sampling=describe(settings, sources))
-        self.load_stats = Stats()   # reported once, with the first generation
-        pieces = generate_text(self.model, self.tokenizer, ids, sampler, max_tokens=max_tokens,
-                               eos_ids=self.eos_ids, stop=list(self.default_stop if stop is None else stop),
-                               stats=self.last_stats, start_pos=common, threads=self.threads)
-        return pieces if stream else "".join(pieces)
+        return Request(ids, sampler, max_tokens, list(self.default_stop if stop is None else stop),
+                       Stats(sampling=describe(settings, sources)))
+
+
+def common_prefix(a: list, b: list) -> int:
+    """How many leading items a and b share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -95,20 +95,65 @@ def check_request(prompt_tokens: int, context: int, max_tokens: int) -> None:
         raise EngineError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
 
 
-def generate_text(model, tokenizer: Tokenizer, prompt_ids: list[int], sampler: Sampler, *, max_tokens: int,
-                  eos_ids, stop: list[str] = (), stats: Stats | None = None, start_pos: int = 0,
+@dataclass
+class Request:
+    """One generation, checked and ready to run: prompt ids, sampler, limits; its stats fill in."""
+    prompt_ids: list
+    sampler: Sampler
+    max_tokens: int
+    stop: list
+    stats: Stats
+
+
+class Sequence:
+    """A generation after its prompt: `add` takes each sampled token and returns the text it
+    completes, until an end-of-sequence token, a stop string, max_tokens or a full context ends
+    it (`done`, and the reason in stats.stop_reason); `finish` returns the text held back till then."""
+
+    def __init__(self, tokenizer: Tokenizer, request: Request, eos_ids, context: int):
+        self.history = list(request.prompt_ids)
+        self.stats = request.stats
+        self.max_tokens, self.context = request.max_tokens, context
+        self.decoder = tokenizer.stream_decoder()
+        self.stops = StopStrings(list(request.stop))
+        self.eos = set(eos_ids)
+        self.done = request.max_tokens == 0
+        self.stats.stop_reason = "max_tokens"
+
+    def add(self, token: int) -> str:
+        if token in self.eos:
+            self.stats.stop_reason, self.done = "eos", True
+            return ""
+        self.history.append(token)
+        self.stats.generated_ids.append(token)
+        piece = self.stops.feed(self.decoder.add(token))
+        if self.stops.stopped:
+            self.stats.stop_reason, self.done = "stop string", True
+        elif len(self.history) >= self.context:
+            self.stats.stop_reason, self.done = "context full", True
+        elif len(self.stats.generated_ids) >= self.max_tokens:
+            self.done = True
+        return piece
+
+    def finish(self) -> str:
+        if self.stops.stopped:
+            return ""
+        return self.stops.feed(self.decoder.flush()) + self.stops.flush()
+
+
+def generate_text(model, tokenizer: Tokenizer, request: Request, *, eos_ids, start_pos: int = 0,
                   threads: ThreadTuner | None = None):
-    """Yield text pieces as tokens arrive. `model` is a Transformer whose KV cache already holds
-    prompt_ids[:start_pos] (the caller may reuse a cached prefix); the rest is prefilled here.
-    Each decode step runs through `threads` (the thread count that suits the machine's load)."""
-    stats = stats if stats is not None else Stats()
+    """Yield text pieces as tokens arrive. `model` is a Transformer whose KV cache (slot 0)
+    already holds the prompt's first start_pos ids (the caller may reuse a cached prefix); the
+    rest is prefilled here. Each decode step runs through `threads` (the thread count that suits
+    the machine's load)."""
+    stats = request.stats
     threads = threads or ThreadTuner()
     threads.begin()
-    context = model.context_length
-    check_request(len(prompt_ids), context, max_tokens)
+    check_request(len(request.prompt_ids), model.context_length, request.max_tokens)
 
     started, compiling = time.perf_counter(), CompileWatch(stats)
-    todo = np.asarray(prompt_ids[start_pos:], dtype=np.int64)
+    todo = np.asarray(request.prompt_ids[start_pos:], dtype=np.int64)
     with tqdm(total=len(todo), desc="prompt", unit="tok", leave=False,
               disable=len(todo) <= 4 * model.batch_size or None) as bar:
         logits = model.prefill(todo, start_pos, progress=bar.update)
@@ -116,33 +161,17 @@ def generate_text(model, tokenizer: Tokenizer, prompt_ids: list[int], sampler: S
     stats.prompt_seconds = time.perf_counter() - started - compiling.count()
 
     started = time.perf_counter()
-    history = list(prompt_ids)
-    decoder = tokenizer.stream_decoder()
-    stops = StopStrings(list(stop))
-    eos = set(eos_ids)
-    stats.stop_reason = "max_tokens"
-    while len(stats.generated_ids) < max_tokens:
-        token = sampler(logits, history)
-        if token in eos:
-            stats.stop_reason = "eos"
-            break
-        history.append(token)
-        stats.generated_ids.append(token)
-        piece = stops.feed(decoder.add(token))
+    sequence = Sequence(tokenizer, request, eos_ids, model.context_length)
+    while not sequence.done:
+        piece = sequence.add(request.sampler(logits, sequence.history))
         if piece:
             yield piece
-        if stops.stopped:
-            stats.stop_reason = "stop string"
-            break
-        if len(history) >= context:
-            stats.stop_reason = "context full"
-            break
-        if len(stats.generated_ids) < max_tokens:   # the last token needs no forward pass
-            logits = threads.step(model.forward, np.asarray([token], dtype=np.int64), len(history) - 1)
-    if not stops.stopped:
-        tail = stops.feed(decoder.flush()) + stops.flush()
-        if tail:
-            yield tail
+        if not sequence.done:
+            token = np.asarray(sequence.history[-1:], dtype=np.int64)
+            logits = threads.step(model.forward, token, len(sequence.history) - 1)
+    tail = sequence.finish()
+    if tail:
+        yield tail
     stats.generate_seconds = time.perf_counter() - started - compiling.count()
 
 

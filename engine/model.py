@@ -85,7 +85,7 @@ class Kernels:
         self.matmul = checked(matmul, 2, lambda w, *_: f"the product with {weight(w)}")
         self.rope = checked(rope, 0, lambda *_: "the rotary embedding")
         self.swiglu = checked(swiglu, 2, lambda *_: "SwiGLU")
-        self.attend = checked(self.attend, 3, lambda layer, *_: f"the attention of layer {layer}")
+        self.attend = checked(self.attend, 4, lambda layer, *_: f"the attention of layer {layer}")
 
 
 def rope_frequencies(config: ModelConfig) -> np.ndarray:
@@ -123,12 +123,16 @@ def rope_tables(config: ModelConfig, positions: int) -> tuple[np.ndarray, np.nda
 class Transformer:
     """A decoder-only transformer with its KV cache and activation buffers.
 
-    `forward(ids, start_pos)` runs tokens at positions start_pos... and returns logits; the
-    caller (generation loop) owns the position bookkeeping.
+    `forward(ids, start_pos)` runs one sequence's tokens at positions start_pos... (in slot 0 of
+    the KV cache) and returns logits; the caller (generation loop) owns the position bookkeeping.
+    `step(ids, slots, positions)` is the same pass over rows of several sequences, each row
+    naming its cache slot and position: the server's batched decoding (engine/batching.py). Every
+    kernel treats rows independently, so a sequence's logits do not depend on what else is in
+    the batch.
     """
 
     def __init__(self, config: ModelConfig, weights: dict, context_length: int, batch_size: int = 128,
-                 kv_cache: str = "f16"):
+                 kv_cache: str = "f16", slots: int = 1):
         c = config
         self.config = c
         self.context_length = context_length
@@ -151,7 +155,8 @@ class Transformer:
             ))
         self.cos, self.sin = rope_tables(c, context_length)
 
-        self.cache = KVCache(kv_cache, c.num_layers, c.num_kv_heads, context_length, c.head_dim)
+        self.cache = KVCache(kv_cache, c.num_layers, c.num_kv_heads, context_length, c.head_dim, slots)
+        self.slots = slots
 
         def buffer(width):
             return np.zeros((batch_size, width), np.float32)
@@ -160,9 +165,9 @@ class Transformer:
         self.q, self.att = buffer(q_dim), buffer(q_dim)
         self.k, self.v = buffer(kv_dim), buffer(kv_dim)
         self.gate, self.up, self.act = (buffer(c.intermediate_size) for _ in range(3))
-        # one row of logits: a batch of them (128 x 151936 floats, 78 MB) only when asked for
-        self.logits = np.zeros((1, c.vocab_size), np.float32)
-        self.cached_ids = []   # the tokens whose keys and values are in the cache, in order
+        # a row of logits per slot: a prompt's worth (128 x 151936 floats, 78 MB) only when asked for
+        self.logits = np.zeros((slots, c.vocab_size), np.float32)
+        self.slot_ids = [[] for _ in range(slots)]   # per slot, the tokens whose keys and values it holds
         self.profile = None
         self.kernels = Kernels(self.cache)
         self.tensor_names = {id(value): name for name, value in weights.items()}
@@ -178,23 +183,42 @@ class Transformer:
         self.kernels = Kernels(self.cache, names, self.profile)
         return self.profile
 
+    @property
+    def cached_ids(self) -> list:
+        """The tokens in slot 0, the one `forward` uses, in order."""
+        return self.slot_ids[0]
+
     def forward(self, ids: np.ndarray, start_pos: int, all_logits: bool = False) -> np.ndarray:
-        """Run ids (at most batch_size of them) at positions start_pos...; return logits.
+        """Run one sequence's ids (at most batch_size) at positions start_pos... of slot 0.
 
         Returns the last token's logits (vocab,), a view of an internal buffer valid until the
         next call, or, with all_logits, every token's (n, vocab) in a new array.
         """
+        n = len(ids)
+        slots, positions = KVCache.rows(start_pos, n)
+        logits = self.step(ids, slots, positions, np.arange(n) if all_logits else np.array([n - 1]))
+        return logits if all_logits else logits[0]
+
+    def step(self, ids: np.ndarray, slots: np.ndarray, positions: np.ndarray, logit_rows: np.ndarray) -> np.ndarray:
+        """Run token rows ids[t] at positions[t] of KV cache slots[t] (int64 arrays, at most
+        batch_size rows; a slot's rows in order of position); return the logits of the rows
+        listed in logit_rows, shape (len(logit_rows), vocab): a view of an internal buffer valid
+        until the next call when they fit it (one row per slot), else a new array."""
         c = self.config
         n = len(ids)
-        assert 0 < n <= self.batch_size and start_pos + n <= self.context_length
+        if not 0 < n <= self.batch_size or len(logit_rows) > n:
+            raise ValueError(f"a forward pass takes 1 to {self.batch_size} tokens and some of their rows' logits")
+        self.cache.check_rows(n, slots, positions)   # before rope reads its tables at the positions
         x, h, tmp = self.x[:n], self.h[:n], self.tmp[:n]
         q, k, v, att = self.q[:n], self.k[:n], self.v[:n], self.att[:n]
         gate, up, act = self.gate[:n], self.up[:n], self.act[:n]
         heads = (n, c.num_heads, c.head_dim)
         kv_heads = (n, c.num_kv_heads, c.head_dim)
 
-        del self.cached_ids[start_pos:]
-        self.cached_ids.extend(int(t) for t in ids)
+        for token, slot, position in zip(ids.tolist(), slots.tolist(), positions.tolist()):
+            cached = self.slot_ids[slot]
+            del cached[position:]
+            cached.append(token)
         started = time.perf_counter()
         if self.profile:
             self.profile.phase = "prompt" if n > 1 else "generation"
@@ -213,10 +237,10 @@ class Transformer:
                 q += layer.q_bias
                 k += layer.k_bias
                 v += layer.v_bias
-            rope(q.reshape(heads), self.cos, self.sin, start_pos, c.rope_interleaved)
-            rope(k.reshape(kv_heads), self.cos, self.sin, start_pos, c.rope_interleaved)
-            run.store(i, k.reshape(kv_heads), v.reshape(kv_heads), start_pos)
-            run.attend(i, q.reshape(heads), start_pos, att.reshape(heads))
+            rope(q.reshape(heads), self.cos, self.sin, positions, c.rope_interleaved)
+            rope(k.reshape(kv_heads), self.cos, self.sin, positions, c.rope_interleaved)
+            run.store(i, k.reshape(kv_heads), v.reshape(kv_heads), slots, positions)
+            run.attend(i, q.reshape(heads), slots, positions, att.reshape(heads))
             matmul(layer.o, att, tmp)
             if c.o_bias:
                 tmp += layer.o_bias
@@ -230,21 +254,23 @@ class Transformer:
             matmul(layer.down, act, tmp)
             x += tmp
 
-        rows = slice(0, n) if all_logits else slice(n - 1, n)
-        rmsnorm(x[rows], self.final_norm, c.rms_norm_eps, h[rows])
-        logits = np.empty((n, c.vocab_size), np.float32) if all_logits else self.logits
-        # the LM head's product picks the token: its activations are rounded to int16 blocks, not
-        # int8 (int8 rounding here visibly changes small models' answers; measured in the README)
-        matmul(self.lm_head, h[rows], logits, activations=np.int16)
+        m = len(logit_rows)
+        logits = self.logits[:m] if m <= len(self.logits) else np.empty((m, c.vocab_size), np.float32)
+        if m:   # (a prompt chunk before the last one needs none)
+            last = x if m == n and (logit_rows == np.arange(n)).all() else x[logit_rows]
+            rmsnorm(last, self.final_norm, c.rms_norm_eps, h[:m])
+            # the LM head's product picks the token: its activations are rounded to int16 blocks,
+            # not int8 (int8 rounding here visibly changes small models' answers; README)
+            matmul(self.lm_head, h[:m], logits, activations=np.int16)
         if self.profile:
             self.profile.forward_done(n, time.perf_counter() - started)
         # NaN or infinity stays in the residual stream (numpy's adds), where the fast-math
         # kernels after it could turn it into finite garbage: checked there, and in the logits
-        if not (np.isfinite(x).all() and np.isfinite(logits[:n] if all_logits else logits).all()):
-            raise self._non_finite(ids, start_pos)
-        return logits if all_logits else logits[0]
+        if not (np.isfinite(x).all() and np.isfinite(logits).all()):
+            raise self._non_finite(ids, slots, positions, logit_rows)
+        return logits
 
-    def _non_finite(self, ids: np.ndarray, start_pos: int) -> EngineError:
+    def _non_finite(self, ids, slots, positions, logit_rows) -> EngineError:
         """Logits with NaN or infinity come from damaged weights (or a mislabelled tensor type):
         an error that says where they first appear, found by running the same step again with
         every kernel's output checked, instead of an answer sampled from garbage."""
@@ -252,7 +278,7 @@ class Transformer:
             raise NonFinite("the residual stream (every kernel's output was finite)")
         saved, self.kernels = self.kernels, Kernels(self.cache, self.tensor_names, check=True)
         try:
-            self.forward(ids, start_pos)
+            self.step(ids, slots, positions, logit_rows)
             where = "the logits"
         except NonFinite as e:
             where = str(e)

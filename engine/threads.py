@@ -114,6 +114,12 @@ class ThreadTuner:
             self._record(self.clock() - started)
         return result
 
+    def run(self, run, *args):
+        """run(*args) at the current thread count, untimed (a step unlike a decode step: a batch
+        that also prefills a prompt)."""
+        set_thread_count(self.current)
+        return run(*args)
+
     def _record(self, seconds: float) -> None:
         self.recent.append(seconds)
         if self.trials:

@@ -1,7 +1,10 @@
 """The KV cache and causal grouped-query attention over it.
 
-Layout per layer: (kv_heads, positions, head_dim), so one head's keys are contiguous and a
-query streams through them in order. Query head h reads KV head h // (heads / kv_heads):
+Layout per layer: (slots, kv_heads, positions, head_dim). A slot is one sequence's cache (the
+server decodes several sequences in one forward pass, each in its own slot); within it one
+head's keys are contiguous and a query streams through them in order. Each query row names its
+slot and position, so one kernel serves a prompt (one slot, consecutive positions) and a batched
+decode step (one row per slot, each at its own position) alike. Query head h reads KV head h // (heads / kv_heads):
 grouped-query heads share the cache without copies.
 
 Three storage kinds, one attention algorithm: it is written once, with two small functions that
@@ -83,20 +86,23 @@ def value_add_q8_0(v, v_scales, kv, p, weight, acc):
 # --- attention -------------------------------------------------------------------------------------
 
 @njit(inline="always")
-def _attention(key_dot, value_add, q, k, k_scales, v, v_scales, start_pos, out):
-    """Causal attention for queries q (tokens, heads, head_dim) at positions start_pos + t.
+def _attention(key_dot, value_add, q, k_slots, k_scale_slots, v_slots, v_scale_slots, slots, positions, out):
+    """Causal attention for queries q (tokens, heads, head_dim), query t at position positions[t]
+    of slot slots[t] (both checked by KVCache.attend: no bounds checks here).
 
-    Query t sees cache positions 0 .. start_pos + t. The softmax subtracts the maximum score
-    and runs in float32, like the reference implementation.
+    Query t sees positions 0 .. positions[t] of its slot. The softmax subtracts the maximum
+    score and runs in float32, like the reference implementation.
     """
     n_tokens, n_heads, head_dim = q.shape
-    group = n_heads // k.shape[0]
+    group = n_heads // k_slots.shape[1]
     scale = np.float32(1.0 / math.sqrt(head_dim))
     for item in prange(n_tokens * n_heads):
         t = item // n_heads
         h = item % n_heads
         kv = h // group
-        n_keys = start_pos + t + 1
+        slot = slots[t]
+        k, k_scales, v, v_scales = k_slots[slot], k_scale_slots[slot], v_slots[slot], v_scale_slots[slot]
+        n_keys = positions[t] + 1
         query = q[t, h]
         scores = np.empty(n_keys, np.float32)
         best = np.float32(-np.inf)
@@ -120,31 +126,31 @@ def _attention(key_dot, value_add, q, k, k_scales, v, v_scales, start_pos, out):
 
 # one small kernel per cache kind (numba cannot cache kernels that take functions as arguments)
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
-def attention_f32(q, k, k_scales, v, v_scales, start_pos, out):
-    _attention(key_dot_f32, value_add_f32, q, k, k_scales, v, v_scales, start_pos, out)
+def attention_f32(q, k, k_scales, v, v_scales, slots, positions, out):
+    _attention(key_dot_f32, value_add_f32, q, k, k_scales, v, v_scales, slots, positions, out)
 
 
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
-def attention_f16(q, k, k_scales, v, v_scales, start_pos, out):
-    _attention(key_dot_f16, value_add_f16, q, k, k_scales, v, v_scales, start_pos, out)
+def attention_f16(q, k, k_scales, v, v_scales, slots, positions, out):
+    _attention(key_dot_f16, value_add_f16, q, k, k_scales, v, v_scales, slots, positions, out)
 
 
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
-def attention_q8_0(q, k, k_scales, v, v_scales, start_pos, out):
-    _attention(key_dot_q8_0, value_add_q8_0, q, k, k_scales, v, v_scales, start_pos, out)
+def attention_q8_0(q, k, k_scales, v, v_scales, slots, positions, out):
+    _attention(key_dot_q8_0, value_add_q8_0, q, k, k_scales, v, v_scales, slots, positions, out)
 
 
 @njit(cache=True)
-def _store_f16(k, v, k_cache, v_cache, start_pos):
-    """k_cache[h, start_pos + t] = k[t, h] as halves, and the same for v: written in place, one
-    call for both (numpy's conversion, transpose and strided copy took 4 calls per tensor and
-    ~14 us per SmolLM2 layer in decode)."""
+def _store_f16(k, v, k_cache, v_cache, slots, positions):
+    """k_cache[slots[t], h, positions[t]] = k[t, h] as halves, and the same for v: written in
+    place, one call for both (numpy's conversion, transpose and strided copy took 4 calls per
+    tensor and ~14 us per SmolLM2 layer in decode)."""
     n_tokens, kv_heads, head_dim = k.shape
-    for h in range(kv_heads):
-        for t in range(n_tokens):
+    for t in range(n_tokens):
+        for h in range(kv_heads):
             for i in range(head_dim):
-                k_cache[h, start_pos + t, i] = f32_to_f16(k[t, h, i])
-                v_cache[h, start_pos + t, i] = f32_to_f16(v[t, h, i])
+                k_cache[slots[t], h, positions[t], i] = f32_to_f16(k[t, h, i])
+                v_cache[slots[t], h, positions[t], i] = f32_to_f16(v[t, h, i])
 
 
 @dataclass(frozen=True)
@@ -169,9 +175,13 @@ KV_KINDS = {kind.name: kind for kind in [
 
 
 class KVCache:
-    """Keys and values of every layer, allocated once: (layers, kv_heads, positions, head_dim)."""
+    """Keys and values of every layer, allocated once: (layers, slots, kv_heads, positions, head_dim).
 
-    def __init__(self, kind: str, layers: int, kv_heads: int, positions: int, head_dim: int):
+    Every call names, per token row, the slot and the position it reads or writes (int64 arrays;
+    `rows` makes them for one sequence). They are checked here: the kernels index without bounds
+    checks."""
+
+    def __init__(self, kind: str, layers: int, kv_heads: int, positions: int, head_dim: int, slots: int = 1):
         if kind not in KV_KINDS:
             raise ValueError(f"unknown KV cache type {kind!r}; supported: {', '.join(KV_KINDS)}")
         storage = KV_KINDS[kind]
@@ -179,44 +189,76 @@ class KVCache:
             raise ValueError(f"a {kind} KV cache needs head_dim to be a multiple of {storage.scale_block}, "
                              f"got {head_dim}")
         self.kind = kind
-        shape = (layers, kv_heads, positions, head_dim)
+        shape = (layers, slots, kv_heads, positions, head_dim)
         self.k, self.v = np.zeros(shape, storage.dtype), np.zeros(shape, storage.dtype)
-        scale_shape = (layers, kv_heads, positions, head_dim // storage.scale_block) if storage.scale_block \
-            else (layers, 1, 1, 1)
+        scale_shape = (layers, slots, kv_heads, positions, head_dim // storage.scale_block) if storage.scale_block \
+            else (layers, slots, 1, 1, 1)
         self.k_scales, self.v_scales = np.zeros(scale_shape, np.float32), np.zeros(scale_shape, np.float32)
         self.kernel = storage.attention
+        self._checked = (None, None)   # the last (slots, positions) checked, read-only since
 
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes + self.k_scales.nbytes + self.v_scales.nbytes
 
-    def _encode(self, x, cache, scales, layer, start_pos):
-        """Write x (tokens, kv_heads, head_dim) float32 at positions start_pos... of a layer."""
+    @staticmethod
+    def rows(start_pos: int, n_tokens: int, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(slots, positions) of n_tokens consecutive tokens of one sequence from start_pos."""
+        return np.full(n_tokens, slot, np.int64), np.arange(start_pos, start_pos + n_tokens, dtype=np.int64)
+
+    def check_rows(self, n_tokens: int, slots: np.ndarray, positions: np.ndarray) -> None:
+        """Every layer of a forward pass gets the same two arrays: they are checked once, made
+        read-only (so that they cannot change after the check) and held."""
+        _, n_slots, _, n_positions, _ = self.k.shape
+        if self._checked[0] is slots and self._checked[1] is positions and len(slots) == n_tokens:
+            return
+        if not (isinstance(slots, np.ndarray) and isinstance(positions, np.ndarray)
+                and slots.shape == positions.shape == (n_tokens,) and n_tokens > 0
+                and slots.dtype == positions.dtype == np.int64
+                and 0 <= slots.min() and slots.max() < n_slots and 0 <= positions.min()
+                and positions.max() < n_positions):
+            raise ValueError(f"KV cache access of {n_tokens} tokens at slots {slots}, positions {positions} "
+                             f"does not fit the cache {self.k.shape}")
+        slots.flags.writeable = positions.flags.writeable = False
+        self._checked = (slots, positions)
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < len(self.k):
+            raise ValueError(f"layer {layer} is not in the cache {self.k.shape}")
+
+    def _encode(self, x, cache, scales, layer, slots, positions):
+        """Write x (tokens, kv_heads, head_dim) float32 at each token's slot and position of a layer."""
         n_tokens, kv_heads, head_dim = x.shape
-        positions = slice(start_pos, start_pos + n_tokens)
         if self.kind == "f32":
-            cache[layer, :, positions] = x.transpose(1, 0, 2)
+            cache[layer][slots, :, positions] = x
         else:
             rows = x.reshape(n_tokens * kv_heads, head_dim)
             xq = np.empty(rows.shape, np.int8)
             xd = np.empty((rows.shape[0], head_dim // QK), np.float32)
             quantize_activations(rows, xq, xd)
-            cache[layer, :, positions] = xq.reshape(x.shape).transpose(1, 0, 2)
-            scales[layer, :, positions] = xd.reshape(n_tokens, kv_heads, -1).transpose(1, 0, 2)
+            cache[layer][slots, :, positions] = xq.reshape(x.shape)
+            scales[layer][slots, :, positions] = xd.reshape(n_tokens, kv_heads, -1)
 
-    def store(self, layer: int, k: np.ndarray, v: np.ndarray, start_pos: int) -> None:
-        """Keys and values (tokens, kv_heads, head_dim) float32 at positions start_pos... of a layer."""
-        shape = (len(k), self.k.shape[1], self.k.shape[3])
-        if k.shape != shape or v.shape != shape or not 0 <= layer < len(self.k) or \
-                not 0 <= start_pos <= self.k.shape[2] - len(k):
-            raise ValueError(f"KV cache store of k {k.shape}, v {v.shape} at layer {layer}, position {start_pos} "
-                             f"does not fit the cache {self.k.shape}")
+    def store(self, layer: int, k: np.ndarray, v: np.ndarray, slots: np.ndarray, positions: np.ndarray) -> None:
+        """Keys and values (tokens, kv_heads, head_dim) float32, token t at positions[t] of slots[t]."""
+        shape = (len(k), self.k.shape[2], self.k.shape[4])
+        if k.shape != shape or v.shape != shape:
+            raise ValueError(f"KV cache store of k {k.shape}, v {v.shape} does not fit the cache {self.k.shape}")
+        self._check_layer(layer)
+        self.check_rows(len(k), slots, positions)
         if self.kind == "f16":   # the default: one compiled call
-            _store_f16(k, v, self.k[layer], self.v[layer], start_pos)
+            _store_f16(k, v, self.k[layer], self.v[layer], slots, positions)
             return
-        self._encode(k, self.k, self.k_scales, layer, start_pos)
-        self._encode(v, self.v, self.v_scales, layer, start_pos)
+        self._encode(k, self.k, self.k_scales, layer, slots, positions)
+        self._encode(v, self.v, self.v_scales, layer, slots, positions)
 
-    def attend(self, layer: int, q: np.ndarray, start_pos: int, out: np.ndarray) -> None:
-        """out (tokens, heads, head_dim) = causal attention of q over positions 0..start_pos+t."""
-        self.kernel(q, self.k[layer], self.k_scales[layer], self.v[layer], self.v_scales[layer], start_pos, out)
+    def attend(self, layer: int, q: np.ndarray, slots: np.ndarray, positions: np.ndarray, out: np.ndarray) -> None:
+        """out (tokens, heads, head_dim) = causal attention of q[t] over positions 0..positions[t]
+        of slot slots[t] (keys and values stored there before)."""
+        heads, head_dim = q.shape[1], q.shape[2]
+        if out.shape != q.shape or head_dim != self.k.shape[4] or heads % self.k.shape[2]:
+            raise ValueError(f"attention of q {q.shape} into {out.shape} does not fit the cache {self.k.shape}")
+        self._check_layer(layer)
+        self.check_rows(len(q), slots, positions)
+        self.kernel(q, self.k[layer], self.k_scales[layer], self.v[layer], self.v_scales[layer], slots, positions,
+                    out)

@@ -31,9 +31,13 @@ def exp_f32(x):
     return (p * r * r + r + np.float32(1.0)) * two_to_n
 
 
-# RMSNorm and rope run per token, in a parallel region over the tokens for a prompt and in
-# plain code for the one token of a decode step: a parallel region around one row of work costs
-# more to launch than the work takes.
+# Rope and SwiGLU run per token, in a parallel region over the tokens for a prompt and in plain
+# code for the one token of a decode step: a parallel region around one row of work costs more
+# to launch than the work takes. RMSNorm runs every row count in one plain loop: its sum of
+# squares is a reduction whose order LLVM picks per compiled loop, and a second kernel for one
+# row rounded differently (4.8e-7), which the int8 rounding after it turned into different
+# tokens for the same sequence alone and in a server's batch. Its rows are short work even for
+# a prompt (a few microseconds each).
 
 @njit(inline="always")
 def _rmsnorm_row(x, t, weight, eps, out):
@@ -48,20 +52,11 @@ def _rmsnorm_row(x, t, weight, eps, out):
 
 # error_model="numpy" here and in attention: a division by zero gives infinity, which the forward
 # pass's check for non-finite values reports with the weight that caused it, not a ZeroDivisionError.
-@njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
-def _rmsnorm_rows(x, weight, eps, out):
-    for t in prange(x.shape[0]):
-        _rmsnorm_row(x, t, weight, eps, out)
-
-
 @njit(fastmath=True, error_model="numpy", cache=True)
-def _rmsnorm_one(x, weight, eps, out):
-    _rmsnorm_row(x, 0, weight, eps, out)
-
-
 def rmsnorm(x, weight, eps, out):
     """out[t] = x[t] / sqrt(mean(x[t]**2) + eps) * weight, for x of shape (tokens, dim)."""
-    (_rmsnorm_one if x.shape[0] == 1 else _rmsnorm_rows)(x, weight, eps, out)
+    for t in range(x.shape[0]):
+        _rmsnorm_row(x, t, weight, eps, out)
 
 
 @njit(inline="always")
@@ -79,24 +74,25 @@ def _rope_token(x, t, cos, sin, pos, interleaved):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _rope_tokens(x, cos, sin, start_pos, interleaved):
+def _rope_tokens(x, cos, sin, positions, interleaved):
     for t in prange(x.shape[0]):
-        _rope_token(x, t, cos, sin, start_pos + t, interleaved)
+        _rope_token(x, t, cos, sin, positions[t], interleaved)
 
 
 @njit(fastmath=True, cache=True)
-def _rope_one(x, cos, sin, start_pos, interleaved):
-    _rope_token(x, 0, cos, sin, start_pos, interleaved)
+def _rope_one(x, cos, sin, positions, interleaved):
+    _rope_token(x, 0, cos, sin, positions[0], interleaved)
 
 
-def rope(x, cos, sin, start_pos, interleaved):
-    """Rotate x of shape (tokens, heads, head_dim) in place, token t being at position start_pos + t.
+def rope(x, cos, sin, positions, interleaved):
+    """Rotate x of shape (tokens, heads, head_dim) in place, token t being at position positions[t]
+    (int64, each below len(cos): the caller checks).
 
     Hugging Face's "rotate half" layout pairs dimension i with i + head_dim/2. GGUF's llama
     tensors (q/k rows permuted by llama.cpp's converter) pair 2i with 2i + 1: `interleaved`.
     Both give the same attention scores on the same model. cos and sin: (positions, head_dim/2).
     """
-    (_rope_one if x.shape[0] == 1 else _rope_tokens)(x, cos, sin, start_pos, interleaved)
+    (_rope_one if x.shape[0] == 1 else _rope_tokens)(x, cos, sin, positions, interleaved)
 
 
 # silu(g) = g / (1 + e^-g) takes e^-g capped at e^80: for gates below -88, 1 / (1 + e^-g) would be

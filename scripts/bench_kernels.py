@@ -140,7 +140,8 @@ def main():
                 cache = KVCache(kind, 1, shape["kv_heads"], ctx, shape["head_dim"])
                 q = np.random.default_rng(1).standard_normal((1, shape["heads"], shape["head_dim"])).astype(np.float32)
                 out = np.empty_like(q)
-                seconds = time_calls(lambda i: cache.attend(0, q, ctx - 1, out), 50)
+                rows = KVCache.rows(ctx - 1, 1)
+                seconds = time_calls(lambda i: cache.attend(0, q, *rows, out), 50)
                 gbs = cache.nbytes / seconds / 1e9
                 print(f"{model:<5} {'attention':<10} {'kv ' + kind:<6} {f'1 query, {ctx} keys':<20} {threads:>3} "
                       f"{seconds * 1e3:>9.3f} {gbs:>7.2f} {gbs / bandwidth[threads]:>6.0%}")

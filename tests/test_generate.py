@@ -3,7 +3,7 @@ import pytest
 
 import engine
 from engine.errors import EngineError
-from engine.generation import Stats, StopStrings, generate_text
+from engine.generation import Request, Stats, StopStrings, generate_text
 from engine.sampler import Sampler, SamplerSettings
 
 
@@ -41,8 +41,8 @@ def test_eos_stops_generation(loaded):
     greedy = llm.last_stats.generated_ids
     cut = next(i for i in range(1, len(greedy)) if greedy[i] not in greedy[:i])   # a token not seen before
     stats = Stats()
-    text = "".join(generate_text(llm.model, llm.tokenizer, ids, Sampler(SamplerSettings(temperature=0)),
-                                 max_tokens=12, eos_ids=[greedy[cut]], stats=stats))
+    request = Request(ids, Sampler(SamplerSettings(temperature=0)), 12, [], stats)
+    text = "".join(generate_text(llm.model, llm.tokenizer, request, eos_ids=[greedy[cut]]))
     assert stats.stop_reason == "eos" and stats.generated_ids == greedy[:cut]
     assert text == llm.detokenize(greedy[:cut])
 

@@ -119,12 +119,12 @@ def test_tokenize_command_on_a_metadata_only_gguf(deepseek_header, deepseek_toke
 def test_smollm2_greedy_matches_llama_cpp(smollm2_llm):
     """llama.cpp's greedy tokens (scripts/make_llamacpp_reference.py) on six chat prompts, 32 tokens each.
 
-    llama.cpp rounds the activations of every matmul to 8 bits; on this file we round none (Q4_1
-    decodes to float, the LM head takes float activations), and agree with transformers to float
-    rounding (test below). So a near-tie can flip and the two texts then part ways: the first
-    answer starts "L'Étoile" in llama.cpp and "The capital" here, a 0.3-logit margin. The measure
-    is therefore teacher-forced on llama.cpp's own sequence: our argmax agrees at >= 95 % of the
-    positions, and where it does not, llama.cpp's token is within 0.5 of our best logit."""
+    Both round the activations of every matmul to 8 bits (our LM head to 16), each summing in its
+    own order, and that rounding magnifies small differences: one RMSNorm summed in another
+    order (a change of 4.8e-7) moved this model's logits by up to 0.7. So a near-tie can flip and
+    the two texts then part ways. The measure is therefore teacher-forced on llama.cpp's own
+    sequence: our argmax agrees at >= 95 % of the positions, and where it does not, llama.cpp's
+    token is within 0.75 of our best logit (the largest gap seen is 0.56)."""
     reference = json.loads((DATA / "smollm2_llamacpp_greedy.json").read_text())
     forced_same, total = 0, 0
     for record in reference["records"]:
@@ -136,7 +136,7 @@ def test_smollm2_greedy_matches_llama_cpp(smollm2_llm):
         logits = smollm2_llm.logits(prompt + ref)[len(prompt) - 1:-1]
         best = logits.argmax(-1)
         for i in np.flatnonzero(best != ref):
-            assert logits[i, best[i]] - logits[i, ref[i]] < 0.5
+            assert logits[i, best[i]] - logits[i, ref[i]] < 0.75
         forced_same += int((best == ref).sum())
         total += len(ref)
         print(f"{record['prompt']!r}: {prefix}/{len(ref)} identical free-running, "

@@ -379,9 +379,9 @@ def test_swiglu_and_attention_softmax_equal_numpy():
     k = (rng.standard_normal((start + tokens, kv_heads, head_dim)) * 3).astype(np.float32)
     v = rng.standard_normal((start + tokens, kv_heads, head_dim)).astype(np.float32)
     q = (rng.standard_normal((tokens, heads, head_dim)) * 10).astype(np.float32)
-    cache.store(0, k, v, 0)
+    cache.store(0, k, v, *KVCache.rows(0, len(k)))
     out = np.empty_like(q)
-    cache.attend(0, q, start, out)
+    cache.attend(0, q, *KVCache.rows(start, tokens), out)
     spreads = []
     for t in range(tokens):
         for h in range(heads):
@@ -403,19 +403,26 @@ def test_kv_cache_stores_where_asked_and_rejects_what_does_not_fit(kind):
     rng = np.random.default_rng(4)
     cache = KVCache(kind, 3, 2, 16, 64)
     k, v = rng.standard_normal((2, 3, 2, 64)).astype(np.float32)
-    cache.store(1, k, v, 13)   # positions 13..15, the last ones
+    cache.store(1, k, v, *KVCache.rows(13, 3))   # positions 13..15, the last ones
     for stored, scales, x in ((cache.k, cache.k_scales, k), (cache.v, cache.v_scales, v)):
-        got = stored[1, :, 13:16].astype(np.float32)
+        got = stored[1, 0, :, 13:16].astype(np.float32)
         if kind == "f16":
-            got = stored[1, :, 13:16].view(np.float16).astype(np.float32)
+            got = stored[1, 0, :, 13:16].view(np.float16).astype(np.float32)
         elif kind == "q8_0":
-            got = (got.reshape(2, 3, 2, 32) * scales[1, :, 13:16, :, None]).reshape(2, 3, 64)
+            got = (got.reshape(2, 3, 2, 32) * scales[1, 0, :, 13:16, :, None]).reshape(2, 3, 64)
         tolerance = {"f16": 1e-3, "q8_0": 1.5e-2, "f32": 0}[kind]
         assert np.allclose(got, x.transpose(1, 0, 2), rtol=tolerance, atol=tolerance * np.abs(x).max())
-        assert not stored[0].any() and not stored[2].any() and not stored[1, :, :13].any()
+        assert not stored[0].any() and not stored[2].any() and not stored[1, :, :, :13].any()
     for layer, k_bad, start in ((1, k, 14), (1, k[:, :1], 0), (1, k[..., :32], 0), (3, k, 0), (1, k, -1)):
+        with pytest.raises(ValueError, match="does not fit the cache|is not in the cache"):
+            cache.store(layer, k_bad, v if k_bad is k else k_bad, *KVCache.rows(start, len(k)))
+    slots, positions = KVCache.rows(0, 3)
+    bad_rows = [(np.array([0, 1, 0]), positions),   # a slot the cache does not have
+                (slots, np.array([0, 16, 1])), (slots, np.array([0, -1, 1])),   # positions outside
+                (slots, positions.astype(np.int32)), (slots, positions[:2])]   # wrong type, too few
+    for bad_slots, bad_positions in bad_rows:
         with pytest.raises(ValueError, match="does not fit the cache"):
-            cache.store(layer, k_bad, v if k_bad is k else k_bad, start)
+            cache.store(1, k, v, bad_slots, bad_positions)
 
 
 @pytest.mark.parametrize("kind, tolerance", [("f32", 1e-5), ("f16", 3e-3), ("q8_0", 3e-2)])
@@ -439,18 +446,41 @@ def test_attention_over_each_cache_kind_equals_numpy(kind, tolerance):
                 weights = np.exp(keys @ q[t, h] / np.sqrt(head_dim))
                 out[t, h] = weights @ values / weights.sum()
         return out
-    cache.store(1, k[:7], v[:7], 0)
-    cache.store(1, k[7:12], v[7:12], 7)
+    rows = KVCache.rows
+    cache.store(1, k[:7], v[:7], *rows(0, 7))
+    cache.store(1, k[7:12], v[7:12], *rows(7, 5))
     q = rng.standard_normal((5, heads, head_dim)).astype(np.float32)
     out = np.empty_like(q)
-    cache.attend(1, q, 7, out)
+    cache.attend(1, q, *rows(7, 5), out)
     assert np.allclose(out, expected(q, 7), rtol=tolerance, atol=tolerance)
-    cache.store(1, k[12:300], v[12:300], 12)
-    cache.store(1, k[300:301], v[300:301], 300)
+    cache.store(1, k[12:300], v[12:300], *rows(12, 288))
+    cache.store(1, k[300:301], v[300:301], *rows(300, 1))
     q = rng.standard_normal((1, heads, head_dim)).astype(np.float32) * 4   # peaked weights
     out = np.empty_like(q)
-    cache.attend(1, q, 300, out)
+    cache.attend(1, q, *rows(300, 1), out)
     assert np.allclose(out, expected(q, 300), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("kind", ["f16", "q8_0", "f32"])
+def test_attention_rows_of_several_slots_equal_each_slot_alone(kind):
+    """A batched decode step: rows of three slots at different positions, in one call, give
+    bit for bit what each slot's row gives alone (the server's batch invariance)."""
+    from engine.kernels.attention import KVCache
+    rng = np.random.default_rng(7)
+    heads, kv_heads, head_dim, positions = 4, 2, 64, 40
+    cache = KVCache(kind, 1, kv_heads, positions, head_dim, slots=3)
+    lengths = [5, 33, 17]
+    for slot, length in enumerate(lengths):
+        k, v = rng.standard_normal((2, length, kv_heads, head_dim)).astype(np.float32)
+        cache.store(0, k, v, *KVCache.rows(0, length, slot))
+    q = rng.standard_normal((3, heads, head_dim)).astype(np.float32)
+    together = np.empty_like(q)
+    order = np.array([2, 0, 1])
+    cache.attend(0, q, order, np.array([lengths[s] - 1 for s in order]), together)
+    for row, slot in enumerate(order):
+        alone = np.empty_like(q[:1])
+        cache.attend(0, q[row:row + 1], *KVCache.rows(lengths[slot] - 1, 1, slot), alone)
+        assert np.array_equal(alone[0], together[row])
 
 
 def test_numba_cache_follows_every_kernel_source(tmp_path):
