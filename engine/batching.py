@@ -23,6 +23,7 @@ import numpy as np
 from .errors import EngineError
 from .generation import Request, Sequence, check_request
 
+RATE_WINDOW = 10.0        # seconds over which tokens_per_second counts
 PREFILL_CHUNK = 32       # prompt tokens per step beside the decoding rows: a step's length bounds their wait
 DEFAULT_MAX_QUEUE = 512  # requests waiting for a slot (Ollama's OLLAMA_MAX_QUEUE)
 
@@ -90,7 +91,7 @@ class Batcher:
         self.running: dict[int, Running] = {}   # by slot
         self.changed = threading.Condition()
         self.closing = False
-        self.steps = 0
+        self.recent = collections.deque()   # (time, tokens sampled) of the steps in the last RATE_WINDOW s
         self.thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
         self.thread.start()
 
@@ -113,6 +114,11 @@ class Batcher:
         """(generations running, requests waiting)."""
         with self.changed:
             return len(self.running), len(self.waiting)
+
+    def tokens_per_second(self) -> float:
+        """Tokens generated per second over the last RATE_WINDOW seconds."""
+        cutoff = time.monotonic() - RATE_WINDOW
+        return sum(n for t, n in list(self.recent) if t >= cutoff) / RATE_WINDOW
 
     def close(self, wait: bool = True) -> None:
         """Finish what is running and waiting, then stop the thread."""
@@ -195,8 +201,10 @@ class Batcher:
                     self.running.pop(r.slot, None)
                     r.job.deliver(("error", error))
             return
-        self.steps += 1
         now = time.perf_counter()
+        self.recent.append((time.monotonic(), len(with_logits)))
+        while self.recent and self.recent[0][0] < time.monotonic() - RATE_WINDOW:
+            self.recent.popleft()
         if prefilling is not None and not len(prefilling.todo):
             prefilling.prompt_done = now
             prefilling.sequence.stats.prompt_seconds = now - prefilling.started
@@ -215,4 +223,5 @@ class Batcher:
                 sequence.stats.generate_seconds = time.perf_counter() - r.prompt_done
                 with self.changed:
                     self.running.pop(r.slot, None)
+                self.llm.last_stats = sequence.stats   # (the last one to finish, as LLM.generate's)
                 r.job.deliver(("done", sequence.stats))

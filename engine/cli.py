@@ -1,5 +1,6 @@
-"""The command line, `python -m engine run | generate | pull | list | rm | show | info | quantize |
-tokenize` (also the console script `engine`); the chat of `run` is surfaces/repl.py.
+"""The command line, `python -m engine run | generate | serve | pull | list | rm | show | info |
+quantize | tokenize` (also the console script `engine`); the chat of `run` is surfaces/repl.py,
+the HTTP server of `serve` surfaces/server.py.
 
 generate streams only the generated text to stdout; statistics and errors go to stderr.
 """
@@ -83,6 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a model: architecture, size, tensor types, tokenizer, template")
     _add_model(i)
 
+    s = sub.add_parser("serve", help="serve Ollama's and OpenAI's HTTP APIs (pip install \"engine[serve]\")")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=11434, help="port (default 11434, Ollama's)")
+    s.add_argument("--model", "-m", action="append", default=[], metavar="MODEL",
+                   help="load this model at start (repeatable); others load on first use. " + MODEL_HELP)
+    s.add_argument("--parallel", type=int, default=4, help="sequences decoded together per model (default 4)")
+    s.add_argument("--max-queue", type=int, default=512, help="requests that may wait for a slot (default 512)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health "
+                                     "(default: $ENGINE_API_KEY, else none)")
+    s.add_argument("--ctx", type=int, help="context length per sequence (default: the model's, at most 4096)")
+    s.add_argument("--threads", "-t", type=int, help="worker threads (default: all cores)")
+
     t = sub.add_parser("tokenize", help="print the token ids of a text as JSON (loads only the tokenizer)")
     _add_model(t)
     t.add_argument("text")
@@ -142,6 +155,20 @@ def cmd_run(args) -> int:
         session.ask(prompt)
         return 0
     return interactive(session)
+
+
+def cmd_serve(args) -> int:
+    from .surfaces.server import serve
+    if not 1 <= args.max_queue <= 1_000_000 or not 0 < args.port < 65536:
+        raise EngineError("--max-queue must be 1 to 1000000 and --port 1 to 65535")
+    if not 1 <= args.parallel <= 64:
+        raise EngineError(f"--parallel must be 1 to 64, got {args.parallel}")
+    load_options = {k: v for k, v in (("context_length", args.ctx), ("threads", args.threads)) if v is not None}
+    try:
+        serve(args.host, args.port, args.model, args.parallel, args.api_key, args.max_queue, load_options)
+    except (KeyboardInterrupt, Terminated):   # uvicorn raises the signal again once it has shut down
+        pass
+    return 0
 
 
 def cmd_pull(args) -> int:
@@ -251,7 +278,8 @@ def main(argv=None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         commands = {"run": cmd_run, "generate": cmd_generate, "info": cmd_info, "show": cmd_info, "pull": cmd_pull,
-                    "list": cmd_list, "ls": cmd_list, "rm": cmd_rm, "quantize": cmd_quantize, "tokenize": cmd_tokenize}
+                    "list": cmd_list, "ls": cmd_list, "rm": cmd_rm, "quantize": cmd_quantize, "tokenize": cmd_tokenize,
+                    "serve": cmd_serve}
         args.progress = CompileProgress()
         try:
             return commands[args.command](args)

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import EngineError
+from .errors import EngineError, ModelNotFound
 from .files import SIDE_FILES, read_json
 
 
@@ -155,7 +155,7 @@ def resolve(name: str, tokenizer_only: bool = False) -> Resolved:
         raise EngineError(f"{name} is a file but not a .gguf; a model is a GGUF file or a directory "
                           f"with config.json and *.safetensors")
     if looks_like_path(name):
-        raise EngineError(f"{name}: no such file or directory")
+        raise ModelNotFound(f"{name}: no such file or directory")
     if ":" in name:
         found = find_in_ollama(name)
         if found:
@@ -167,7 +167,7 @@ def resolve(name: str, tokenizer_only: bool = False) -> Resolved:
             return Resolved(shipped, f"{shipped} ({name}, from the {alias.package} package)")
     repo_id = alias.repo if alias else name
     if not REPO_ID.match(repo_id):
-        raise EngineError(f"model {name!r} is not a directory, a .gguf file, a model in Ollama's store "
+        raise ModelNotFound(f"model {name!r} is not a directory, a .gguf file, a model in Ollama's store "
                           f"({ollama_store()}), a known name ({SHORT_NAMES}) or a Hugging Face repo id "
                           f"(organization/name)")
     if alias and alias.filename and tokenizer_only and alias.tokenizer_repo:
@@ -192,7 +192,7 @@ def not_found(name: str, repo_id: str, alias: Alias | None, why: str) -> EngineE
                f"or, with Ollama installed: ollama pull {name if ':' in name else 'NAME:TAG'}, then use that name",
                "or download it where the hub is reachable (it goes to the Hugging Face cache) and run with "
                "HF_HUB_OFFLINE=1"]
-    return EngineError(f"model {name!r} was not found. Tried:\n" + "".join(f"  - {t}\n" for t in tried)
+    return ModelNotFound(f"model {name!r} was not found. Tried:\n" + "".join(f"  - {t}\n" for t in tried)
                        + "Instead:\n" + "\n".join(f"  - {i}" for i in instead))
 
 

@@ -95,3 +95,19 @@ def smollm2():
 def smollm2_llm(smollm2):
     import engine
     return engine.load(str(smollm2))
+
+
+@pytest.fixture(scope="session")
+def opening_template_model(model_dirs, tmp_path_factory):
+    """The tiny Qwen2 with the later revision of DeepSeek's template, which ends the prompt with
+    the opening tag (the first revision, the tiny models' own, leaves it to the model)."""
+    import json
+    import shutil
+    from pathlib import Path
+    out = Path(shutil.copytree(model_dirs("qwen2-f32"), tmp_path_factory.mktemp("think") / "model"))
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    ending = "{{'<｜Assistant｜>'}}{% endif %}"
+    assert config["chat_template"].endswith(ending)
+    config["chat_template"] = config["chat_template"][:-len(ending)] + "{{'<｜Assistant｜><think>\\n'}}{% endif %}"
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    return str(out)

@@ -1,7 +1,6 @@
 """The ollama-shaped Python API (engine/surfaces/api.py): responses the real `ollama` package's types
 accept, thinking apart from the answer, options by Ollama's names, models kept for keep_alive."""
 import time
-from pathlib import Path
 
 import ollama
 import pytest
@@ -18,9 +17,9 @@ GREEDY = {"temperature": 0, "repeat_penalty": 1, "num_predict": 12}
 
 @pytest.fixture(autouse=True)
 def fresh_registry():
-    api.MODELS.models.clear()
+    api.MODELS.clear()
     yield
-    api.MODELS.models.clear()
+    api.MODELS.clear()
 
 
 def test_chat_answers_with_the_ollama_packages_fields(smollm2):
@@ -54,21 +53,6 @@ def test_generate_with_system_and_raw(smollm2):
                           options={**GREEDY, "num_predict": 3})
     assert ollama.GenerateResponse.model_validate(raw).response.strip().startswith("Paris")
     assert raw.done_reason == "length" and raw.eval_count == 3
-
-
-@pytest.fixture(scope="module")
-def opening_template_model(model_dirs, tmp_path_factory):
-    """The tiny Qwen2 with the later revision of DeepSeek's template, which ends the prompt with
-    the opening tag (the first revision, the tiny models' own, leaves it to the model)."""
-    import json
-    import shutil
-    out = Path(shutil.copytree(model_dirs("qwen2-f32"), tmp_path_factory.mktemp("think") / "model"))
-    config = json.loads((out / "tokenizer_config.json").read_text())
-    ending = "{{'<｜Assistant｜>'}}{% endif %}"
-    assert config["chat_template"].endswith(ending)
-    config["chat_template"] = config["chat_template"][:-len(ending)] + "{{'<｜Assistant｜><think>\\n'}}{% endif %}"
-    (out / "tokenizer_config.json").write_text(json.dumps(config))
-    return str(out)
 
 
 @pytest.mark.parametrize("opens", [True, False])
@@ -122,7 +106,7 @@ def test_a_second_turn_prefills_only_what_is_new_and_answers_as_a_fresh_model(mo
     chat = [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": first.message.content},
             {"role": "user", "content": "And then?"}]
     second = engine.chat(model=name, messages=chat, options=options)
-    api.MODELS.models.clear()
+    api.MODELS.clear()
     fresh = engine.chat(model=name, messages=chat, options=options)
     assert second.message.content == fresh.message.content
     assert second.prompt_eval_count < fresh.prompt_eval_count   # the shared prefix was not run again

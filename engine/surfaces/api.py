@@ -15,10 +15,11 @@ minutes; 0 releases it after the call, a negative value keeps it), as Ollama's s
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from .. import library
+from ..batching import DEFAULT_MAX_QUEUE, Batcher, Job
 from ..errors import EngineError
 from ..resolve import OLLAMA_OPTIONS, resolve
 from ..source import capabilities, open_source
@@ -106,44 +107,66 @@ def keep_alive_seconds(keep_alive) -> float:
 class Loaded:
     llm: object
     load_options: dict
+    batcher: Batcher
     expires: float = float("inf")
-    lock: threading.Lock = field(default_factory=threading.Lock)   # one generation at a time
+    active: int = 0   # generations (and interactive sessions) using it now: it stays loaded meanwhile
 
 
 class ModelRegistry:
-    """The models kept in memory between calls, each released when its keep_alive runs out."""
+    """The models kept in memory between calls, each released when its keep_alive runs out and no
+    generation uses it. Each has a Batcher (engine/batching.py) that runs its generations,
+    `parallel` at a time (a server sets it; one for the in-process API). Loads happen one at a
+    time: a second request for a model being loaded waits for that load instead of loading it
+    again."""
 
-    def __init__(self):
+    def __init__(self, parallel: int = 1, max_queue: int = DEFAULT_MAX_QUEUE):
         self.models: dict[str, Loaded] = {}
         self.lock = threading.Lock()
+        self.loading = threading.Lock()
+        self.parallel, self.max_queue = parallel, max_queue
+        self.defaults = {}   # load options a request's options override (a server's --ctx, --threads)
 
     def acquire(self, name: str, load_options: dict) -> tuple[Loaded, float]:
         """The loaded model (loading it, or reloading it with other load options), and the seconds
-        its loading took now (0 when it was already loaded). The caller holds its lock."""
+        its loading took now (0 when it was already loaded). Pair with `done`."""
         from .. import load
         self.release_expired()
+        loaded = self._use_loaded(name, load_options)
+        if loaded is not None:
+            return loaded, 0.0
+        with self.loading:
+            loaded = self._use_loaded(name, load_options)   # loaded while this one waited
+            if loaded is not None:
+                return loaded, 0.0
+            started = time.perf_counter()
+            llm = load(name, parallel=self.parallel, **{**self.defaults, **load_options})
+            loaded = Loaded(llm, dict(load_options), Batcher(llm, self.max_queue), active=1)
+            with self.lock:
+                replaced = self.models.get(name)
+                self.models[name] = loaded
+            if replaced is not None:   # other load options: its generations finish, then it goes
+                replaced.batcher.close(wait=False)
+        return loaded, time.perf_counter() - started
+
+    def _use_loaded(self, name: str, load_options: dict) -> Loaded | None:
         with self.lock:
             loaded = self.models.get(name)
             if loaded is not None and loaded.load_options == load_options:
-                loaded.lock.acquire()
-                return loaded, 0.0
-        started = time.perf_counter()
-        llm = load(name, **load_options)
-        loaded = Loaded(llm, dict(load_options))
-        loaded.lock.acquire()
-        with self.lock:
-            self.models[name] = loaded
-        return loaded, time.perf_counter() - started
+                loaded.active += 1
+                return loaded
+        return None
 
     def keep(self, name: str, load_options: dict):
-        """The model loaded and kept until released by hand (an interactive session's)."""
+        """The model loaded and kept until released by hand (an interactive session's, which runs
+        it directly, not through its batcher)."""
         loaded, _ = self.acquire(name, load_options)
-        self.done(name, loaded, -1)
+        self.done(loaded, -1)
         return loaded.llm
 
-    def done(self, name: str, loaded: Loaded, keep_alive: float) -> None:
-        loaded.expires = float("inf") if keep_alive < 0 else time.monotonic() + keep_alive
-        loaded.lock.release()
+    def done(self, loaded: Loaded, keep_alive: float) -> None:
+        with self.lock:
+            loaded.active -= 1
+            loaded.expires = float("inf") if keep_alive < 0 else time.monotonic() + keep_alive
         if keep_alive == 0:
             self.release_expired()
         elif keep_alive > 0:
@@ -155,8 +178,16 @@ class ModelRegistry:
         now = time.monotonic()
         with self.lock:
             for name, loaded in list(self.models.items()):
-                if loaded.expires <= now and not loaded.lock.locked():
+                if loaded.expires <= now and not loaded.active:
                     del self.models[name]
+                    loaded.batcher.close(wait=False)
+
+    def clear(self) -> None:
+        """Release every model now (their batchers finish what they run)."""
+        with self.lock:
+            models, self.models = list(self.models.values()), {}
+        for loaded in models:
+            loaded.batcher.close(wait=False)
 
     def running(self) -> list[tuple[str, Loaded]]:
         self.release_expired()
@@ -186,8 +217,7 @@ def render_chat(llm, messages: list[dict], think) -> tuple[str, bool]:
 
 # --- chat and generate -------------------------------------------------------------------------
 
-def _statistics(llm, load_seconds: float, started: float) -> dict:
-    stats = llm.last_stats
+def _statistics(stats, load_seconds: float, started: float) -> dict:
     ns = 1e9
     return {
         "done_reason": "length" if stats.stop_reason in ("max_tokens", "context full") else "stop",
@@ -200,11 +230,38 @@ def _statistics(llm, load_seconds: float, started: float) -> dict:
     }
 
 
-def _run(model: str, render, options, keep_alive, respond, stream: bool):
+@dataclass
+class Generation:
+    """A generation submitted to its model's batcher: `job` delivers its text pieces; `opened`
+    says whether the prompt leaves the model inside a thinking block; `release` must follow."""
+    job: Job | None            # None: an empty prompt, which only loads the model
+    opened: bool
+    loaded: Loaded
+    keep_alive: float
+    load_seconds: float
+    started: float
+    released: bool = False
+
+    def release(self) -> None:
+        """Cancel what is still running (a client that left early) and let the model expire."""
+        if not self.released:
+            self.released = True
+            if self.job is not None:
+                self.job.cancel()
+            MODELS.done(self.loaded, self.keep_alive)
+
+    def statistics(self) -> dict:
+        if self.job is None:
+            return {"done_reason": "load", "total_duration": int((time.perf_counter() - self.started) * 1e9),
+                    "load_duration": int(self.load_seconds * 1e9)}
+        return _statistics(self.job.request.stats, self.load_seconds, self.started)
+
+
+def start(model: str, render, options, keep_alive, deliver=None) -> Generation:
     """Load the model (or find it loaded), render the prompt with `render(llm) -> (text, opened)`
-    and generate; `respond(thinking, answer, done, statistics)` makes each response: a chunk per
-    piece of text, then the last with the statistics (or, without streaming, one whole). Every
-    check happens now, before the first chunk is asked for."""
+    (None: an empty prompt, which only loads the model) and submit it to the model's batcher,
+    whose events go to `deliver` (engine/batching.py's Job). Every check happens now. Blocks
+    while the model loads."""
     if not isinstance(model, str) or not model:
         raise EngineError("model must be a model name")
     parts = split_options(options)
@@ -213,45 +270,57 @@ def _run(model: str, render, options, keep_alive, respond, stream: bool):
     loaded, load_seconds = MODELS.acquire(model, parts["load"])
     try:
         llm = loaded.llm
-        text, opened = render(llm)
-        ids = llm.tokenizer.encode(text, add_special_tokens=False)
-        pieces = llm.generate_ids(ids, stream=True, stop=parts["generation"].get("stop"),
+        rendered = render(llm)
+        job, opened = None, False
+        if rendered is not None:
+            text, opened = rendered
+            ids = llm.tokenizer.encode(text, add_special_tokens=False)
+            request = llm.request(ids, stop=parts["generation"].get("stop"),
                                   max_tokens=parts["generation"].get("max_tokens", DEFAULT_NUM_PREDICT),
                                   **parts["sampler"])
+            job = loaded.batcher.submit(request, deliver)
     except BaseException:
-        MODELS.done(model, loaded, keep)
+        MODELS.done(loaded, keep)
         raise
+    return Generation(job, opened, loaded, keep, load_seconds, started)
+
+
+def _run(model: str, render, options, keep_alive, respond, stream: bool):
+    """`start` a generation and make its responses with `respond(thinking, answer, done,
+    statistics)`: a chunk per piece of text, then the last with the statistics (or, without
+    streaming, one whole)."""
+    generation = start(model, render, options, keep_alive)
 
     def split():
         """(thinking, answer) per piece of generated text, then what the parser held back."""
         try:
-            parser = ThinkingParser(opened=opened)
-            for piece in pieces:
-                yield parser.feed(piece)
-            yield parser.flush()
+            if generation.job is not None:
+                parser = ThinkingParser(opened=generation.opened)
+                for piece in generation.job:
+                    yield parser.feed(piece)
+                yield parser.flush()
         finally:
-            MODELS.done(model, loaded, keep)
+            generation.release()
 
     if stream:
         def chunks():
             for thinking, answer in split():
                 if thinking or answer:
                     yield respond(thinking, answer, False, {})
-            yield respond("", "", True, _statistics(llm, load_seconds, started))
+            yield respond("", "", True, generation.statistics())
         return chunks()
     whole = list(split())
-    return respond("".join(t for t, _ in whole), "".join(a for _, a in whole), True,
-                   _statistics(llm, load_seconds, started))
+    return respond("".join(t for t, _ in whole), "".join(a for _, a in whole), True, generation.statistics())
 
 
-def _chat_response(model: str):
+def chat_response(model: str):
     def respond(thinking, answer, done, statistics):
         return Record(model=model, created_at=_now(), done=done, **statistics,
                       message=Record(role="assistant", content=answer, thinking=thinking or None))
     return respond
 
 
-def _generate_response(model: str):
+def generate_response(model: str):
     def respond(thinking, answer, done, statistics):
         return Record(model=model, created_at=_now(), done=done, **statistics, response=answer,
                       thinking=thinking or None)
@@ -265,9 +334,9 @@ def chat(model: str = "", messages=None, *, stream: bool = False, think=None, op
         raise EngineError("structured output (format) is not supported yet")
     if tools:
         raise EngineError("tools are not supported yet")
-    checked = chat_messages(messages if messages is not None else [])
-    return _run(model, lambda llm: render_chat(llm, checked, think), options, keep_alive, _chat_response(model),
-                stream)
+    checked = chat_messages(messages) if messages else []   # none: only load the model
+    return _run(model, lambda llm: render_chat(llm, checked, think) if checked else None, options, keep_alive,
+                chat_response(model), stream)
 
 
 def generate(model: str = "", prompt: str = "", *, system: str | None = None, raw: bool = False,
@@ -275,22 +344,22 @@ def generate(model: str = "", prompt: str = "", *, system: str | None = None, ra
     """Ollama's generate: a completion of `prompt` (as one user message, unless raw)."""
     if format not in (None, ""):
         raise EngineError("structured output (format) is not supported yet")
+    return _run(model, generate_renderer(prompt, system, raw, think), options, keep_alive,
+                generate_response(model), stream)
+
+
+def generate_renderer(prompt: str, system: str | None, raw: bool, think):
+    """generate's prompt as `start` renders it (checked now): the text itself when raw, else one
+    user message after an optional system message; an empty prompt only loads the model."""
     if not isinstance(prompt, str):
         raise EngineError("prompt must be a string")
     if raw:
         if system is not None or think is not None:
             raise EngineError("raw prompts take no system message and no think setting")
-
-        def render(llm):
-            return prompt, False
-    else:
-        messages = ([{"role": "system", "content": system}] if system is not None else []) + \
-                   [{"role": "user", "content": prompt}]
-        messages = chat_messages(messages)
-
-        def render(llm):
-            return render_chat(llm, messages, think)
-    return _run(model, render, options, keep_alive, _generate_response(model), stream)
+        return lambda llm: (prompt, False) if prompt else None
+    messages = chat_messages(([{"role": "system", "content": system}] if system is not None else [])
+                             + [{"role": "user", "content": prompt}])
+    return lambda llm: render_chat(llm, messages, think) if prompt else None
 
 
 def ps() -> Record:
