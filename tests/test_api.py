@@ -117,12 +117,18 @@ def test_a_second_turn_prefills_only_what_is_new_and_answers_as_a_fresh_model(mo
     ([{"role": "user"}], "message 0 has no 'content'"),
     ([{"role": "user", "content": 5}], "the content of message 0 must be a string"),
     ({"role": "user", "content": "hi"}, "messages must be a list"),
-    ([], "at least one message"),
     (["hi"], "message 0 must be an object"),
 ])
 def test_bad_messages(smollm2, messages, message):
     with pytest.raises(EngineError, match=message):
         engine.chat(model=str(smollm2), messages=messages)
+
+
+def test_no_messages_or_prompt_only_loads_the_model(smollm2):
+    r = engine.chat(model=str(smollm2), messages=[])
+    assert r.done and r.done_reason == "load" and r.message.content == ""
+    assert engine.generate(model=str(smollm2), prompt="").done_reason == "load"
+    assert [m.model for m in engine.ps().models] == [str(smollm2)]
 
 
 @pytest.mark.parametrize("options, message", [

@@ -182,11 +182,11 @@ class Answer:
                 return
             parser = ThinkingParser(opened=self.generation.opened)
             while True:
+                if self.state.drain_over():
+                    raise EngineError("the server is shutting down: this answer was cut short")
                 try:
                     kind, value = await asyncio.wait_for(self.events.get(), POLL_SECONDS)
                 except asyncio.TimeoutError:
-                    if self.state.drain_over():
-                        raise EngineError("the server is shutting down: this answer was cut short") from None
                     if watch_client and await self.request.is_disconnected():
                         return   # (a stream learns it from its next write instead)
                     continue
