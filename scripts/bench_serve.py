@@ -119,8 +119,9 @@ def main():
                 rounds = [asyncio.run(round_of(url, model, clients, args.pp, args.tg)) for _ in range(args.repeats)]
                 m = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
                 single = single or (m["decoding"] if clients == 1 else None)
-                ratio = f"{m['decoding'] / single:.2f}x" if single else "-"
-                print(f"| {os.path.basename(model)} | {clients} | {m['aggregate']:.1f} | {m['decoding']:.1f} | {ratio} | "
+                decoding = "-" if m["decoding"] != m["decoding"] else f"{m['decoding']:.1f}"   # NaN: more clients than slots
+                ratio = f"{m['decoding'] / single:.2f}x" if single and decoding != "-" else "-"
+                print(f"| {os.path.basename(model)} | {clients} | {m['aggregate']:.1f} | {decoding} | {ratio} | "
                       f"{m['client_min']:.1f} / {m['client_median']:.1f} | {m['ttft_p50']:.2f} / {m['ttft_p95']:.2f} |",
                       flush=True)
         finally:
