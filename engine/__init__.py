@@ -27,7 +27,7 @@ from .kernels.compiler import available_threads
 
 from .config import ModelConfig
 from .errors import EngineError
-from .generation import CompileWatch, Request, Stats, check_request, generate_text
+from .generation import CompileWatch, Request, Stats, check_request, common_prefix, generate_text
 from .model import Transformer
 from .quantize import check_quant, quantize_weights
 from .resolve import resolve
@@ -252,13 +252,3 @@ class LLM:
         ids = [int(i) for i in self._check_ids(ids)]
         return Request(ids, sampler, max_tokens, list(self.default_stop if stop is None else stop),
                        Stats(sampling=describe(settings, sources)))
-
-
-def common_prefix(a: list, b: list) -> int:
-    """How many leading items a and b share."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n

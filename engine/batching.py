@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import EngineError
-from .generation import Request, Sequence, check_request
+from .generation import Request, Sequence, common_prefix
 
 RATE_WINDOW = 10.0        # seconds over which tokens_per_second counts
 PREFILL_CHUNK = 32       # prompt tokens per step beside the decoding rows: a step's length bounds their wait
@@ -74,8 +74,7 @@ class Running:
     job: Job
     slot: int
     sequence: Sequence
-    todo: np.ndarray          # prompt ids not yet in the cache
-    next_position: int       # where todo[0] goes
+    todo: np.ndarray          # the prompt's last ids, not yet in the cache
     started: float
     prompt_done: float = 0.0
 
@@ -98,7 +97,6 @@ class Batcher:
     # --- the callers' side ---------------------------------------------------------------------
     def submit(self, request: Request, deliver=None) -> Job:
         """Queue a request (checked by LLM.request); raises QueueFull when the queue is full."""
-        check_request(len(request.prompt_ids), self.model.context_length, request.max_tokens)
         job = Job(request, deliver)
         with self.changed:
             if self.closing:
@@ -118,7 +116,8 @@ class Batcher:
     def tokens_per_second(self) -> float:
         """Tokens generated per second over the last RATE_WINDOW seconds."""
         cutoff = time.monotonic() - RATE_WINDOW
-        return sum(n for t, n in list(self.recent) if t >= cutoff) / RATE_WINDOW
+        with self.changed:
+            return sum(n for t, n in self.recent if t >= cutoff) / RATE_WINDOW
 
     def close(self, wait: bool = True) -> None:
         """Finish what is running and waiting, then stop the thread."""
@@ -151,7 +150,6 @@ class Batcher:
     def _admit(self) -> None:
         """Give free slots to waiting jobs, oldest first, each to the free slot whose cache holds
         the longest prefix of its prompt (the last prompt token is always run again: its logits)."""
-        from . import common_prefix
         free = [s for s in range(self.model.slots) if s not in self.running]
         while free and self.waiting:
             job = self.waiting.popleft()
@@ -162,7 +160,7 @@ class Batcher:
             sequence = Sequence(self.llm.tokenizer, job.request, self.llm.eos_ids, self.model.context_length)
             todo = np.asarray(ids[shared[slot]:], dtype=np.int64)
             job.request.stats.prompt_tokens = len(todo)
-            self.running[slot] = Running(job, slot, sequence, todo, shared[slot], time.perf_counter())
+            self.running[slot] = Running(job, slot, sequence, todo, time.perf_counter())
 
     def _step(self) -> None:
         """One forward pass: a token of every decoding sequence, and the next chunk of the oldest
@@ -177,11 +175,11 @@ class Batcher:
         prefilling = min((r for r in self.running.values() if len(r.todo)), key=lambda r: r.started, default=None)
         if prefilling is not None:
             chunk = prefilling.todo[:min(PREFILL_CHUNK, self.model.batch_size - len(decoding))]
+            first = len(prefilling.sequence.history) - len(prefilling.todo)   # (history: the prompt, still)
             rows_ids.extend(chunk.tolist())
             rows_slots.extend([prefilling.slot] * len(chunk))
-            rows_positions.extend(range(prefilling.next_position, prefilling.next_position + len(chunk)))
+            rows_positions.extend(range(first, first + len(chunk)))
             prefilling.todo = prefilling.todo[len(chunk):]
-            prefilling.next_position += len(chunk)
             if not len(prefilling.todo):
                 with_logits.append(prefilling)
         logit_rows = list(range(len(decoding))) + ([len(rows_ids) - 1] if len(with_logits) > len(decoding) else [])
@@ -202,9 +200,10 @@ class Batcher:
                     r.job.deliver(("error", error))
             return
         now = time.perf_counter()
-        self.recent.append((time.monotonic(), len(with_logits)))
-        while self.recent and self.recent[0][0] < time.monotonic() - RATE_WINDOW:
-            self.recent.popleft()
+        with self.changed:
+            self.recent.append((time.monotonic(), len(with_logits)))
+            while self.recent[0][0] < self.recent[-1][0] - RATE_WINDOW:
+                self.recent.popleft()
         if prefilling is not None and not len(prefilling.todo):
             prefilling.prompt_done = now
             prefilling.sequence.stats.prompt_seconds = now - prefilling.started

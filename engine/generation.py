@@ -95,9 +95,20 @@ def check_request(prompt_tokens: int, context: int, max_tokens: int) -> None:
         raise EngineError(f"max_tokens must be a non-negative integer, got {max_tokens!r}")
 
 
+def common_prefix(a: list, b: list) -> int:
+    """How many leading tokens a and b share (a cache's and a new prompt's)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 @dataclass
 class Request:
-    """One generation, checked and ready to run: prompt ids, sampler, limits; its stats fill in."""
+    """One generation, checked (LLM.request makes them) and ready to run: prompt ids, sampler,
+    limits; its stats fill in."""
     prompt_ids: list
     sampler: Sampler
     max_tokens: int
@@ -150,7 +161,6 @@ def generate_text(model, tokenizer: Tokenizer, request: Request, *, eos_ids, sta
     stats = request.stats
     threads = threads or ThreadTuner()
     threads.begin()
-    check_request(len(request.prompt_ids), model.context_length, request.max_tokens)
 
     started, compiling = time.perf_counter(), CompileWatch(stats)
     todo = np.asarray(request.prompt_ids[start_pos:], dtype=np.int64)

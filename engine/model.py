@@ -156,7 +156,6 @@ class Transformer:
         self.cos, self.sin = rope_tables(c, context_length)
 
         self.cache = KVCache(kv_cache, c.num_layers, c.num_kv_heads, context_length, c.head_dim, slots)
-        self.slots = slots
 
         def buffer(width):
             return np.zeros((batch_size, width), np.float32)
@@ -182,6 +181,11 @@ class Transformer:
         self.profile = Profile()
         self.kernels = Kernels(self.cache, names, self.profile)
         return self.profile
+
+    @property
+    def slots(self) -> int:
+        """Sequences the KV cache holds at once."""
+        return len(self.slot_ids)
 
     @property
     def cached_ids(self) -> list:
@@ -257,8 +261,7 @@ class Transformer:
         m = len(logit_rows)
         logits = self.logits[:m] if m <= len(self.logits) else np.empty((m, c.vocab_size), np.float32)
         if m:   # (a prompt chunk before the last one needs none)
-            last = x if m == n and (logit_rows == np.arange(n)).all() else x[logit_rows]
-            rmsnorm(last, self.final_norm, c.rms_norm_eps, h[:m])
+            rmsnorm(x[logit_rows], self.final_norm, c.rms_norm_eps, h[:m])
             # the LM head's product picks the token: its activations are rounded to int16 blocks,
             # not int8 (int8 rounding here visibly changes small models' answers; README)
             matmul(self.lm_head, h[:m], logits, activations=np.int16)

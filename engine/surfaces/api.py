@@ -217,23 +217,11 @@ def render_chat(llm, messages: list[dict], think) -> tuple[str, bool]:
 
 # --- chat and generate -------------------------------------------------------------------------
 
-def _statistics(stats, load_seconds: float, started: float) -> dict:
-    ns = 1e9
-    return {
-        "done_reason": "length" if stats.stop_reason in ("max_tokens", "context full") else "stop",
-        "total_duration": int((time.perf_counter() - started) * ns),
-        "load_duration": int(load_seconds * ns),
-        "prompt_eval_count": stats.prompt_tokens,
-        "prompt_eval_duration": int(stats.prompt_seconds * ns),
-        "eval_count": stats.generated_tokens,
-        "eval_duration": int(stats.generate_seconds * ns),
-    }
-
-
 @dataclass
 class Generation:
-    """A generation submitted to its model's batcher: `job` delivers its text pieces; `opened`
-    says whether the prompt leaves the model inside a thinking block; `release` must follow."""
+    """A generation submitted to its model's batcher: `job` delivers its text pieces, which
+    `parser` splits into thinking and answer (`opened`: the prompt leaves the model inside a
+    thinking block); `release` must follow."""
     job: Job | None            # None: an empty prompt, which only loads the model
     opened: bool
     loaded: Loaded
@@ -241,6 +229,9 @@ class Generation:
     load_seconds: float
     started: float
     released: bool = False
+
+    def __post_init__(self):
+        self.parser = ThinkingParser(opened=self.opened)
 
     def release(self) -> None:
         """Cancel what is still running (a client that left early) and let the model expire."""
@@ -251,10 +242,16 @@ class Generation:
             MODELS.done(self.loaded, self.keep_alive)
 
     def statistics(self) -> dict:
+        """Ollama's fields of the last response (durations in nanoseconds)."""
+        ns = 1e9
+        times = {"total_duration": int((time.perf_counter() - self.started) * ns),
+                 "load_duration": int(self.load_seconds * ns)}
         if self.job is None:
-            return {"done_reason": "load", "total_duration": int((time.perf_counter() - self.started) * 1e9),
-                    "load_duration": int(self.load_seconds * 1e9)}
-        return _statistics(self.job.request.stats, self.load_seconds, self.started)
+            return {"done_reason": "load", **times}
+        stats = self.job.request.stats
+        return {"done_reason": "length" if stats.stop_reason in ("max_tokens", "context full") else "stop", **times,
+                "prompt_eval_count": stats.prompt_tokens, "prompt_eval_duration": int(stats.prompt_seconds * ns),
+                "eval_count": stats.generated_tokens, "eval_duration": int(stats.generate_seconds * ns)}
 
 
 def start(model: str, render, options, keep_alive, deliver=None) -> Generation:
@@ -295,10 +292,9 @@ def _run(model: str, render, options, keep_alive, respond, stream: bool):
         """(thinking, answer) per piece of generated text, then what the parser held back."""
         try:
             if generation.job is not None:
-                parser = ThinkingParser(opened=generation.opened)
                 for piece in generation.job:
-                    yield parser.feed(piece)
-                yield parser.flush()
+                    yield generation.parser.feed(piece)
+                yield generation.parser.flush()
         finally:
             generation.release()
 

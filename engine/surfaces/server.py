@@ -22,6 +22,7 @@ import hmac
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -29,7 +30,6 @@ from dataclasses import dataclass, field
 from .. import library
 from ..batching import QueueFull
 from ..errors import EngineError, ModelNotFound
-from ..thinking import ThinkingParser
 from ..tokenizer import chat_messages
 from . import api
 
@@ -111,7 +111,8 @@ def metrics_text(state: ServerState) -> str:
     """Prometheus' text format."""
     running = waiting = slots = 0
     rate = 0.0
-    for _, loaded in api.MODELS.running():
+    models = api.MODELS.running()
+    for _, loaded in models:
         r, w = loaded.batcher.busy()
         running, waiting, slots = running + r, waiting + w, slots + loaded.llm.model.slots
         rate += loaded.batcher.tokens_per_second()
@@ -126,7 +127,7 @@ def metrics_text(state: ServerState) -> str:
             ("busy_slots", "gauge", running, "Sequences being generated."),
             ("slots", "gauge", slots, "Sequences the loaded models can generate at once."),
             ("tokens_per_second", "gauge", round(rate, 3), "Tokens generated per second over the last 10 s."),
-            ("loaded_models", "gauge", len(api.MODELS.running()), "Models in memory.")]:
+            ("loaded_models", "gauge", len(models), "Models in memory.")]:
         lines += [f"# HELP engine_{name} {text}", f"# TYPE engine_{name} {kind}", f"engine_{name} {value}"]
     return "\n".join(lines) + "\n"
 
@@ -151,15 +152,15 @@ async def json_body(request) -> dict:
 
 
 def field_of(body: dict, name: str, kinds, default=None, required: bool = False):
-    value = body.get(name, default)
+    """body[name], checked to be of one of `kinds` (a type or a tuple; a bool is no int here)."""
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    value = body.get(name)
     if value is None:
         if required:
             raise HTTPError(400, f"{name} is required", name)
         return default
-    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
-        raise HTTPError(400, f"{name} must be {getattr(kinds, '__name__', kinds)}, got {value!r}", name)
-    if not isinstance(value, kinds):
-        names = " or ".join(k.__name__ for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = " or ".join(k.__name__ for k in kinds)
         raise HTTPError(400, f"{name} must be {names}, got {type(value).__name__}", name)
     return value
 
@@ -177,10 +178,9 @@ class Answer:
         error, and ends early (with an error) when the server shuts down. The generation is
         released however it ends: a client that went away cancels it."""
         try:
-            job = self.generation.job
-            if job is None:
+            if self.generation.job is None:
                 return
-            parser = ThinkingParser(opened=self.generation.opened)
+            parser = self.generation.parser
             while True:
                 if self.state.drain_over():
                     raise EngineError("the server is shutting down: this answer was cut short")
@@ -591,22 +591,13 @@ def create_app(state: ServerState | None = None):
     return Gate(app, state)
 
 
-def _starlette():
-    try:
-        import starlette  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError:
-        raise EngineError('the server needs Starlette and uvicorn: pip install "engine[serve]" '
-                          '(or pip install starlette uvicorn)') from None
-
-
 def serve(host: str = "127.0.0.1", port: int = 11434, models=(), parallel: int = 4, api_key: str | None = None,
           max_queue: int = 512, load_options: dict | None = None) -> None:
     """Run the server until SIGINT or SIGTERM. `models` load at start (/health answers 503 until
     they have); others load on first use."""
-    _starlette()
-    import threading
-
+    if JSONResponse is None:
+        raise EngineError('the server needs Starlette and uvicorn: pip install "engine[serve]" '
+                          '(or pip install starlette uvicorn)')
     import uvicorn
     api_key = api_key or os.environ.get("ENGINE_API_KEY") or None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
