@@ -64,7 +64,8 @@ class ThinkingParser:
             self.state, self.pending = ANSWER, ""
             return False, "", text
         if self.state == OPENED:
-            if not stripped:
+            if not stripped:   # whitespace after the tag is dropped, however it arrives
+                self.pending = ""
                 return False, "", ""
             self.state, self.pending = THINKING, stripped
             return True, "", ""

@@ -58,6 +58,12 @@ def test_a_tag_is_never_emitted_before_it_can_be_told_apart():
     assert parser.feed(" more") == ("", " more")
 
 
+def test_whitespace_after_the_opening_tag_is_dropped_in_any_pieces():
+    """(hypothesis found it: "<think>" then " " kept the space and flushed it as thinking)"""
+    assert run(["<think>", " "], False) == run(["<think> "], False) == ("", "")
+    assert run(["<think>", " ", "\n", "x"], False) == ("x", "")
+
+
 @settings(max_examples=300, deadline=None)
 @given(words=st.lists(st.sampled_from(["<think>", "</think>", "<", "</", "think", ">", " ", "\n", "a", "b c"]),
                       max_size=12),
