@@ -22,7 +22,7 @@ from .kernels.formats import FORMATS
 
 from .config import ModelConfig, load_config
 from .errors import EngineError
-from .gguf import GGUFFile, gguf_config, gguf_tensors
+from .gguf import FILE_TYPES, GGUFFile, gguf_config, gguf_tensors
 from .tokenizer import Tokenizer, tokenizer_from_gguf
 from .weight_cache import WeightCache
 from .weights import check_layer_count, read_checkpoint, stored_formats
@@ -38,7 +38,8 @@ class ModelDetails:
     file_format: str           # "GGUF v3", "safetensors", "quantized safetensors"
     family: str                # the architecture: "qwen2", "llama"
     parameters: int
-    quantization: str          # the most common type among the matrices, e.g. "Q4_K", "bf16"
+    quantization: str          # the file's type (GGUF's general.file_type, e.g. "Q4_K_M"), else the
+                               # most common type among the matrices, e.g. "Q4_K", "bf16"
     tensor_types: Counter      # type name -> tensors
     file_size: int
     tokenizer: str             # what the tokenizer is built from
@@ -78,7 +79,8 @@ class GGUFSource:
             file_format=f"GGUF v{self.file.version}",
             family=str(metadata.get("general.architecture", "?")),
             parameters=sum(int(np.prod(t.shape)) for t in infos),
-            quantization=Counter(matrices).most_common(1)[0][0] if matrices else "none",
+            quantization=FILE_TYPES.get(metadata.get("general.file_type"),
+                                        Counter(matrices).most_common(1)[0][0] if matrices else "none"),
             tensor_types=Counter(t.type_name for t in infos),
             file_size=self.path.stat().st_size,
             tokenizer=f"GGUF {metadata.get('tokenizer.ggml.model')} (pre-tokenizer "

@@ -246,12 +246,18 @@ def _load(context, builder, array_type, array, index_type, index, count):
     return builder.load(_vector_pointer(context, builder, array_type, array, index_type, index, item, count), align=1)
 
 
+def _splat(context, builder, vector_type, value, value_type):
+    """A vector of vector_type with the run-time integer `value` in every item."""
+    item = context.cast(builder, value, value_type, types.int64)
+    item = builder.trunc(item, vector_type.element) if vector_type.element.width < 64 else item
+    one = builder.insert_element(ir.Constant(vector_type, None), item, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, ir.Constant(vector_type, None),
+                                  ir.Constant(ir.VectorType(ir.IntType(32), vector_type.count), [0] * vector_type.count))
+
+
 def _shifted_right(context, builder, vector, shift, shift_type):
-    """<32 x i8> vector >> shift in every byte, shift a run-time integer."""
-    by = context.cast(builder, shift, shift_type, types.uint8)
-    splat = builder.shuffle_vector(builder.insert_element(ir.Constant(vector.type, None), by, ir.Constant(ir.IntType(32), 0)),
-                                   ir.Constant(vector.type, None), ir.Constant(ir.VectorType(ir.IntType(32), 32), [0] * 32))
-    return builder.lshr(vector, splat)
+    """vector >> shift in every item, shift a run-time integer."""
+    return builder.lshr(vector, _splat(context, builder, vector.type, shift, shift_type))
 
 
 def _accumulate(context, builder, acc_type, acc, index_type, index, sums):
@@ -288,31 +294,39 @@ def _pair_sums_fast(x_type) -> bool:
     return _host_has_avx2() and x_type.dtype == types.int8
 
 
+def _low_bits(context, builder, vector, shift, shift_type, bits, bits_type):
+    """<32 x i8>: (vector >> shift) & (2^bits - 1) in every byte (shift and bits: run-time
+    integers that are constants of each call, which LLVM folds)."""
+    one = ir.Constant(vector.type, [1] * 32)
+    mask = builder.sub(builder.shl(one, _splat(context, builder, vector.type, bits, bits_type)), one)
+    return builder.and_(_shifted_right(context, builder, vector, shift, shift_type), mask)
+
+
 @intrinsic
-def dot4_nibbles_partial(typingctx, acc, acc_index, w, w_index, x, x_index, shift):
-    """As dot4_int8 for 4-bit weights, two per byte: the nibble at bit `shift` (0 or 4) of each
-    of the 4 bytes of a lane times x.flat[x_index + c] (unsigned 0..15: no sign to move), added
-    to a partial sum that scaled_sums finishes: 32 bytes of acc per 8 lanes
-    (acc.flat[acc_index:acc_index + 8], int32). With AVX2 and int8 activations it holds
-    pmaddubsw's 16 int16 pair sums, added without widening: the pmaddwd that widens them runs
-    once per block instead of once per quad, and multiplies by the scales at the same time.
-    At most 8 calls per partial sum: 8 * 2 * 15 * 127 < 2^15. Otherwise plain int32 sums.
-    (With VNNI too: vpdpbusd into int32 partial sums measured no faster here, one core in cache:
-    Q4_0 21-22 us either way for 512 x 1536, Q4_K 28 vs 27 us.)"""
-    if not (_dot4_types_ok(acc, w, x) and isinstance(shift, types.Integer)):
+def dot4_partial(typingctx, acc, acc_index, w, w_index, x, x_index, shift, bits):
+    """As dot4_int8 for weights of `bits` bits (4: Q4_0, Q4_K's nibbles; 2: Q2_K's), packed in
+    bytes: the field at bit `shift` of each of the 4 bytes of a lane times x.flat[x_index + c]
+    (unsigned: no sign to move), added to a partial sum that scaled_sums finishes: 32 bytes of
+    acc per 8 lanes (acc.flat[acc_index:acc_index + 8], int32). With AVX2 and int8 activations
+    it holds pmaddubsw's 16 int16 pair sums, added without widening: the pmaddwd that widens
+    them runs once per block instead of once per quad, and multiplies by the scales at the same
+    time. At most 8 calls per partial sum for 4 bits: 8 * 2 * 15 * 127 < 2^15. Otherwise plain
+    int32 sums. (With VNNI too: vpdpbusd into int32 partial sums measured no faster here, one
+    core in cache: Q4_0 21-22 us either way for 512 x 1536, Q4_K 28 vs 27 us.)"""
+    if not (_dot4_types_ok(acc, w, x) and isinstance(shift, types.Integer) and isinstance(bits, types.Integer)):
         return None
 
     def codegen(context, builder, signature, args):
-        (acc_t, acc_i_t, w_t, w_i_t, x_t, x_i_t, shift_t), (acc_a, acc_i, w_a, w_i, x_a, x_i, shift) = signature.args, args
-        packed = _load(context, builder, w_t, w_a, w_i_t, w_i, 32)
-        nibbles = builder.and_(_shifted_right(context, builder, packed, shift, shift_t), ir.Constant(packed.type, [15] * 32))
+        acc_t, acc_i_t, w_t, w_i_t, x_t, x_i_t, shift_t, bits_t = signature.args
+        acc_a, acc_i, w_a, w_i, x_a, x_i, shift, bits = args
+        q = _low_bits(context, builder, _load(context, builder, w_t, w_a, w_i_t, w_i, 32), shift, shift_t, bits, bits_t)
         xq = _load(context, builder, x_t, x_a, x_i_t, x_i, 4)
         if _pair_sums_fast(x_t):
-            _accumulate(context, builder, acc_t, acc_a, acc_i_t, acc_i, _byte_pair_sums(builder, nibbles, xq))
+            _accumulate(context, builder, acc_t, acc_a, acc_i_t, acc_i, _byte_pair_sums(builder, q, xq))
         else:
-            _dot4_into(context, builder, acc_t, acc_a, acc_i_t, acc_i, nibbles, xq, signed=False)
+            _dot4_into(context, builder, acc_t, acc_a, acc_i_t, acc_i, q, xq, signed=False)
         return context.get_dummy_value()
-    return types.void(acc, acc_index, w, w_index, x, x_index, shift), codegen
+    return types.void(acc, acc_index, w, w_index, x, x_index, shift, bits), codegen
 
 
 @intrinsic
@@ -350,27 +364,85 @@ def scaled_sums(typingctx, out, out_index, acc, acc_index, scales, scales_index,
 
 
 @intrinsic
-def dot4_six_bits(typingctx, acc, acc_index, w, low_index, low_shift, high_index, high_shift, x, x_index):
-    """As dot4_int8 for Q6_K's 6-bit weights (0..63, before Q6_K's offset of -32, which the
-    caller applies to the sum): 4 low bits at bit `low_shift` (0 or 4) of the quad at
-    low_index, 2 high bits at bit `high_shift` (0, 2, 4 or 6) of the quad at high_index."""
-    if not (_dot4_types_ok(acc, w, x) and isinstance(low_shift, types.Integer)
-            and isinstance(high_shift, types.Integer)):
+def dot4_bits(typingctx, acc, acc_index, w, low_index, low_shift, low_bits, high_index, high_shift, high_bits,
+              x, x_index):
+    """As dot4_int8 for weights split in two bit fields (unsigned, before the format's offset,
+    which the caller applies to the sum): `low_bits` bits at bit `low_shift` of the quad at
+    low_index, and above them `high_bits` bits at bit `high_shift` of the quad at high_index.
+    Q6_K: 4 + 2 bits; Q5_K: 4 + 1; Q3_K: 2 + 1. Summed into int32."""
+    if not (_dot4_types_ok(acc, w, x) and all(isinstance(a, types.Integer) for a in
+                                              (low_shift, low_bits, high_shift, high_bits))):
         return None
 
     def codegen(context, builder, signature, args):
-        acc_t, acc_i_t, w_t, low_i_t, low_shift_t, high_i_t, high_shift_t, x_t, x_i_t = signature.args
-        acc_a, acc_i, w_a, low_i, low_shift, high_i, high_shift, x_a, x_i = args
-        bytes32 = ir.VectorType(ir.IntType(8), 32)
-
-        def splat(value):
-            return ir.Constant(bytes32, [value] * 32)
-        low = _shifted_right(context, builder, _load(context, builder, w_t, w_a, low_i_t, low_i, 32), low_shift, low_shift_t)
-        high = _shifted_right(context, builder, _load(context, builder, w_t, w_a, high_i_t, high_i, 32), high_shift,
-                              high_shift_t)
-        low, high = builder.and_(low, splat(15)), builder.and_(high, splat(3))
-        q = builder.or_(low, builder.shl(high, splat(4)))
+        acc_t, acc_i_t, w_t, low_i_t, low_shift_t, low_bits_t, high_i_t, high_shift_t, high_bits_t, x_t, x_i_t = \
+            signature.args
+        acc_a, acc_i, w_a, low_i, low_shift, low_bits, high_i, high_shift, high_bits, x_a, x_i = args
+        low = _low_bits(context, builder, _load(context, builder, w_t, w_a, low_i_t, low_i, 32), low_shift, low_shift_t,
+                        low_bits, low_bits_t)
+        high = _low_bits(context, builder, _load(context, builder, w_t, w_a, high_i_t, high_i, 32), high_shift,
+                         high_shift_t, high_bits, high_bits_t)
+        q = builder.or_(low, builder.shl(high, _splat(context, builder, low.type, low_bits, low_bits_t)))
         _dot4_into(context, builder, acc_t, acc_a, acc_i_t, acc_i, q, _load(context, builder, x_t, x_a, x_i_t, x_i, 4),
                    signed=False)
         return context.get_dummy_value()
-    return (types.void(acc, acc_index, w, low_index, low_shift, high_index, high_shift, x, x_index), codegen)
+    return (types.void(acc, acc_index, w, low_index, low_shift, low_bits, high_index, high_shift, high_bits, x, x_index),
+            codegen)
+
+
+@intrinsic
+def dot4_nibbles_fifth_bit(typingctx, acc, acc_index, w, low_index, low_shift, high_index, bit, x, x_index):
+    """As dot4_bits for Q5_0 / Q5_1: the nibble at bit `low_shift` of the quad at low_index,
+    plus 16 times bit `bit + c` of the lane's 32-bit word at high_index for its byte c (the
+    block's qh, one bit per weight: 4 weights' bits are 4 consecutive bits of the word, spread
+    to their bytes by one multiply, t * 0x00204081 placing bit c of t at bit 8 c). 0..31,
+    summed into int32."""
+    if not (_dot4_types_ok(acc, w, x) and isinstance(low_shift, types.Integer) and isinstance(bit, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        acc_t, acc_i_t, w_t, low_i_t, low_shift_t, high_i_t, bit_t, x_t, x_i_t = signature.args
+        acc_a, acc_i, w_a, low_i, low_shift, high_i, bit, x_a, x_i = args
+        bytes32, ints8 = ir.VectorType(ir.IntType(8), 32), ir.VectorType(ir.IntType(32), 8)
+        low = builder.and_(_shifted_right(context, builder, _load(context, builder, w_t, w_a, low_i_t, low_i, 32),
+                                          low_shift, low_shift_t), ir.Constant(bytes32, [15] * 32))
+        words = builder.bitcast(_load(context, builder, w_t, w_a, high_i_t, high_i, 32), ints8)
+        four = builder.and_(builder.lshr(words, _splat(context, builder, ints8, bit, bit_t)), ir.Constant(ints8, [15] * 8))
+        spread = builder.and_(builder.mul(four, ir.Constant(ints8, [0x00204081] * 8)), ir.Constant(ints8, [0x01010101] * 8))
+        q = builder.or_(low, builder.bitcast(builder.shl(spread, ir.Constant(ints8, [4] * 8)), bytes32))
+        _dot4_into(context, builder, acc_t, acc_a, acc_i_t, acc_i, q, _load(context, builder, x_t, x_a, x_i_t, x_i, 4),
+                   signed=False)
+        return context.get_dummy_value()
+    return types.void(acc, acc_index, w, low_index, low_shift, high_index, bit, x, x_index), codegen
+
+
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)   # ggml's kvalues_iq4nl
+
+
+@intrinsic
+def dot4_codebook(typingctx, acc, acc_index, w, w_index, shift, x, x_index):
+    """As dot4_int8 for IQ4_NL / IQ4_XS: the nibble at bit `shift` of each byte indexes the
+    16 int8 values of IQ4_VALUES, looked up 32 at a time by one byte shuffle (pshufb) with
+    AVX2, then multiplied as signed int8 weights, summed into int32."""
+    if not (_dot4_types_ok(acc, w, x) and isinstance(shift, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        acc_t, acc_i_t, w_t, w_i_t, shift_t, x_t, x_i_t = signature.args
+        acc_a, acc_i, w_a, w_i, shift, x_a, x_i = args
+        bytes32 = ir.VectorType(ir.IntType(8), 32)
+        nibbles = builder.and_(_shifted_right(context, builder, _load(context, builder, w_t, w_a, w_i_t, w_i, 32),
+                                              shift, shift_t), ir.Constant(bytes32, [15] * 32))
+        table = ir.Constant(bytes32, [v & 0xFF for v in IQ4_VALUES] * 2)
+        if _host_has_avx2():
+            shuffle = _declare(builder, "llvm.x86.avx2.pshuf.b", bytes32, bytes32, bytes32)
+            values = builder.call(shuffle, [table, nibbles])
+        else:   # 16 selects: plain LLVM vector code
+            values = ir.Constant(bytes32, [0] * 32)
+            for k, v in enumerate(IQ4_VALUES):
+                values = builder.select(builder.icmp_unsigned("==", nibbles, ir.Constant(bytes32, [k] * 32)),
+                                        ir.Constant(bytes32, [v & 0xFF] * 32), values)
+        _dot4_into(context, builder, acc_t, acc_a, acc_i_t, acc_i, values,
+                   _load(context, builder, x_t, x_a, x_i_t, x_i, 4), signed=True)
+        return context.get_dummy_value()
+    return types.void(acc, acc_index, w, w_index, shift, x, x_index), codegen

@@ -21,7 +21,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import compiler  # noqa: F401  (numba's settings before any kernel is defined)
-from . import kquants, layout, quant
+from . import iquants, kquants, layout, quant
 from .bits import bf16_to_f32, f16_to_f32
 
 ROWS_PER_TASK = 16  # output rows per parallel work item: few enough tasks to keep overhead low
@@ -114,7 +114,7 @@ class Format:
     storage_dtype: type           # numpy dtype of the raw row storage
     block_size: int               # weights per block (1 for plain floats)
     block_bytes: int              # bytes per block
-    f16_fields: tuple = ()       # byte offsets in a block of its fp16 scales (d, and m or dmin)
+    f16_fields: tuple = ()        # byte offsets in a block of its fp16 scales (d, and m or dmin)
     runs: tuple = ()              # where a block's bytes go when packed (layout.byte_positions)
     decode_row: Callable          # njit (file row, float32 out) -> None
     # how it multiplies: exactly one of the two kernels
@@ -165,12 +165,35 @@ FORMATS = {f.name: f for f in [
     Format(name="q4_1", ggml_type=3, storage_dtype=np.uint8, block_size=quant.QK, block_bytes=quant.Q4_1_BYTES,
            f16_fields=(0, 2), runs=scales_then_quads(4, quant.Q4_1_BYTES),
            decode_row=quant.decode_q4_1_row, int_matmul=quant.matmul_q4_1),
+    Format(name="q5_0", ggml_type=6, storage_dtype=np.uint8, block_size=quant.QK, block_bytes=quant.Q5_0_BYTES,
+           f16_fields=(0,), runs=scales_then_quads(2, quant.Q5_0_BYTES),
+           decode_row=quant.decode_q5_0_row, int_matmul=quant.matmul_q5_0),
+    Format(name="q5_1", ggml_type=7, storage_dtype=np.uint8, block_size=quant.QK, block_bytes=quant.Q5_1_BYTES,
+           f16_fields=(0, 2), runs=scales_then_quads(4, quant.Q5_1_BYTES),
+           decode_row=quant.decode_q5_1_row, int_matmul=quant.matmul_q5_1),
+    Format(name="iq4_nl", ggml_type=20, storage_dtype=np.uint8, block_size=iquants.QK,
+           block_bytes=iquants.IQ4_NL_BYTES, f16_fields=(0,), runs=scales_then_quads(2, iquants.IQ4_NL_BYTES),
+           decode_row=iquants.decode_iq4_nl_row, int_matmul=iquants.matmul_iq4_nl),
+    Format(name="q2_k", ggml_type=10, storage_dtype=np.uint8, block_size=kquants.QK_K,
+           block_bytes=kquants.Q2_K_BYTES, f16_fields=(80, 82),
+           runs=((0, 16, False), (80, 84, False), (16, 80, True)),   # scales, d and dmin in planes; quants
+           decode_row=kquants.decode_q2_k_row, int_matmul=kquants.matmul_q2_k),
+    Format(name="q3_k", ggml_type=11, storage_dtype=np.uint8, block_size=kquants.QK_K,
+           block_bytes=kquants.Q3_K_BYTES, f16_fields=(108,),
+           runs=((96, 110, False), (0, 96, True)),   # scales and d in planes; hmask, then the quants
+           decode_row=kquants.decode_q3_k_row, int_matmul=kquants.matmul_q3_k),
     Format(name="q4_k", ggml_type=12, storage_dtype=np.uint8, block_size=kquants.QK_K,
            block_bytes=kquants.Q4_K_BYTES, f16_fields=(0, 2), runs=scales_then_quads(16, kquants.Q4_K_BYTES),
            decode_row=kquants.decode_q4_k_row, int_matmul=kquants.matmul_q4_k),
+    Format(name="q5_k", ggml_type=13, storage_dtype=np.uint8, block_size=kquants.QK_K,
+           block_bytes=kquants.Q5_K_BYTES, f16_fields=(0, 2), runs=scales_then_quads(16, kquants.Q5_K_BYTES),
+           decode_row=kquants.decode_q5_k_row, int_matmul=kquants.matmul_q5_k),
     Format(name="q6_k", ggml_type=14, storage_dtype=np.uint8, block_size=kquants.QK_K,
            block_bytes=kquants.Q6_K_BYTES, f16_fields=(kquants.Q6_K_BYTES - 2,), runs=kquants.Q6_K_RUNS,
            decode_row=kquants.decode_q6_k_row, int_matmul=kquants.matmul_q6_k),
+    Format(name="iq4_xs", ggml_type=23, storage_dtype=np.uint8, block_size=iquants.QK_K,
+           block_bytes=iquants.IQ4_XS_BYTES, f16_fields=(0,), runs=scales_then_quads(8, iquants.IQ4_XS_BYTES),
+           decode_row=iquants.decode_iq4_xs_row, int_matmul=iquants.matmul_iq4_xs),
 ]}
 
 

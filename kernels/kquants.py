@@ -1,4 +1,4 @@
-"""The k-quants of Ollama's Q4_K_M files: Q4_K and Q6_K (super-blocks of 256 weights).
+"""The k-quants: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (super-blocks of 256 weights).
 
 Row decoders, bit-exact with ggml's reference dequantization (and the gguf package): the same
 float32 operations in the same order, without fast-math, so no fused multiply-adds. Matrix
@@ -9,18 +9,30 @@ sub-block (bits.dot4_*), then per lane
 
     Q4_K, 256 weights in 144 bytes: fp16 d, fp16 dmin, 12 bytes of 6-bit (scale, min) for 8
           sub-blocks of 32, 128 bytes of nibbles;                      w = d * sc * q - dmin * m
+    Q5_K, 256 weights in 176 bytes: Q4_K's 16 bytes, 32 bytes of fifth bits qh, 128 bytes of
+          nibbles;                                                      w = d * sc * q - dmin * m
     Q6_K, 256 weights in 210 bytes: 128 bytes low nibbles, 64 bytes of high 2 bits,
           16 int8 scales (one per 16 weights), fp16 d;                  w = d * sc * (q - 32)
+    Q3_K, 256 weights in 110 bytes: 32 bytes of high bits hmask, 64 bytes of 2-bit quants,
+          12 bytes of 6-bit scales (one per 16), fp16 d;                w = d * (sc - 32) * (q - 4)
+    Q2_K, 256 weights in 84 bytes: 16 bytes of 4-bit (scale, min) pairs (one per 16), 64 bytes
+          of 2-bit quants, fp16 d, fp16 dmin;                           w = d * sc * q - dmin * m
+The 2-bit quants of Q2_K and Q3_K: weight 128 n + 32 j + l (l < 32) is bits 2j, 2j + 1 of byte
+32 n + l; Q3_K's third bit is bit 4 n + j of hmask[l] (set: no offset, clear: -4); Q5_K's fifth
+bit of weight 32 i + l is bit i of qh[l]; Q6_K's layout is at matmul_q6_k.
 """
 import numpy as np
 from numba import njit, prange
 
 from . import compiler  # noqa: F401  (numba's settings before any kernel is defined)
-from .bits import DOT4_LANES, dot4_nibbles_partial, dot4_six_bits, f16_at_bytes, scaled_sums, stack_array
+from .bits import DOT4_LANES, dot4_partial, dot4_bits, f16_at_bytes, scaled_sums, stack_array
 from .layout import QUADS, ROW_GROUP, f16_at, prefetch_ahead, store_group
 
 QK_K = 256
+Q2_K_BYTES = 84
+Q3_K_BYTES = 110
 Q4_K_BYTES = 144
+Q5_K_BYTES = 176
 Q6_K_BYTES = 210
 
 
@@ -80,6 +92,60 @@ def decode_q6_k_row(row, dst):
                 dst[y + l + 96] = d * np.float32(np.int8(row[sc + s + 6])) * np.float32(q4)
 
 
+@njit(cache=True)
+def decode_q5_k_row(row, dst):
+    for b in range(dst.shape[0] // QK_K):
+        o = b * Q5_K_BYTES
+        d = f16_at_bytes(row, o)
+        dmin = f16_at_bytes(row, o + 2)
+        for i in range(8):   # sub-blocks of 32
+            sc, m = _scale_min_k4(row, o + 4, i)
+            scale, low = d * np.float32(sc), dmin * np.float32(m)
+            for l in range(32):
+                nibble = (np.int32(row[o + 48 + 32 * (i // 2) + l]) >> (4 * (i % 2))) & 15
+                q = nibble | (((np.int32(row[o + 16 + l]) >> i) & 1) << 4)
+                dst[b * QK_K + 32 * i + l] = scale * np.float32(q) - low
+
+
+@njit(inline="always")
+def _q3_k_scale(row, scales_at, k):
+    """The 6-bit scale k (< 16) of a Q3_K block, minus 32: low 4 bits in bytes 0-7 (k, then
+    k - 8 in the high nibbles), high 2 bits in bytes 8-11."""
+    low = (np.int32(row[scales_at + k % 8]) >> (4 * (k // 8))) & 15
+    high = (np.int32(row[scales_at + 8 + k % 4]) >> (2 * (k // 4))) & 3
+    return (low | (high << 4)) - 32
+
+
+@njit(cache=True)
+def decode_q3_k_row(row, dst):
+    for b in range(dst.shape[0] // QK_K):
+        o = b * Q3_K_BYTES
+        d = f16_at_bytes(row, o + 108)
+        for n in range(2):
+            for j in range(4):
+                for l in range(32):
+                    k = 8 * n + 2 * j + l // 16
+                    q = (np.int32(row[o + 32 + 32 * n + l]) >> (2 * j)) & 3
+                    if not (np.int32(row[o + l]) >> (4 * n + j)) & 1:
+                        q -= 4
+                    dst[b * QK_K + 128 * n + 32 * j + l] = (d * np.float32(_q3_k_scale(row, o + 96, k))) * np.float32(q)
+
+
+@njit(cache=True)
+def decode_q2_k_row(row, dst):
+    for b in range(dst.shape[0] // QK_K):
+        o = b * Q2_K_BYTES
+        d = f16_at_bytes(row, o + 80)
+        dmin = f16_at_bytes(row, o + 82)
+        for n in range(2):
+            for j in range(4):
+                for l in range(32):
+                    pair = np.int32(row[o + 8 * n + 2 * j + l // 16])
+                    q = (np.int32(row[o + 16 + 32 * n + l]) >> (2 * j)) & 3
+                    dst[b * QK_K + 128 * n + 32 * j + l] = ((d * np.float32(pair & 15)) * np.float32(q)
+                                                             - dmin * np.float32(pair >> 4))
+
+
 # --- matrix products (packed weights, integer activations) --------------------------------------
 
 @njit(inline="always")
@@ -100,6 +166,18 @@ def _k4_scale_bytes(w, g, b, scales, mins):
                 (packed >> np.uint8(4)) | ((w[g, b, ROW_GROUP * (4 + j) + lane] >> np.uint8(6)) << np.uint8(4)))
 
 
+@njit(inline="always")
+def _k_minimums(block_min, mins, j, xd, xs, t, x0):
+    """block_min[lane] += sum over sub-blocks j, j + 1 (of 32 weights, from column x0) of the
+    lane's min times the sum of their activations (in units of x's scales): the part of
+    sum (d sc q - dmin m) x that dmin multiplies (Q4_K, Q5_K)."""
+    min_lo = xd[t, x0 // 32] * np.float32(xs[t, x0 // 16] + xs[t, x0 // 16 + 1])   # sums of 16
+    min_hi = xd[t, x0 // 32 + 1] * np.float32(xs[t, x0 // 16 + 2] + xs[t, x0 // 16 + 3])
+    for lane in range(ROW_GROUP):
+        block_min[lane] += (min_lo * np.float32(np.int32(mins[j * ROW_GROUP + lane]))
+                            + min_hi * np.float32(np.int32(mins[(j + 1) * ROW_GROUP + lane])))
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def matmul_q4_k(w, xq, xd, xs, out):
     """Q4_K with integer activations (blocks of 32 = one sub-block). The 128 nibble bytes are in
@@ -107,7 +185,7 @@ def matmul_q4_k(w, xq, xd, xs, out):
     holds weights 64c + 4j.. (low nibbles, sub-block 2c) and 64c + 32 + 4j.. (high, 2c + 1).
     Per block and lane, with x_j the activations' scale of sub-block j:
         d * sum_j x_j * (sc_j * sum q x)  -  dmin * sum_j m_j * (x_j * sum x)
-    sc_j * sum q x is integer: partial sums per quad (bits.dot4_nibbles_partial), multiplied by
+    sc_j * sum q x is integer: partial sums per quad (bits.dot4_partial), multiplied by
     the 6-bit scales as they are widened (bits.scaled_sums); sum x comes from xs
     (quant.quantize_for_matmul). The scales and mins stay bytes until then: converting all
     of them to float32 in every block took about a third of the kernel's time."""
@@ -135,19 +213,15 @@ def matmul_q4_k(w, xq, xd, xs, out):
                     for j in range(32 // QUADS):
                         for lanes in range(0, ROW_GROUP, DOT4_LANES):
                             at = quads + QUADS * (j * ROW_GROUP + lanes)
-                            dot4_nibbles_partial(partial, lanes, w, at, xq, t * cols + x0 + QUADS * j, 0)
-                            dot4_nibbles_partial(partial, ROW_GROUP + lanes, w, at, xq, t * cols + x0 + 32 + QUADS * j, 4)
+                            dot4_partial(partial, lanes, w, at, xq, t * cols + x0 + QUADS * j, 0, 4)
+                            dot4_partial(partial, ROW_GROUP + lanes, w, at, xq, t * cols + x0 + 32 + QUADS * j, 4, 4)
                     j = 2 * chunk
                     for lanes in range(0, 2 * ROW_GROUP, DOT4_LANES):   # sub-blocks j and j + 1
                         scaled_sums(part, lanes, partial, lanes, scales, j * ROW_GROUP + lanes, xq)
-                    d_lo = xd[t, x0 // 32]
-                    d_hi = xd[t, x0 // 32 + 1]
-                    min_lo = d_lo * np.float32(xs[t, x0 // 16] + xs[t, x0 // 16 + 1])   # sums of 16
-                    min_hi = d_hi * np.float32(xs[t, x0 // 16 + 2] + xs[t, x0 // 16 + 3])
+                    d_lo, d_hi = xd[t, x0 // 32], xd[t, x0 // 32 + 1]
                     for lane in range(ROW_GROUP):
                         block[lane] += d_lo * np.float32(part[lane]) + d_hi * np.float32(part[ROW_GROUP + lane])
-                        block_min[lane] += (min_lo * np.float32(np.int32(mins[j * ROW_GROUP + lane]))
-                                            + min_hi * np.float32(np.int32(mins[(j + 1) * ROW_GROUP + lane])))
+                    _k_minimums(block_min, mins, j, xd, xs, t, x0)
                 for lane in range(ROW_GROUP):
                     acc[lane] += f16_at(w, g, b, 0, lane) * block[lane] - f16_at(w, g, b, 2, lane) * block_min[lane]
             store_group(out, t, g, acc)
@@ -188,8 +262,8 @@ def _q6_quarter(w, g, b, half_start, half, i, low_shift, high_shift, xq, xd, xs,
             low = pair if i % 2 == 0 else half_start + 16 * QUAD_BYTES + QUAD_BYTES * j   # or of ql[32:64]
             high = pair + QUAD_BYTES
             for lanes in range(0, ROW_GROUP, DOT4_LANES):
-                dot4_six_bits(part, s * ROW_GROUP + lanes, w, low + QUADS * lanes, low_shift, high + QUADS * lanes,
-                              high_shift, xq, t * cols + x0 + QUADS * j)
+                dot4_bits(part, s * ROW_GROUP + lanes, w, low + QUADS * lanes, low_shift, 4, high + QUADS * lanes,
+                          high_shift, 2, xq, t * cols + x0 + QUADS * j)
     sc = 8 * half + 2 * i   # the int8 scales of the two halves are planes sc and sc + 1
     offset_0 = np.int32(32 * xs[t, x0 // 16])       # 32 * the sums of the 16 activations
     offset_1 = np.int32(32 * xs[t, x0 // 16 + 1])
@@ -209,7 +283,7 @@ def matmul_q6_k(w, xq, xd, xs, out):
     In each half of 128 weights, weight 32 i + l (l < 32) is the nibble at bit 4 (i // 2) of
     ql[32 (i % 2) + l] with the 2 bits at bit 2 i of qh[l] above it, minus 32; its scale is
     sc[8 half + 2 i + l // 16]. So quad j of ql and of qh gives 4 consecutive weights of each
-    quarter i (bits.dot4_six_bits), summed for all 64 lanes per 16 weights; the -32 is applied
+    quarter i (bits.dot4_bits), summed for all 64 lanes per 16 weights; the -32 is applied
     then, as -32 * sum x, and the int8 scale as an integer (float scales per 16 weights cost a
     tenth of the kernel's time). Each quarter is its own call, so that its shifts are constants.
     Before each quarter it prefetches an eighth of the next block (layout.prefetch_ahead, on every
@@ -239,4 +313,158 @@ def matmul_q6_k(w, xq, xd, xs, out):
                     _q6_quarter(w, g, b, at, half, 3, 4, 6, xq, xd, xs, t, x0 + 96, part, block)
                 for lane in range(ROW_GROUP):   # the int8 scales are planes 0-15, d is in 16-17
                     acc[lane] += f16_at(w, g, b, 16, lane) * block[lane]
+            store_group(out, t, g, acc)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_q5_k(w, xq, xd, xs, out):
+    """Q5_K with integer activations: Q4_K's arithmetic (planes 0-15 hold d, dmin and the
+    scales), with a fifth bit per weight. The quads hold qh (8 quads), then the nibbles (32):
+    for chunk c of 64 weights, quad j of its nibbles and quad j of qh give weights 64c + 4j..
+    (low nibbles, fifth bit 2c) and 64c + 32 + 4j.. (high nibbles, bit 2c + 1): bits.dot4_bits,
+    int32 sums per sub-block of 32 (values to 31), times the 6-bit scale in float32 (with int16
+    activations the product can pass 2^31)."""
+    n_groups, n_blocks, group_bytes = w.shape
+    cols = xq.shape[1]
+    for g in prange(n_groups):
+        part = stack_array(np.int32, 2, ROW_GROUP)
+        scales = stack_array(np.uint8, 8, ROW_GROUP)
+        mins = stack_array(np.uint8, 8, ROW_GROUP)
+        block = stack_array(np.float32, 1, ROW_GROUP)
+        block_min = stack_array(np.float32, 1, ROW_GROUP)
+        acc = stack_array(np.float32, 1, ROW_GROUP)
+        for t in range(xq.shape[0]):
+            acc[:] = 0.0
+            for b in range(n_blocks):
+                _k4_scale_bytes(w, g, b, scales, mins)
+                block[:] = 0.0
+                block_min[:] = 0.0
+                high = (g * n_blocks + b) * group_bytes + 16 * ROW_GROUP
+                for chunk in range(4):
+                    prefetch_ahead(w, g, b, chunk, 4)
+                    part[:] = 0
+                    x0 = b * QK_K + chunk * 64
+                    low = high + QUAD_BYTES * (8 + 8 * chunk)
+                    for j in range(32 // QUADS):
+                        for lanes in range(0, ROW_GROUP, DOT4_LANES):
+                            at, bits_at = low + QUAD_BYTES * j + QUADS * lanes, high + QUAD_BYTES * j + QUADS * lanes
+                            dot4_bits(part, lanes, w, at, 0, 4, bits_at, 2 * chunk, 1, xq, t * cols + x0 + QUADS * j)
+                            dot4_bits(part, ROW_GROUP + lanes, w, at, 4, 4, bits_at, 2 * chunk + 1, 1, xq,
+                                      t * cols + x0 + 32 + QUADS * j)
+                    j = 2 * chunk
+                    d_lo, d_hi = xd[t, x0 // 32], xd[t, x0 // 32 + 1]
+                    for lane in range(ROW_GROUP):
+                        block[lane] += (d_lo * np.float32(scales[j * ROW_GROUP + lane]) * np.float32(part[lane])
+                                        + d_hi * np.float32(scales[(j + 1) * ROW_GROUP + lane])
+                                        * np.float32(part[ROW_GROUP + lane]))
+                    _k_minimums(block_min, mins, j, xd, xs, t, x0)
+                for lane in range(ROW_GROUP):
+                    acc[lane] += f16_at(w, g, b, 0, lane) * block[lane] - f16_at(w, g, b, 2, lane) * block_min[lane]
+            store_group(out, t, g, acc)
+
+
+@njit(inline="always")
+def _q3_k_scale_bytes(w, g, b, scales):
+    """scales[k * 64 + lane] = the 6-bit scale k of the lane's block minus 32 (int8), from the
+    12 bytes in planes 0-11, as decode_q3_k_row reads them; loops over the lanes."""
+    for k in range(16):
+        for lane in range(ROW_GROUP):
+            low = (w[g, b, ROW_GROUP * (k % 8) + lane] >> np.uint8(4 * (k // 8))) & np.uint8(15)
+            high = (w[g, b, ROW_GROUP * (8 + k % 4) + lane] >> np.uint8(2 * (k // 4))) & np.uint8(3)
+            scales[k * ROW_GROUP + lane] = np.int8(np.int32(low | (high << np.uint8(4))) - 32)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_q3_k(w, xq, xd, xs, out):
+    """Q3_K with integer activations. Planes 0-11 hold the scales, 12-13 d; the quads hold hmask
+    (8 quads), then the 2-bit quants (16). For half n and shift j, quad l of the quants (of
+    half n) and quad l of hmask give weights 128 n + 32 j + 4 l.. (bits.dot4_bits: 2 bits at
+    2 j, the third at bit 4 n + j), 0..7; the -4 is applied as -4 * sum x per 16, the scales
+    (-32..31) as integers, as in matmul_q6_k."""
+    n_groups, n_blocks, group_bytes = w.shape
+    cols = xq.shape[1]
+    for g in prange(n_groups):
+        part = stack_array(np.int32, 2, ROW_GROUP)
+        scales = stack_array(np.int8, 16, ROW_GROUP)
+        block = stack_array(np.float32, 1, ROW_GROUP)
+        acc = stack_array(np.float32, 1, ROW_GROUP)
+        for t in range(xq.shape[0]):
+            acc[:] = 0.0
+            for b in range(n_blocks):
+                _q3_k_scale_bytes(w, g, b, scales)
+                block[:] = 0.0
+                high = (g * n_blocks + b) * group_bytes + 14 * ROW_GROUP
+                for n in range(2):
+                    prefetch_ahead(w, g, b, n, 2)
+                    low = high + QUAD_BYTES * (8 + 8 * n)
+                    for j in range(4):
+                        part[:] = 0
+                        x0 = b * QK_K + 128 * n + 32 * j
+                        for quad in range(32 // QUADS):   # 16 weights per scale: part[64 s + lane]
+                            s = quad // 4
+                            for lanes in range(0, ROW_GROUP, DOT4_LANES):
+                                dot4_bits(part, s * ROW_GROUP + lanes, w, low + QUAD_BYTES * quad + QUADS * lanes, 2 * j, 2,
+                                          high + QUAD_BYTES * quad + QUADS * lanes, 4 * n + j, 1, xq,
+                                          t * cols + x0 + QUADS * quad)
+                        k = 8 * n + 2 * j
+                        offset_0 = np.int32(4 * xs[t, x0 // 16])
+                        offset_1 = np.int32(4 * xs[t, x0 // 16 + 1])
+                        x_scale = xd[t, x0 // 32]
+                        for lane in range(ROW_GROUP):   # |32 * 16 * 4 * 32767| < 2^31: exact in int32
+                            first = np.int32(np.int32(scales[k * ROW_GROUP + lane]) * np.int32(part[lane] - offset_0))
+                            second = np.int32(np.int32(scales[(k + 1) * ROW_GROUP + lane])
+                                              * np.int32(part[ROW_GROUP + lane] - offset_1))
+                            block[lane] += x_scale * (np.float32(first) + np.float32(second))
+                for lane in range(ROW_GROUP):
+                    acc[lane] += f16_at(w, g, b, 12, lane) * block[lane]
+            store_group(out, t, g, acc)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_q2_k(w, xq, xd, xs, out):
+    """Q2_K with integer activations. Planes 0-15 hold the (scale, min) bytes, 16-17 d, 18-19
+    dmin; the quads hold the 2-bit quants: for half n and shift j, quad l of half n gives
+    weights 128 n + 32 j + 4 l.. (bits.dot4_partial with 2 bits: int16 pair sums with AVX2),
+    widened and multiplied by the 4-bit scales at once (bits.scaled_sums), as in Q4_K."""
+    n_groups, n_blocks, group_bytes = w.shape
+    cols = xq.shape[1]
+    for g in prange(n_groups):
+        partial = stack_array(np.int32, 2, ROW_GROUP)
+        part = stack_array(np.int32, 2, ROW_GROUP)
+        scales = stack_array(np.uint8, 16, ROW_GROUP)
+        block = stack_array(np.float32, 1, ROW_GROUP)
+        block_min = stack_array(np.float32, 1, ROW_GROUP)
+        acc = stack_array(np.float32, 1, ROW_GROUP)
+        for t in range(xq.shape[0]):
+            acc[:] = 0.0
+            for b in range(n_blocks):
+                for k in range(16 * ROW_GROUP):
+                    scales[k] = w[g, b, k] & np.uint8(15)
+                block[:] = 0.0
+                block_min[:] = 0.0
+                quants = (g * n_blocks + b) * group_bytes + 20 * ROW_GROUP
+                for n in range(2):
+                    prefetch_ahead(w, g, b, n, 2)
+                    for j in range(4):
+                        partial[:] = 0
+                        x0 = b * QK_K + 128 * n + 32 * j
+                        for quad in range(32 // QUADS):
+                            s = quad // 4
+                            for lanes in range(0, ROW_GROUP, DOT4_LANES):
+                                dot4_partial(partial, s * ROW_GROUP + lanes, w,
+                                             quants + QUAD_BYTES * (8 * n + quad) + QUADS * lanes, xq,
+                                             t * cols + x0 + QUADS * quad, 2 * j, 2)
+                        k = 8 * n + 2 * j
+                        for lanes in range(0, 2 * ROW_GROUP, DOT4_LANES):   # scales k and k + 1
+                            scaled_sums(part, lanes, partial, lanes, scales, k * ROW_GROUP + lanes, xq)
+                        x_scale = xd[t, x0 // 32]
+                        sum_0, sum_1 = np.int32(xs[t, x0 // 16]), np.int32(xs[t, x0 // 16 + 1])
+                        for lane in range(ROW_GROUP):
+                            block[lane] += x_scale * np.float32(np.int32(part[lane] + part[ROW_GROUP + lane]))
+                            mins = np.int32(np.int32(np.int32(w[g, b, k * ROW_GROUP + lane] >> np.uint8(4)) * sum_0)
+                                            + np.int32(np.int32(w[g, b, (k + 1) * ROW_GROUP + lane] >> np.uint8(4))
+                                                       * sum_1))
+                            block_min[lane] += x_scale * np.float32(mins)
+                for lane in range(ROW_GROUP):
+                    acc[lane] += f16_at(w, g, b, 16, lane) * block[lane] - f16_at(w, g, b, 18, lane) * block_min[lane]
             store_group(out, t, g, acc)

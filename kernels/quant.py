@@ -1,9 +1,12 @@
-"""GGML's blocks of 32 weights: Q8_0 (int8), Q4_0 and Q4_1 (int4), byte-compatible with GGUF.
+"""GGML's blocks of 32 weights: Q8_0 (int8), Q4_0, Q4_1, Q5_0, Q5_1, byte-compatible with GGUF.
 
     Q8_0 block, 32 weights in 34 bytes: fp16 scale d, int8 q[32];          w = d * q
     Q4_0 block, 32 weights in 18 bytes: fp16 scale d, 16 bytes of nibbles; w = d * (q - 8)
             byte j holds weight j in its low nibble and weight j + 16 in its high nibble
     Q4_1 block, 32 weights in 20 bytes: fp16 d, fp16 minimum m, 16 bytes of nibbles; w = d * q + m
+    Q5_0 block, 32 weights in 22 bytes: fp16 d, 4 bytes qh, 16 bytes of nibbles; w = d * (q - 16)
+    Q5_1 block, 32 weights in 24 bytes: fp16 d, fp16 m, 4 bytes qh, 16 bytes of nibbles; w = d * q + m
+            bit j of qh (a little-endian 32-bit word) is bit 4 of weight j
 
 Files (GGUF, our quantized directories) hold these blocks row by row, as ggml does; weight
 quantizers (Q8_0, Q4_0: Q4_1 is only read) round exactly as ggml's reference code (and the gguf
@@ -21,7 +24,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import compiler  # noqa: F401  (numba's settings before any kernel is defined)
-from .bits import DOT4_LANES, dot4_int8, dot4_nibbles_partial, f32_to_f16, f16_at_bytes, scaled_sums, stack_array
+from .bits import DOT4_LANES, dot4_int8, dot4_nibbles_fifth_bit, dot4_partial, f32_to_f16, f16_at_bytes, scaled_sums, stack_array
 from .layout import QUADS, ROW_GROUP, f16_at, prefetch_ahead, store_group
 
 QK = 32            # weights per block
@@ -29,6 +32,8 @@ SUM_BLOCK = 16     # activations per block sum (quantize_for_matmul): Q6_K's sca
 Q8_0_BYTES = 34
 Q4_0_BYTES = 18
 Q4_1_BYTES = 20
+Q5_0_BYTES = 22
+Q5_1_BYTES = 24
 
 
 @njit(inline="always")
@@ -115,6 +120,47 @@ def decode_q4_1_row(row, dst):
             dst[b * QK + j + 16] = np.float32(np.int32(q >> np.uint8(4))) * d + m
 
 
+@njit(inline="always")
+def _fifth_bits(row, offset):
+    """Q5's qh: the little-endian 32-bit word at row[offset:offset + 4]."""
+    return (np.uint32(row[offset]) | (np.uint32(row[offset + 1]) << np.uint32(8))
+            | (np.uint32(row[offset + 2]) << np.uint32(16)) | (np.uint32(row[offset + 3]) << np.uint32(24)))
+
+
+@njit(inline="always")
+def _q5_pair(row, qs, qh, j):
+    """Weights j and j + 16 of a Q5 block (0..31): nibbles of byte qs + j, bits j and j + 16 of qh."""
+    q = np.int32(row[qs + j])
+    low = (q & 15) | np.int32(((qh >> np.uint32(j)) & np.uint32(1)) << np.uint32(4))
+    high = (q >> 4) | np.int32(((qh >> np.uint32(j + 16)) & np.uint32(1)) << np.uint32(4))
+    return low, high
+
+
+@njit(cache=True)
+def decode_q5_0_row(row, dst):
+    for b in range(dst.shape[0] // QK):
+        o = b * Q5_0_BYTES
+        d = f16_at_bytes(row, o)
+        qh = _fifth_bits(row, o + 2)
+        for j in range(QK // 2):
+            low, high = _q5_pair(row, o + 6, qh, j)
+            dst[b * QK + j] = d * np.float32(low - 16)
+            dst[b * QK + j + 16] = d * np.float32(high - 16)
+
+
+@njit(cache=True)
+def decode_q5_1_row(row, dst):
+    for b in range(dst.shape[0] // QK):
+        o = b * Q5_1_BYTES
+        d = f16_at_bytes(row, o)
+        m = f16_at_bytes(row, o + 2)
+        qh = _fifth_bits(row, o + 4)
+        for j in range(QK // 2):
+            low, high = _q5_pair(row, o + 8, qh, j)
+            dst[b * QK + j] = d * np.float32(low) + m
+            dst[b * QK + j + 16] = d * np.float32(high) + m
+
+
 # --- activations ----------------------------------------------------------------------------
 
 @njit(inline="always")
@@ -193,16 +239,20 @@ def matmul_q8_0(w, xq, xd, xs, out):
 
 
 @njit(inline="always")
-def _matmul_nibbles(w, xq, xd, xs, out, scale_planes, with_min):
-    """The body of the 4-bit kernels with integer activations, Q4_0 (w = d (q - 8)) and Q4_1
-    (w = d q + m): the nibble bytes follow the block's fp16 planes (d, and m for Q4_1) in quads,
-    as in matmul_q8_0: quad j of a lane holds weights 4j..4j+3 (low nibbles) and 16+4j..
-    (high). The 8 products of a block add up as partial sums (bits.dot4_nibbles_partial: int16
-    pairs with AVX2), widened to int32 once per block (bits.scaled_sums, scales of 1); then
-    sum (q - 8) x = sum q x - 8 sum x, or d sum q x + m sum x (xs: quantize_for_matmul's sums
-    of 16). with_min is a constant of each kernel."""
+def _matmul_nibbles(w, xq, xd, xs, out, scale_planes, with_min, fifth_bit):
+    """The body of the 4- and 5-bit kernels with integer activations: Q4_0 (w = d (q - 8)),
+    Q4_1 (w = d q + m), Q5_0 (w = d (q - 16)), Q5_1 (w = d q + m). The nibble bytes follow the
+    block's fp16 planes (d, and m with a min) in quads, as in matmul_q8_0: quad j of a lane holds
+    weights 4j..4j+3 (low nibbles) and 16+4j.. (high); Q5's qh comes first, as one more quad (a
+    lane's 32-bit word). Q4: the 8 products of a block add up as partial sums
+    (bits.dot4_partial: int16 pairs with AVX2), widened to int32 once per block (bits.scaled_sums,
+    scales of 1); Q5 (values to 31, whose pairs would overflow int16 within a block): int32 sums
+    (bits.dot4_nibbles_fifth_bit). Then sum (q - offset) x = sum q x - offset sum x, or
+    d sum q x + m sum x (xs: quantize_for_matmul's sums of 16). The last three arguments are
+    constants of each kernel."""
     n_groups, n_blocks, group_bytes = w.shape
     cols = xq.shape[1]
+    offset = 16 if fifth_bit else 8
     for g in prange(n_groups):
         partial = stack_array(np.int32, 1, ROW_GROUP)
         block = stack_array(np.int32, 1, ROW_GROUP)
@@ -211,16 +261,26 @@ def _matmul_nibbles(w, xq, xd, xs, out, scale_planes, with_min):
             acc[:] = 0.0
             for b in range(n_blocks):
                 prefetch_ahead(w, g, b, 0, 1, always=True)   # faster with the hints on AMD too (README)
-                partial[:] = 0
                 quads = (g * n_blocks + b) * group_bytes + scale_planes * ROW_GROUP   # after the fp16 planes
                 x0 = t * cols + b * QK
-                for j in range(QK // 2 // QUADS):
+                if fifth_bit:
+                    block[:] = 0
+                    for j in range(QK // 2 // QUADS):
+                        for lanes in range(0, ROW_GROUP, DOT4_LANES):
+                            high = quads + QUADS * lanes
+                            at = quads + QUADS * ((j + 1) * ROW_GROUP + lanes)
+                            dot4_nibbles_fifth_bit(block, lanes, w, at, 0, high, QUADS * j, xq, x0 + QUADS * j)
+                            dot4_nibbles_fifth_bit(block, lanes, w, at, 4, high, QK // 2 + QUADS * j, xq,
+                                                   x0 + QK // 2 + QUADS * j)
+                else:
+                    partial[:] = 0
+                    for j in range(QK // 2 // QUADS):
+                        for lanes in range(0, ROW_GROUP, DOT4_LANES):
+                            at = quads + QUADS * (j * ROW_GROUP + lanes)
+                            dot4_partial(partial, lanes, w, at, xq, x0 + QUADS * j, 0, 4)
+                            dot4_partial(partial, lanes, w, at, xq, x0 + QK // 2 + QUADS * j, 4, 4)
                     for lanes in range(0, ROW_GROUP, DOT4_LANES):
-                        at = quads + QUADS * (j * ROW_GROUP + lanes)
-                        dot4_nibbles_partial(partial, lanes, w, at, xq, x0 + QUADS * j, 0)
-                        dot4_nibbles_partial(partial, lanes, w, at, xq, x0 + QK // 2 + QUADS * j, 4)
-                for lanes in range(0, ROW_GROUP, DOT4_LANES):
-                    scaled_sums(block, lanes, partial, lanes, None, 0, xq)   # widened, scales of 1
+                        scaled_sums(block, lanes, partial, lanes, None, 0, xq)   # widened, scales of 1
                 x_sum = xs[t, 2 * b] + xs[t, 2 * b + 1]
                 x_scale = xd[t, b]
                 if with_min:
@@ -229,7 +289,7 @@ def _matmul_nibbles(w, xq, xd, xs, out, scale_planes, with_min):
                         acc[lane] += (np.float32(block[lane]) * (f16_at(w, g, b, 0, lane) * x_scale)
                                       + f16_at(w, g, b, 2, lane) * x_min)
                 else:
-                    x_offset = np.int32(8 * x_sum)
+                    x_offset = np.int32(offset * x_sum)
                     for lane in range(ROW_GROUP):   # int32 until converted: numba would widen to int64
                         acc[lane] += np.float32(np.int32(block[lane] - x_offset)) * (f16_at(w, g, b, 0, lane)
                                                                                      * x_scale)
@@ -239,10 +299,22 @@ def _matmul_nibbles(w, xq, xd, xs, out, scale_planes, with_min):
 @njit(parallel=True, fastmath=True, cache=True)
 def matmul_q4_0(w, xq, xd, xs, out):
     """Q4_0 weights (fp16 d in planes 0-1), integer activations: see _matmul_nibbles."""
-    _matmul_nibbles(w, xq, xd, xs, out, 2, False)
+    _matmul_nibbles(w, xq, xd, xs, out, 2, False, False)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
 def matmul_q4_1(w, xq, xd, xs, out):
     """Q4_1 weights (fp16 d and m in planes 0-3), integer activations: see _matmul_nibbles."""
-    _matmul_nibbles(w, xq, xd, xs, out, 4, True)
+    _matmul_nibbles(w, xq, xd, xs, out, 4, True, False)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_q5_0(w, xq, xd, xs, out):
+    """Q5_0 weights (fp16 d in planes 0-1, then qh and the nibbles in quads): see _matmul_nibbles."""
+    _matmul_nibbles(w, xq, xd, xs, out, 2, False, True)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_q5_1(w, xq, xd, xs, out):
+    """Q5_1 weights (fp16 d and m in planes 0-3, then qh and the nibbles): see _matmul_nibbles."""
+    _matmul_nibbles(w, xq, xd, xs, out, 4, True, True)

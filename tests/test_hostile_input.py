@@ -275,7 +275,7 @@ def test_non_finite_activations_name_the_weight_that_made_them(model_copy):
         llm.generate("Hello", max_tokens=3)
 
 
-@pytest.mark.parametrize("format_name", ["q8_0", "q4_0", "q4_1", "q4_k", "q6_k"])
+@pytest.mark.parametrize("format_name", [f.name for f in FORMATS.values() if f.packed])
 @pytest.mark.parametrize("rows_only", [False, True])
 def test_non_finite_scales_are_counted_in_every_format(format_name, rows_only):
     """Each fp16 field of each format, packed and in file rows: one infinity, one NaN."""

@@ -1,5 +1,6 @@
-"""Q8_0 / Q4_0: bit-exact with the gguf package, kernels against numpy references, and the
-machine code of the hot kernels checked for the SIMD instructions the speed relies on."""
+"""The weight formats: quantizers and decoders bit-exact with the gguf package, kernels against
+numpy references (at their integer extremes too), and the machine code of the hot kernels
+checked for the SIMD instructions the speed relies on."""
 import os
 import re
 
@@ -11,6 +12,7 @@ from engine.kernels import bits, compiler, layout, quant
 from engine.kernels.formats import FORMATS, Weight, matmul
 
 GGML_TYPES = {"q8_0": GGMLQuantizationType.Q8_0, "q4_0": GGMLQuantizationType.Q4_0}
+READ_ONLY_FORMATS = [f.name for f in FORMATS.values() if f.packed and f.quantize is None]   # from GGUF files
 # |w - dequant(quant(w))| <= bound * max|block|: half a step for q8_0 (max -> 127); for q4_0 the
 # signed extreme maps to -8, so the opposite extreme clips at +7: up to a whole step there
 ROUND_TRIP_BOUND = {"q8_0": 0.5 / 127, "q4_0": 1 / 8}
@@ -93,7 +95,7 @@ def test_int16_activation_kernels_equal_dequantize_then_matmul(fmt):
     assert np.abs(out - exact).max() <= 1e-4 * np.abs(exact).max()
 
 
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1", "q4_k", "q6_k"])
+@pytest.mark.parametrize("fmt", [f.name for f in FORMATS.values() if f.packed])
 @pytest.mark.parametrize("rows, cols", [(100, 512), (130, 768)])
 def test_packing_keeps_every_byte(fmt, rows, cols):
     """The kernels' interleaved layout is a permutation of the file's blocks: unpacking gives
@@ -185,7 +187,10 @@ def test_hot_kernels_use_simd_integer_dot_products(fmt):
         assert not re.search(r"\bprefetch", asm), f"{fmt} kernel prefetches on a CPU where that is slower"
 
 
-@pytest.mark.parametrize("fmt", ["q4_1", "q4_k", "q6_k"])
+ALWAYS_PREFETCH = ("q4_1", "q5_0", "q5_1", "iq4_nl", "q6_k")   # the rest only where compiler.SOFTWARE_PREFETCH
+
+
+@pytest.mark.parametrize("fmt", READ_ONLY_FORMATS)
 def test_gguf_format_int8_kernels_use_simd_integer_multiplies(fmt):
     w = Weight(FORMATS[fmt], (64, 256), random_blocks(fmt, 64, 256))
     xq, xd = np.ones((1, 256), np.int8), np.ones((1, 8), np.float32)
@@ -193,10 +198,11 @@ def test_gguf_format_int8_kernels_use_simd_integer_multiplies(fmt):
                     np.empty((1, 64), np.float32))
     assert re.search(INT_SIMD_MULTIPLY, asm), f"{fmt} kernel lost its vectorized integer dot product"
     assert not re.search(r"\b(vpmuldq|vpmullq|vcvtqq2ps)\b", asm)
-    if fmt == "q6_k" and bits._host_has_vnni():
-        assert re.search(r"\bvpdpbusd\b", asm), "Q6_K kernel does not use VNNI on a CPU that has it"
-    # Q6_K and Q4_1 (Q4_0's body) prefetch everywhere; Q4_K only where the hints help (not on AMD Zen)
-    assert bool(re.search(r"\bprefetcht0\b", asm)) == (compiler.SOFTWARE_PREFETCH or fmt in ("q4_1", "q6_k"))
+    if fmt not in ("q4_1", "q4_k", "q2_k") and bits._host_has_vnni():   # those keep int16 pair sums
+        assert re.search(r"\bvpdpbusd\b", asm), f"{fmt} kernel does not use VNNI on a CPU that has it"
+    if fmt.startswith("iq4") and bits._host_has_avx2():
+        assert re.search(r"\bvpshufb\s+%ymm", asm), f"{fmt} kernel does not look its values up with a byte shuffle"
+    assert bool(re.search(r"\bprefetcht0\b", asm)) == (compiler.SOFTWARE_PREFETCH or fmt in ALWAYS_PREFETCH)
 
 
 def test_float_kernel_uses_fma():
@@ -220,8 +226,7 @@ def random_blocks(fmt, rows, cols, seed=0):
     return data
 
 
-GGUF_TYPES = {"q4_1": GGMLQuantizationType.Q4_1, "q4_k": GGMLQuantizationType.Q4_K,
-              "q6_k": GGMLQuantizationType.Q6_K}
+GGUF_TYPES = {name: GGMLQuantizationType[name.upper()] for name in READ_ONLY_FORMATS}
 
 
 @pytest.mark.parametrize("fmt", list(GGUF_TYPES))
@@ -245,6 +250,27 @@ def test_gguf_format_matmul_equals_dequantize_then_matmul(fmt, activations):
     assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
+@pytest.mark.parametrize("fmt", [f.name for f in FORMATS.values() if f.packed])
+@pytest.mark.parametrize("byte", [0x00, 0xFF])
+@pytest.mark.parametrize("activations", [np.int8, np.int16])
+def test_integer_sums_at_their_extremes(fmt, byte, activations):
+    """Every quant and scale byte at its extreme (all bits clear or set: the largest |q|, the
+    largest scales and minimums), fp16 scales of 1, activations at the edge of their range (all
+    -1: each block's int8 / int16 extreme): no integer sum of any kernel may overflow, so the
+    kernel equals the float64 product of the decoded weights."""
+    f = FORMATS[fmt]
+    rows, cols = 64, 512
+    blocks = np.full((rows * cols // f.block_size, f.block_bytes), byte, np.uint8)
+    for offset in f.f16_fields:
+        blocks[:, offset:offset + 2] = [0x00, 0x3C]   # 1.0
+    w = Weight(f, (rows, cols), blocks.reshape(rows, -1))
+    x = np.full((1, cols), -1.0, np.float32)
+    out = np.empty((1, rows), np.float32)
+    matmul(w, x, out, activations)
+    exact = x.astype(np.float64) @ w.dequantize().astype(np.float64).T
+    assert np.abs(out - exact).max() <= 1e-6 * np.abs(exact).max()
+
+
 @pytest.mark.parametrize("activations", [np.int8, np.int16])
 def test_q6_k_integer_sums_at_their_extremes(activations):
     """Q6_K applies its int8 scales in int32: sc * sum (q - 32) x over 16 weights, which at the
@@ -261,45 +287,67 @@ def test_q6_k_integer_sums_at_their_extremes(activations):
     assert np.allclose(out, -4096.0 * cols, rtol=1e-6)
 
 
+SPLIT_BITS = [(0, 4, 0, 2), (4, 4, 2, 2), (0, 4, 4, 2), (4, 4, 6, 2),   # Q6_K's quarters
+              (0, 4, 3, 1), (4, 4, 7, 1), (2, 2, 5, 1), (6, 2, 0, 1)]   # Q5_K's and Q3_K's fields
+FIFTH_BITS = [(0, 0), (4, 16), (0, 12), (4, 28)]   # (nibble's shift, first bit of qh): Q5_0, Q5_1
+
+
 @pytest.mark.parametrize("x_type", [np.int8, np.int16])
 @pytest.mark.parametrize("avx2", [True, False])
 def test_dot4_intrinsics_equal_integer_sums(avx2, x_type, monkeypatch):
-    """bits.dot4_int8 / dot4_six_bits against numpy, on the extremes of their
-    ranges, with int8 and int16 activations, in both code paths: x86's pmaddubsw / pmaddwd
-    (where the host has AVX2) and the plain vector IR of other CPUs."""
+    """bits.dot4_int8, dot4_bits, dot4_nibbles_fifth_bit and dot4_codebook against numpy, on the
+    extremes of their ranges, with int8 and int16 activations, in both code paths: x86's
+    pmaddubsw / pmaddwd / pshufb (where the host has AVX2) and the plain vector IR of other CPUs."""
     import numba
     from engine.kernels import bits
     if avx2 and not bits._host_has_avx2():
         pytest.skip("this CPU has no AVX2")
     monkeypatch.setattr(bits, "_host_has_avx2", lambda: avx2)
+    split_bits, fifth_bits = np.array(SPLIT_BITS), np.array(FIFTH_BITS)
 
-    def run(acc, w, x):   # compiled afresh below, so the chosen code path is the one generated
+    def run(acc, w, x, split_bits, fifth_bits):   # compiled afresh below, so the chosen code path is the one generated
         for lanes in range(0, 16, bits.DOT4_LANES):
             bits.dot4_int8(acc[0], lanes, w, 4 * lanes, x, 0)
-            for k, (low_shift, high_shift) in enumerate([(0, 0), (4, 2), (0, 4), (4, 6)]):
-                bits.dot4_six_bits(acc[3 + k], lanes, w, 4 * lanes, low_shift, 64 + 4 * lanes, high_shift, x, 12)
+            bits.dot4_codebook(acc[1], lanes, w, 4 * lanes, 0, x, 4)
+            bits.dot4_codebook(acc[2], lanes, w, 4 * lanes, 4, x, 8)
+            for k in range(len(split_bits)):
+                low_shift, low_bits, high_shift, high_bits = split_bits[k]
+                bits.dot4_bits(acc[3 + k], lanes, w, 4 * lanes, low_shift, low_bits, 64 + 4 * lanes, high_shift,
+                               high_bits, x, 12)
+            for k in range(len(fifth_bits)):
+                bits.dot4_nibbles_fifth_bit(acc[11 + k], lanes, w, 4 * lanes, fifth_bits[k, 0], 64 + 4 * lanes,
+                                            fifth_bits[k, 1], x, 8)
     run = numba.njit(run)
     rng = np.random.default_rng(11)
     top = np.iinfo(x_type).max
+    values = np.array(bits.IQ4_VALUES, np.int64)
     for w, x in [(rng.integers(0, 256, 128, dtype=np.uint8), rng.integers(-top, top + 1, 16).astype(x_type)),
                  (np.full(128, 0x80, np.uint8), np.full(16, -top, x_type)),     # -128 * -127, four times
                  (np.full(128, 0xFF, np.uint8), np.full(16, top, x_type)),
-                 (np.full(128, 0x7F, np.uint8), np.full(16, -top, x_type))]:
-        acc = np.zeros((7, 16), np.int32)
-        run(acc, w, x)
+                 (np.full(128, 0x7F, np.uint8), np.full(16, -top, x_type)),
+                 (np.full(128, 0x00, np.uint8), np.full(16, top, x_type))]:      # the codebook's -127
+        acc = np.zeros((15, 16), np.int32)
+        run(acc, w, x, split_bits, fifth_bits)
         q = w[:64].reshape(16, 4).astype(np.int64)
         high = w[64:].reshape(16, 4).astype(np.int64)
         x = x.astype(np.int64)
         assert np.array_equal(acc[0], (q.astype(np.uint8).view(np.int8).astype(np.int64) * x[:4]).sum(1))
-        for k, (low_shift, high_shift) in enumerate([(0, 0), (4, 2), (0, 4), (4, 6)]):
-            six = (q >> low_shift) & 15 | ((high >> high_shift) & 3) << 4
-            assert np.array_equal(acc[3 + k], (six * x[12:16]).sum(1))
+        assert np.array_equal(acc[1], (values[q & 15] * x[4:8]).sum(1))
+        assert np.array_equal(acc[2], (values[q >> 4] * x[8:12]).sum(1))
+        for k, (low_shift, low_bits, high_shift, high_bits) in enumerate(SPLIT_BITS):
+            split = (q >> low_shift) & (2 ** low_bits - 1) | ((high >> high_shift) & (2 ** high_bits - 1)) << low_bits
+            assert np.array_equal(acc[3 + k], (split * x[12:16]).sum(1))
+        word = high[:, 0] | high[:, 1] << 8 | high[:, 2] << 16 | high[:, 3] << 24   # each lane's qh
+        for k, (shift, first) in enumerate(FIFTH_BITS):
+            five = (q >> shift) & 15 | ((word[:, None] >> (first + np.arange(4))) & 1) << 4
+            assert np.array_equal(acc[11 + k], (five * x[8:12]).sum(1))
 
 
 @pytest.mark.parametrize("x_type", [np.int8, np.int16])
 @pytest.mark.parametrize("avx2", [True, False])
-def test_partial_nibble_sums_scaled_equal_integer_sums(avx2, x_type, monkeypatch):
-    """bits.dot4_nibbles_partial over the most quads it allows (8: Q4_K's sub-block of 32) and
+def test_partial_sums_scaled_equal_integer_sums(avx2, x_type, monkeypatch):
+    """bits.dot4_partial over the most quads it allows (8 of nibbles: Q4_K's sub-block of 32; 4
+    of 2-bit fields: Q2_K's 16 weights per scale) and
     bits.scaled_sums, with scales and without (Q4_0's scales of 1), against numpy at the extremes
     (15 * 127 in all 32 products of a lane, times the largest 6-bit scale), in both code paths
     (int16 pair sums; int32 sums)."""
@@ -309,15 +357,20 @@ def test_partial_nibble_sums_scaled_equal_integer_sums(avx2, x_type, monkeypatch
         pytest.skip("this CPU has no AVX2")
     monkeypatch.setattr(bits, "_host_has_avx2", lambda: avx2)
 
-    def run(out, unscaled, w, x, scales):   # 16 lanes; quad j of the 16 lanes at 64 j; nibbles at bit 0, then 4
+    def run(out, unscaled, crumbs, w, x, scales):   # 16 lanes; quad j of the 16 lanes at 64 j; nibbles at bit 0, then 4
         partial = np.zeros(32, np.int32)
+        two_bits = np.zeros(16, np.int32)   # Q2_K's: bits 6-7, 4 quads (16 weights, one scale)
         for j in range(8):
             for lanes in range(0, 16, bits.DOT4_LANES):
-                bits.dot4_nibbles_partial(partial, lanes, w, 64 * j + 4 * lanes, x, 4 * j, 0)
-                bits.dot4_nibbles_partial(partial, 16 + lanes, w, 64 * j + 4 * lanes, x, 32 + 4 * j, 4)
+                bits.dot4_partial(partial, lanes, w, 64 * j + 4 * lanes, x, 4 * j, 0, 4)
+                bits.dot4_partial(partial, 16 + lanes, w, 64 * j + 4 * lanes, x, 32 + 4 * j, 4, 4)
+                if j < 4:
+                    bits.dot4_partial(two_bits, lanes, w, 64 * j + 4 * lanes, x, 4 * j, 6, 2)
         for lanes in range(0, 32, bits.DOT4_LANES):
             bits.scaled_sums(out, lanes, partial, lanes, scales, lanes, x)
             bits.scaled_sums(unscaled, lanes, partial, lanes, None, 0, x)
+        for lanes in range(0, 16, bits.DOT4_LANES):
+            bits.scaled_sums(crumbs, lanes, two_bits, lanes, scales, lanes, x)
     run = numba.njit(run)
     rng = np.random.default_rng(12)
     top = np.iinfo(x_type).max
@@ -326,11 +379,13 @@ def test_partial_nibble_sums_scaled_equal_integer_sums(avx2, x_type, monkeypatch
                          (np.full(512, 0xFF, np.uint8), np.full(64, top, x_type), np.full(32, 63, np.uint8)),
                          (np.full(512, 0xFF, np.uint8), np.full(64, -top, x_type), np.full(32, 63, np.uint8))]:
         out, unscaled = np.full(32, 12345, np.int32), np.full(32, 12345, np.int32)   # stored, not added
-        run(out, unscaled, w, x, scales)
+        crumbs = np.full(16, 12345, np.int32)
+        run(out, unscaled, crumbs, w, x, scales)
         quads = w.reshape(8, 16, 4).transpose(1, 0, 2).reshape(16, 32).astype(np.int64)   # lane, weight
         x = x.astype(np.int64)
         sums = np.r_[((quads & 15) * x[:32]).sum(1), ((quads >> 4) * x[32:]).sum(1)]
         assert np.array_equal(out, scales * sums) and np.array_equal(unscaled, sums)
+        assert np.array_equal(crumbs, scales[:16] * ((quads[:, :16] >> 6) * x[:16]).sum(1))
 
 
 # --- the exponential of SwiGLU and softmax ------------------------------------------------------

@@ -162,9 +162,11 @@ def llama3_rope_factors(base, dim, factor, low_freq_factor, high_freq_factor, ol
     return np.array(factors, dtype=np.float32)
 
 
-def hf_to_gguf(model_dir: Path, out: Path, version: int = 3) -> Path:
-    """Write a tiny float32 HF checkpoint as a GGUF file the way llama.cpp's converter lays it out."""
-    from gguf import GGUFWriter
+def hf_to_gguf(model_dir: Path, out: Path, version: int = 3, matrix_type=None) -> Path:
+    """Write a tiny float32 HF checkpoint as a GGUF file the way llama.cpp's converter lays it out;
+    with matrix_type (a GGMLQuantizationType the gguf package quantizes), every 2-D weight but
+    the embedding in that type."""
+    from gguf import GGUFWriter, quants
     from safetensors.numpy import load_file
 
     config = json.loads((model_dir / "config.json").read_text())
@@ -216,7 +218,11 @@ def hf_to_gguf(model_dir: Path, out: Path, version: int = 3) -> Path:
                 value = llama_cpp_permute(value, heads if kind == "self_attn.q_proj" else kv_heads)
         else:
             gguf_name = names[name]
-        w.add_tensor(gguf_name, np.ascontiguousarray(value, dtype=np.float32))
+        value = np.ascontiguousarray(value, dtype=np.float32)
+        if matrix_type is not None and value.ndim == 2 and gguf_name != "token_embd.weight":
+            w.add_tensor(gguf_name, quants.quantize(value, matrix_type), raw_dtype=matrix_type)
+        else:
+            w.add_tensor(gguf_name, value)
     if rope.get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(
             rope["rope_theta"], head_dim, rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"],

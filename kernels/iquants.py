@@ -1,0 +1,123 @@
+"""The 4-bit codebook formats: IQ4_NL (blocks of 32) and IQ4_XS (super-blocks of 256).
+
+Their nibbles are not levels on a line but indices into 16 fixed int8 values, denser near zero
+(bits.IQ4_VALUES, ggml's kvalues_iq4nl), which is where most weights are:
+
+    IQ4_NL, 32 weights in 18 bytes: fp16 d, 16 bytes of nibbles;        w = d * value[q]
+    IQ4_XS, 256 weights in 136 bytes: fp16 d, 2 bytes of high scale bits, 4 bytes of low
+            scale bits, 128 bytes of nibbles;                            w = d * (ls - 32) * value[q]
+            with ls the 6-bit scale of each sub-block of 32
+In a block of 32 (IQ4_NL's, each of IQ4_XS's sub-blocks), byte j holds weight j in its low
+nibble and weight j + 16 in its high one, as Q4_0.
+
+The kernels look the values up 32 at a time with one byte shuffle (bits.dot4_codebook), then
+multiply them as signed int8 weights: integer sums per block of 32, as Q8_0's.
+"""
+import numpy as np
+from numba import njit, prange
+
+from . import compiler  # noqa: F401  (numba's settings before any kernel is defined)
+from .bits import DOT4_LANES, IQ4_VALUES, dot4_codebook, f16_at_bytes, stack_array
+from .layout import QUADS, ROW_GROUP, f16_at, prefetch_ahead, store_group
+
+QK = 32
+QK_K = 256
+IQ4_NL_BYTES = 18
+IQ4_XS_BYTES = 136
+VALUES = np.array(IQ4_VALUES, np.float32)
+
+
+@njit(cache=True)
+def decode_iq4_nl_row(row, dst):
+    for b in range(dst.shape[0] // QK):
+        o = b * IQ4_NL_BYTES
+        d = f16_at_bytes(row, o)
+        for j in range(QK // 2):
+            q = row[o + 2 + j]
+            dst[b * QK + j] = d * VALUES[q & np.uint8(15)]
+            dst[b * QK + j + 16] = d * VALUES[q >> np.uint8(4)]
+
+
+@njit(inline="always")
+def _xs_scale(low_byte, high_bits, i):
+    """The 6-bit scale of IQ4_XS's sub-block i, minus 32: 4 bits of the byte of scales_l that
+    holds it, 2 of the 16-bit word scales_h."""
+    low = (np.int32(low_byte) >> (4 * (i % 2))) & 15
+    high = (np.int32(high_bits) >> (2 * i)) & 3
+    return (low | (high << 4)) - 32
+
+
+@njit(cache=True)
+def decode_iq4_xs_row(row, dst):
+    for b in range(dst.shape[0] // QK_K):
+        o = b * IQ4_XS_BYTES
+        d = f16_at_bytes(row, o)
+        high_bits = np.int32(row[o + 2]) | (np.int32(row[o + 3]) << 8)
+        for i in range(QK_K // QK):
+            scale = d * np.float32(_xs_scale(row[o + 4 + i // 2], high_bits, i))
+            for j in range(QK // 2):
+                q = row[o + 8 + 16 * i + j]
+                dst[b * QK_K + QK * i + j] = scale * VALUES[q & np.uint8(15)]
+                dst[b * QK_K + QK * i + j + 16] = scale * VALUES[q >> np.uint8(4)]
+
+
+@njit(inline="always")
+def _codebook_block(sums, w, quads, xq, x0):
+    """sums[lane] = the integer dot product of one block of 32 (16 nibble bytes in 4 quads at
+    `quads`) with xq.flat[x0:x0 + 32], for the 64 lanes."""
+    sums[:] = 0
+    for j in range(QK // 2 // QUADS):
+        for lanes in range(0, ROW_GROUP, DOT4_LANES):
+            at = quads + QUADS * (j * ROW_GROUP + lanes)
+            dot4_codebook(sums, lanes, w, at, 0, xq, x0 + QUADS * j)
+            dot4_codebook(sums, lanes, w, at, 4, xq, x0 + QK // 2 + QUADS * j)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_iq4_nl(w, xq, xd, xs, out):
+    """IQ4_NL weights (fp16 d in planes 0-1, the nibbles in quads), integer activations: per
+    block, d * x's scale * the integer sum (xs, the activations' sums, is not needed)."""
+    n_groups, n_blocks, group_bytes = w.shape
+    cols = xq.shape[1]
+    for g in prange(n_groups):
+        block = stack_array(np.int32, 1, ROW_GROUP)
+        acc = stack_array(np.float32, 1, ROW_GROUP)
+        for t in range(xq.shape[0]):
+            acc[:] = 0.0
+            for b in range(n_blocks):
+                prefetch_ahead(w, g, b, 0, 1, always=True)
+                _codebook_block(block, w, (g * n_blocks + b) * group_bytes + 2 * ROW_GROUP, xq, t * cols + b * QK)
+                x_scale = xd[t, b]
+                for lane in range(ROW_GROUP):
+                    acc[lane] += np.float32(block[lane]) * (f16_at(w, g, b, 0, lane) * x_scale)
+            store_group(out, t, g, acc)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_iq4_xs(w, xq, xd, xs, out):
+    """IQ4_XS weights (d, scales_h, scales_l in planes 0-7, the nibbles in quads), integer
+    activations: per sub-block of 32, x's scale * (ls - 32) * the integer sum; per block, d.
+    The scale multiplies in float32: with int16 activations (the LM head) 32 times a block's
+    sum can pass 2^31."""
+    n_groups, n_blocks, group_bytes = w.shape
+    cols = xq.shape[1]
+    for g in prange(n_groups):
+        sums = stack_array(np.int32, 1, ROW_GROUP)
+        block = stack_array(np.float32, 1, ROW_GROUP)
+        acc = stack_array(np.float32, 1, ROW_GROUP)
+        for t in range(xq.shape[0]):
+            acc[:] = 0.0
+            for b in range(n_blocks):
+                block[:] = 0.0
+                quads = (g * n_blocks + b) * group_bytes + 8 * ROW_GROUP
+                for i in range(QK_K // QK):
+                    prefetch_ahead(w, g, b, i, QK_K // QK)
+                    _codebook_block(sums, w, quads + i * (QK // 2) * ROW_GROUP, xq, t * cols + b * QK_K + i * QK)
+                    x_scale = xd[t, b * (QK_K // QK) + i]
+                    for lane in range(ROW_GROUP):
+                        high_bits = np.int32(w[g, b, ROW_GROUP * 2 + lane]) | (np.int32(w[g, b, ROW_GROUP * 3 + lane]) << 8)
+                        scale = _xs_scale(w[g, b, ROW_GROUP * (4 + i // 2) + lane], high_bits, i)
+                        block[lane] += x_scale * np.float32(scale) * np.float32(sums[lane])
+                for lane in range(ROW_GROUP):
+                    acc[lane] += f16_at(w, g, b, 0, lane) * block[lane]
+            store_group(out, t, g, acc)
