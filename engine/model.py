@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .kernels.attention import KVCache
-from .kernels.formats import Activations, Weight, embedding_rows, matmul
+from .kernels.formats import Activations, IntegerScratch, Weight, embedding_rows, matmul
 from .kernels.ops import rmsnorm, rope, swiglu
 
 from .config import ModelConfig
@@ -166,6 +166,7 @@ class Transformer:
         self.gate, self.up, self.act = (buffer(c.intermediate_size) for _ in range(3))
         # a row of logits per slot: a prompt's worth (128 x 151936 floats, 78 MB) only when asked for
         self.logits = np.zeros((slots, c.vocab_size), np.float32)
+        self.scratch = IntegerScratch(batch_size)   # the matmuls' integer activations
         self.slot_ids = [[] for _ in range(slots)]   # per slot, the tokens whose keys and values it holds
         self.profile = None
         self.kernels = Kernels(self.cache)
@@ -233,7 +234,7 @@ class Transformer:
         for i, layer in enumerate(self.layers):
             # attention block
             rmsnorm(x, layer.attn_norm, c.rms_norm_eps, h)
-            shared = Activations(h)   # quantized once for q, k and v
+            shared = Activations(h, self.scratch)   # quantized once for q, k and v
             matmul(layer.q, shared, q)
             matmul(layer.k, shared, k)
             matmul(layer.v, shared, v)
@@ -245,31 +246,32 @@ class Transformer:
             rope(k.reshape(kv_heads), self.cos, self.sin, positions, c.rope_interleaved)
             run.store(i, k.reshape(kv_heads), v.reshape(kv_heads), slots, positions)
             run.attend(i, q.reshape(heads), slots, positions, att.reshape(heads))
-            matmul(layer.o, att, tmp)
+            matmul(layer.o, Activations(att, self.scratch), tmp)
             if c.o_bias:
                 tmp += layer.o_bias
             x += tmp
             # feed-forward block: down(silu(gate(h)) * up(h))
             rmsnorm(x, layer.mlp_norm, c.rms_norm_eps, h)
-            shared = Activations(h)   # quantized once for gate and up
+            shared = Activations(h, self.scratch)   # quantized once for gate and up
             matmul(layer.gate, shared, gate)
             matmul(layer.up, shared, up)
             swiglu(gate, up, act)
-            matmul(layer.down, act, tmp)
+            matmul(layer.down, Activations(act, self.scratch), tmp)
             x += tmp
 
         m = len(logit_rows)
         logits = self.logits[:m] if m <= len(self.logits) else np.empty((m, c.vocab_size), np.float32)
         if m:   # (a prompt chunk before the last one needs none)
-            rmsnorm(x[logit_rows], self.final_norm, c.rms_norm_eps, h[:m])
+            rmsnorm(np.take(x, logit_rows, axis=0, out=tmp[:m]), self.final_norm, c.rms_norm_eps, h[:m])
             # the LM head's product picks the token: its activations are rounded to int16 blocks,
             # not int8 (int8 rounding here visibly changes small models' answers; README)
-            matmul(self.lm_head, h[:m], logits, activations=np.int16)
+            matmul(self.lm_head, Activations(h[:m], self.scratch), logits, activations=np.int16)
         if self.profile:
             self.profile.forward_done(n, time.perf_counter() - started)
         # NaN or infinity stays in the residual stream (numpy's adds), where the fast-math
         # kernels after it could turn it into finite garbage: checked there, and in the logits
-        if not (np.isfinite(x).all() and np.isfinite(logits).all()):
+        # (by their sums, which are NaN or infinite if any value is, and need no new array)
+        if not (np.isfinite(x.sum()) and np.isfinite(logits.sum())):
             raise self._non_finite(ids, slots, positions, logit_rows)
         return logits
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from numba import njit, prange
+from numba import config, get_thread_id, njit, prange
 
 from . import compiler  # noqa: F401  (numba's settings before any kernel is defined)
 from .bits import f16_to_f32, f32_to_f16
@@ -86,12 +86,15 @@ def value_add_q8_0(v, v_scales, kv, p, weight, acc):
 # --- attention -------------------------------------------------------------------------------------
 
 @njit(inline="always")
-def _attention(key_dot, value_add, q, k_slots, k_scale_slots, v_slots, v_scale_slots, slots, positions, out):
+def _attention(key_dot, value_add, q, k_slots, k_scale_slots, v_slots, v_scale_slots, slots, positions, out,
+               scores_scratch, acc_scratch):
     """Causal attention for queries q (tokens, heads, head_dim), query t at position positions[t]
     of slot slots[t] (both checked by KVCache.attend: no bounds checks here).
 
     Query t sees positions 0 .. positions[t] of its slot. The softmax subtracts the maximum
-    score and runs in float32, like the reference implementation.
+    score and runs in float32, like the reference implementation. Each worker thread keeps its
+    scores and sums in its own row of the scratch arrays (threads, positions) and (threads,
+    head_dim), made once with the cache: nothing is allocated per call.
     """
     n_tokens, n_heads, head_dim = q.shape
     group = n_heads // k_slots.shape[1]
@@ -104,7 +107,8 @@ def _attention(key_dot, value_add, q, k_slots, k_scale_slots, v_slots, v_scale_s
         k, k_scales, v, v_scales = k_slots[slot], k_scale_slots[slot], v_slots[slot], v_scale_slots[slot]
         n_keys = positions[t] + 1
         query = q[t, h]
-        scores = np.empty(n_keys, np.float32)
+        worker = get_thread_id()
+        scores = scores_scratch[worker]
         best = np.float32(-np.inf)
         for p in range(n_keys):
             s = key_dot(k, k_scales, kv, p, query) * scale
@@ -116,7 +120,8 @@ def _attention(key_dot, value_add, q, k_slots, k_scale_slots, v_slots, v_scale_s
             e = exp_f32(below) if below > NEGLIGIBLE_SCORE else np.float32(0.0)
             scores[p] = e
             total += e
-        acc = np.zeros(head_dim, np.float32)
+        acc = acc_scratch[worker]
+        acc[:] = 0.0
         for p in range(n_keys):
             value_add(v, v_scales, kv, p, scores[p], acc)
         inv_total = np.float32(1.0) / total
@@ -126,18 +131,18 @@ def _attention(key_dot, value_add, q, k_slots, k_scale_slots, v_slots, v_scale_s
 
 # one small kernel per cache kind (numba cannot cache kernels that take functions as arguments)
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
-def attention_f32(q, k, k_scales, v, v_scales, slots, positions, out):
-    _attention(key_dot_f32, value_add_f32, q, k, k_scales, v, v_scales, slots, positions, out)
+def attention_f32(q, k, k_scales, v, v_scales, slots, positions, out, scores, acc):
+    _attention(key_dot_f32, value_add_f32, q, k, k_scales, v, v_scales, slots, positions, out, scores, acc)
 
 
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
-def attention_f16(q, k, k_scales, v, v_scales, slots, positions, out):
-    _attention(key_dot_f16, value_add_f16, q, k, k_scales, v, v_scales, slots, positions, out)
+def attention_f16(q, k, k_scales, v, v_scales, slots, positions, out, scores, acc):
+    _attention(key_dot_f16, value_add_f16, q, k, k_scales, v, v_scales, slots, positions, out, scores, acc)
 
 
 @njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
-def attention_q8_0(q, k, k_scales, v, v_scales, slots, positions, out):
-    _attention(key_dot_q8_0, value_add_q8_0, q, k, k_scales, v, v_scales, slots, positions, out)
+def attention_q8_0(q, k, k_scales, v, v_scales, slots, positions, out, scores, acc):
+    _attention(key_dot_q8_0, value_add_q8_0, q, k, k_scales, v, v_scales, slots, positions, out, scores, acc)
 
 
 @njit(cache=True)
@@ -195,6 +200,9 @@ class KVCache:
             else (layers, slots, 1, 1, 1)
         self.k_scales, self.v_scales = np.zeros(scale_shape, np.float32), np.zeros(scale_shape, np.float32)
         self.kernel = storage.attention
+        # the attention's scratch, one row per thread numba may run (get_thread_id's range)
+        self.scores = np.zeros((config.NUMBA_NUM_THREADS, positions), np.float32)
+        self.acc = np.zeros((config.NUMBA_NUM_THREADS, head_dim), np.float32)
         self._checked = (None, None)   # the last (slots, positions) checked, read-only since
 
     @property
@@ -261,4 +269,4 @@ class KVCache:
         self._check_layer(layer)
         self.check_rows(len(q), slots, positions)
         self.kernel(q, self.k[layer], self.k_scales[layer], self.v[layer], self.v_scales[layer], slots, positions,
-                    out)
+                    out, self.scores, self.acc)

@@ -277,20 +277,44 @@ class Weight:
         return out
 
 
+class IntegerScratch:
+    """Buffers for activations' integer blocks, one set per (integer type, width) for up to
+    `rows` rows, made on first use and then reused: the forward pass quantizes about five inputs
+    per layer and token, which would otherwise each be three new arrays. The blocks of an
+    Activations stay valid until another Activations of the same width and type is quantized
+    on the same scratch."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+        self._buffers = {}   # (type, width) -> the three buffers
+        self._views = {}     # (type, width, rows used) -> their first rows: one lookup per call
+
+    def arrays(self, dtype, n: int, cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        views = self._views.get((dtype, cols, n))
+        if views is None:
+            if (dtype, cols) not in self._buffers:
+                self._buffers[dtype, cols] = (np.empty((self.rows, cols), dtype),
+                                              np.empty((self.rows, cols // quant.QK), np.float32),
+                                              np.empty((self.rows, cols // quant.SUM_BLOCK), np.int32))
+            views = self._views[dtype, cols, n] = tuple(a[:n] for a in self._buffers[dtype, cols])
+        return views
+
+
 class Activations:
     """Activations x (tokens, cols) float32, and their integer blocks, each computed at most
-    once: the q/k/v and gate/up products share an input, so it is quantized once for all."""
+    once: the q/k/v and gate/up products share an input, so it is quantized once for all.
+    scratch: where the integer blocks go (an IntegerScratch; default: new arrays)."""
 
-    def __init__(self, x: np.ndarray):
+    def __init__(self, x: np.ndarray, scratch: IntegerScratch | None = None):
         self.x = x
+        self.scratch = scratch
         self._integer = {}
 
     def integer(self, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(int8 or int16 values, float32 scale per block of 32, int32 sum per 16 values)."""
         if dtype not in self._integer:
-            xq = np.empty(self.x.shape, dtype)
-            xd = np.empty((self.x.shape[0], self.x.shape[1] // quant.QK), np.float32)
-            xs = np.empty((self.x.shape[0], self.x.shape[1] // quant.SUM_BLOCK), np.int32)
+            n, cols = self.x.shape
+            xq, xd, xs = (self.scratch or IntegerScratch(n)).arrays(dtype, n, cols)
             quant.quantize_for_matmul(self.x, xq, xd, xs)
             self._integer[dtype] = xq, xd, xs
         return self._integer[dtype]
