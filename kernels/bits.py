@@ -256,8 +256,14 @@ def _splat(context, builder, vector_type, value, value_type):
 
 
 def _shifted_right(context, builder, vector, shift, shift_type):
-    """vector >> shift in every item, shift a run-time integer."""
-    return builder.lshr(vector, _splat(context, builder, vector.type, shift, shift_type))
+    """<32 x i8> vector >> shift in every byte, shift a run-time integer, *before masking*: the
+    bytes are shifted as 16-bit words (x86 has no byte shifts; a word shift by a count in a
+    register is one instruction, where LLVM expands a byte shift by a non-constant count into
+    many), so each byte's top bits come from its neighbour; every caller keeps only the low
+    `bits` of each byte, with shift + bits <= 8, which are exact."""
+    words = ir.VectorType(ir.IntType(16), 16)
+    shifted = builder.lshr(builder.bitcast(vector, words), _splat(context, builder, words, shift, shift_type))
+    return builder.bitcast(shifted, vector.type)
 
 
 def _accumulate(context, builder, acc_type, acc, index_type, index, sums):
