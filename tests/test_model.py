@@ -58,3 +58,25 @@ def test_greedy_generation_matches_transformers(name, model_dirs, loaded):
     text = llm.generate("Once upon a time", raw=True, temperature=0, max_tokens=40)
     assert llm.last_stats.generated_ids == ref
     assert text == llm.detokenize(ref)
+
+
+def test_a_decode_step_makes_no_new_buffers(smollm2_llm, monkeypatch):
+    """After the first steps, a decode step of a quantized model (integer activations, the f16
+    KV cache) allocates no buffer through numpy: the matmuls' integer activations and the
+    attention's scratch were made once. (A few one-item index arrays per token remain.)"""
+    import numpy
+    model = smollm2_llm.model
+    ids = np.array(smollm2_llm.tokenize("The sky is blue because"), np.int64)
+    model.forward(ids, 0)
+    model.forward(np.array([5], np.int64), len(ids))   # the first decode step makes the one-row views
+    made = []
+    for name in ("empty", "zeros", "ones", "full", "empty_like", "zeros_like", "concatenate"):
+        original = getattr(numpy, name)
+
+        def counting(*args, _original=original, _name=name, **kwargs):
+            out = _original(*args, **kwargs)
+            made.append((_name, out.shape))
+            return out
+        monkeypatch.setattr(numpy, name, counting)
+    model.forward(np.array([7], np.int64), len(ids) + 1)
+    assert [m for m in made if np.prod(m[1]) > 1] == []
