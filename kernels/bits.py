@@ -338,13 +338,14 @@ def dot4_partial(typingctx, acc, acc_index, w, w_index, x, x_index, shift, bits)
 @intrinsic
 def scaled_sums(typingctx, out, out_index, acc, acc_index, scales, scales_index, x):
     """out.flat[out_index + l] = scale of lane l * (its partial sum at acc_index, made by
-    dot4_nibbles_partial), int32, for 8 lanes. The scales are the bytes
-    scales.flat[scales_index + l], uint8 below 64 (Q4_K's 6-bit scales), or 1 where scales is
-    None (Q4_0); x only says which activation type made the partial sums. With int16 pairs this
+    dot4_partial or dot4_bits_partial), int32, for 8 lanes. The scales are the bytes
+    scales.flat[scales_index + l]: uint8 below 64 (Q4_K's 6-bit scales), int8 (Q3_K's, -32..31),
+    or 1 where scales is None (Q4_0); x only says which activation type made the partial sums. With int16 pairs this
     is one pmaddwd by the scales (each lane's two int16 halves hold its scale)."""
     if not (isinstance(out, types.Array) and out.dtype == types.int32 and isinstance(acc, types.Array)
             and acc.dtype == types.int32 and isinstance(x, types.Array)
-            and (isinstance(scales, types.NoneType) or isinstance(scales, types.Array) and scales.dtype == types.uint8)):
+            and (isinstance(scales, types.NoneType)
+                 or isinstance(scales, types.Array) and scales.dtype in (types.uint8, types.int8))):
         return None
 
     def codegen(context, builder, signature, args):
@@ -355,11 +356,13 @@ def scaled_sums(typingctx, out, out_index, acc, acc_index, scales, scales_index,
         if isinstance(scales_t, types.NoneType):
             scale = ir.Constant(ints8, [1] * 8)
         else:
-            scale = builder.zext(_load(context, builder, scales_t, scales_a, scales_i_t, scales_i, DOT4_LANES), ints8)
+            extend = builder.sext if scales_t.dtype == types.int8 else builder.zext
+            scale = extend(_load(context, builder, scales_t, scales_a, scales_i_t, scales_i, DOT4_LANES), ints8)
         if _pair_sums_fast(x_t):
             madd = _declare(builder, "llvm.x86.avx2.pmadd.wd", ints8, words16, words16)
             pairs = builder.load(_vector_pointer(context, builder, acc_t, acc_a, acc_i_t, acc_i, i16, 16), align=4)
-            scale_pairs = builder.bitcast(builder.or_(scale, builder.shl(scale, ir.Constant(ints8, [16] * 8))), words16)
+            low_half = builder.and_(scale, ir.Constant(ints8, [0xFFFF] * 8))   # a negative scale's high bits cleared
+            scale_pairs = builder.bitcast(builder.or_(low_half, builder.shl(scale, ir.Constant(ints8, [16] * 8))), words16)
             result = builder.call(madd, [pairs, scale_pairs])
         else:
             result = builder.mul(builder.load(_vector_pointer(context, builder, acc_t, acc_a, acc_i_t, acc_i, i32, 8),
@@ -369,31 +372,45 @@ def scaled_sums(typingctx, out, out_index, acc, acc_index, scales, scales_index,
     return types.void(out, out_index, acc, acc_index, scales, scales_index, x), codegen
 
 
-@intrinsic
-def dot4_bits(typingctx, acc, acc_index, w, low_index, low_shift, low_bits, high_index, high_shift, high_bits,
-              x, x_index):
-    """As dot4_int8 for weights split in two bit fields (unsigned, before the format's offset,
-    which the caller applies to the sum): `low_bits` bits at bit `low_shift` of the quad at
-    low_index, and above them `high_bits` bits at bit `high_shift` of the quad at high_index.
-    Q6_K: 4 + 2 bits; Q5_K: 4 + 1; Q3_K: 2 + 1. Summed into int32."""
-    if not (_dot4_types_ok(acc, w, x) and all(isinstance(a, types.Integer) for a in
-                                              (low_shift, low_bits, high_shift, high_bits))):
-        return None
+def _dot4_bits_intrinsic(partial: bool):
+    """dot4_bits (int32 sums) or dot4_bits_partial (partial sums for scaled_sums)."""
+    def typer(typingctx, acc, acc_index, w, low_index, low_shift, low_bits, high_index, high_shift, high_bits, x,
+              x_index):
+        if not (_dot4_types_ok(acc, w, x) and all(isinstance(a, types.Integer) for a in
+                                                  (low_shift, low_bits, high_shift, high_bits))):
+            return None
 
-    def codegen(context, builder, signature, args):
-        acc_t, acc_i_t, w_t, low_i_t, low_shift_t, low_bits_t, high_i_t, high_shift_t, high_bits_t, x_t, x_i_t = \
-            signature.args
-        acc_a, acc_i, w_a, low_i, low_shift, low_bits, high_i, high_shift, high_bits, x_a, x_i = args
-        low = _low_bits(context, builder, _load(context, builder, w_t, w_a, low_i_t, low_i, 32), low_shift, low_shift_t,
-                        low_bits, low_bits_t)
-        high = _low_bits(context, builder, _load(context, builder, w_t, w_a, high_i_t, high_i, 32), high_shift,
-                         high_shift_t, high_bits, high_bits_t)
-        q = builder.or_(low, builder.shl(high, _splat(context, builder, low.type, low_bits, low_bits_t)))
-        _dot4_into(context, builder, acc_t, acc_a, acc_i_t, acc_i, q, _load(context, builder, x_t, x_a, x_i_t, x_i, 4),
-                   signed=False)
-        return context.get_dummy_value()
-    return (types.void(acc, acc_index, w, low_index, low_shift, low_bits, high_index, high_shift, high_bits, x, x_index),
-            codegen)
+        def codegen(context, builder, signature, args):
+            acc_t, acc_i_t, w_t, low_i_t, low_shift_t, low_bits_t, high_i_t, high_shift_t, high_bits_t, x_t, x_i_t = \
+                signature.args
+            acc_a, acc_i, w_a, low_i, low_shift, low_bits, high_i, high_shift, high_bits, x_a, x_i = args
+            low = _low_bits(context, builder, _load(context, builder, w_t, w_a, low_i_t, low_i, 32), low_shift,
+                            low_shift_t, low_bits, low_bits_t)
+            high = _low_bits(context, builder, _load(context, builder, w_t, w_a, high_i_t, high_i, 32), high_shift,
+                             high_shift_t, high_bits, high_bits_t)
+            q = builder.or_(low, builder.shl(high, _splat(context, builder, low.type, low_bits, low_bits_t)))
+            xq = _load(context, builder, x_t, x_a, x_i_t, x_i, 4)
+            if partial and _pair_sums_fast(x_t):
+                _accumulate(context, builder, acc_t, acc_a, acc_i_t, acc_i, _byte_pair_sums(builder, q, xq))
+            else:
+                _dot4_into(context, builder, acc_t, acc_a, acc_i_t, acc_i, q, xq, signed=False)
+            return context.get_dummy_value()
+        return (types.void(acc, acc_index, w, low_index, low_shift, low_bits, high_index, high_shift, high_bits, x,
+                           x_index), codegen)
+    typer.__name__ = typer.__qualname__ = "dot4_bits_partial" if partial else "dot4_bits"   # numba names it so
+    return typer
+
+
+dot4_bits = intrinsic(_dot4_bits_intrinsic(partial=False))
+dot4_bits.__doc__ = """dot4_bits(acc, acc_index, w, low_index, low_shift, low_bits, high_index, high_shift, high_bits,
+x, x_index): as dot4_int8 for weights split in two bit fields (unsigned, before the format's
+offset, which the caller applies to the sum): `low_bits` bits at bit `low_shift` of the quad at
+low_index, and above them `high_bits` bits at bit `high_shift` of the quad at high_index.
+Q6_K: 4 + 2 bits. Summed into int32."""
+dot4_bits_partial = intrinsic(_dot4_bits_intrinsic(partial=True))
+dot4_bits_partial.__doc__ = """As dot4_bits, into partial sums that scaled_sums finishes (as dot4_partial's: int16 pairs
+with AVX2 and int8 activations): for values below 32, at most 4 calls per partial sum
+(4 * 2 * 31 * 127 < 2^15). Q5_K: 4 + 1 bits; Q3_K: 2 + 1."""
 
 
 @intrinsic

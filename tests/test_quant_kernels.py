@@ -346,46 +346,54 @@ def test_dot4_intrinsics_equal_integer_sums(avx2, x_type, monkeypatch):
 @pytest.mark.parametrize("x_type", [np.int8, np.int16])
 @pytest.mark.parametrize("avx2", [True, False])
 def test_partial_sums_scaled_equal_integer_sums(avx2, x_type, monkeypatch):
-    """bits.dot4_partial over the most quads it allows (8 of nibbles: Q4_K's sub-block of 32; 4
-    of 2-bit fields: Q2_K's 16 weights per scale) and
-    bits.scaled_sums, with scales and without (Q4_0's scales of 1), against numpy at the extremes
-    (15 * 127 in all 32 products of a lane, times the largest 6-bit scale), in both code paths
-    (int16 pair sums; int32 sums)."""
+    """bits.dot4_partial and dot4_bits_partial over the most quads they allow (8 of nibbles:
+    Q4_K's sub-block of 32; 4 of 2-bit fields: Q2_K's 16 weights per scale; 4 of 5-bit values:
+    Q5_K's halves of a sub-block) and bits.scaled_sums, with unsigned scales, signed ones (Q3_K's,
+    down to -32) and without (Q4_0's scales of 1), against numpy at the extremes (15 * 127 in all
+    32 products of a lane, times the largest 6-bit scale), in both code paths (int16 pair sums;
+    int32 sums)."""
     import numba
     from engine.kernels import bits
     if avx2 and not bits._host_has_avx2():
         pytest.skip("this CPU has no AVX2")
     monkeypatch.setattr(bits, "_host_has_avx2", lambda: avx2)
 
-    def run(out, unscaled, crumbs, w, x, scales):   # 16 lanes; quad j of the 16 lanes at 64 j; nibbles at bit 0, then 4
-        partial = np.zeros(32, np.int32)
+    def run(out, unscaled, crumbs, fives, w, x, scales):   # 16 lanes; quad j of the 16 lanes at 64 j
+        partial = np.zeros(32, np.int32)    # nibbles at bit 0, then 4
         two_bits = np.zeros(16, np.int32)   # Q2_K's: bits 6-7, 4 quads (16 weights, one scale)
+        five_bits = np.zeros(16, np.int32)  # Q5_K's: the high nibble, and bit 7 of quad j + 4
         for j in range(8):
             for lanes in range(0, 16, bits.DOT4_LANES):
                 bits.dot4_partial(partial, lanes, w, 64 * j + 4 * lanes, x, 4 * j, 0, 4)
                 bits.dot4_partial(partial, 16 + lanes, w, 64 * j + 4 * lanes, x, 32 + 4 * j, 4, 4)
                 if j < 4:
                     bits.dot4_partial(two_bits, lanes, w, 64 * j + 4 * lanes, x, 4 * j, 6, 2)
+                    bits.dot4_bits_partial(five_bits, lanes, w, 64 * j + 4 * lanes, 4, 4, 64 * (j + 4) + 4 * lanes, 7,
+                                           1, x, 4 * j)
         for lanes in range(0, 32, bits.DOT4_LANES):
             bits.scaled_sums(out, lanes, partial, lanes, scales, lanes, x)
             bits.scaled_sums(unscaled, lanes, partial, lanes, None, 0, x)
         for lanes in range(0, 16, bits.DOT4_LANES):
             bits.scaled_sums(crumbs, lanes, two_bits, lanes, scales, lanes, x)
+            bits.scaled_sums(fives, lanes, five_bits, lanes, (scales - 32).astype(np.int8), 16 + lanes, x)
     run = numba.njit(run)
     rng = np.random.default_rng(12)
     top = np.iinfo(x_type).max
     for w, x, scales in [(rng.integers(0, 256, 512, dtype=np.uint8), rng.integers(-top, top + 1, 64).astype(x_type),
                           rng.integers(0, 64, 32, dtype=np.uint8)),
                          (np.full(512, 0xFF, np.uint8), np.full(64, top, x_type), np.full(32, 63, np.uint8)),
-                         (np.full(512, 0xFF, np.uint8), np.full(64, -top, x_type), np.full(32, 63, np.uint8))]:
+                         (np.full(512, 0xFF, np.uint8), np.full(64, -top, x_type), np.full(32, 63, np.uint8)),
+                         (np.full(512, 0xFF, np.uint8), np.full(64, top, x_type), np.zeros(32, np.uint8))]:   # -32
         out, unscaled = np.full(32, 12345, np.int32), np.full(32, 12345, np.int32)   # stored, not added
-        crumbs = np.full(16, 12345, np.int32)
-        run(out, unscaled, crumbs, w, x, scales)
+        crumbs, fives = np.full(16, 12345, np.int32), np.full(16, 12345, np.int32)
+        run(out, unscaled, crumbs, fives, w, x, scales)
         quads = w.reshape(8, 16, 4).transpose(1, 0, 2).reshape(16, 32).astype(np.int64)   # lane, weight
         x = x.astype(np.int64)
         sums = np.r_[((quads & 15) * x[:32]).sum(1), ((quads >> 4) * x[32:]).sum(1)]
         assert np.array_equal(out, scales * sums) and np.array_equal(unscaled, sums)
         assert np.array_equal(crumbs, scales[:16] * ((quads[:, :16] >> 6) * x[:16]).sum(1))
+        five = (quads[:, :16] >> 4) | (quads[:, 16:] >> 7) << 4
+        assert np.array_equal(fives, (scales[16:].astype(np.int64) - 32) * (five * x[:16]).sum(1))
 
 
 # --- the exponential of SwiGLU and softmax ------------------------------------------------------
