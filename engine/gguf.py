@@ -46,6 +46,11 @@ FILE_TYPES = {
     26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16",
 }
 
+
+def file_type_name(value) -> str | None:
+    """The name of a general.file_type value, or None (absent, unknown, or not an integer)."""
+    return FILE_TYPES.get(int(value)) if isinstance(value, (int, np.integer)) else None
+
 # ggml tensor types, as in the GGUF specification: id -> (name, elements per block, bytes per block)
 GGML_TYPES = {
     0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),

@@ -22,7 +22,7 @@ from .kernels.formats import FORMATS
 
 from .config import ModelConfig, load_config
 from .errors import EngineError
-from .gguf import FILE_TYPES, GGUFFile, gguf_config, gguf_tensors
+from .gguf import GGUFFile, file_type_name, gguf_config, gguf_tensors
 from .tokenizer import Tokenizer, tokenizer_from_gguf
 from .weight_cache import WeightCache
 from .weights import check_layer_count, read_checkpoint, stored_formats
@@ -79,8 +79,8 @@ class GGUFSource:
             file_format=f"GGUF v{self.file.version}",
             family=str(metadata.get("general.architecture", "?")),
             parameters=sum(int(np.prod(t.shape)) for t in infos),
-            quantization=FILE_TYPES.get(metadata.get("general.file_type"),
-                                        Counter(matrices).most_common(1)[0][0] if matrices else "none"),
+            quantization=file_type_name(metadata.get("general.file_type"))
+            or (Counter(matrices).most_common(1)[0][0] if matrices else "none"),
             tensor_types=Counter(t.type_name for t in infos),
             file_size=self.path.stat().st_size,
             tokenizer=f"GGUF {metadata.get('tokenizer.ggml.model')} (pre-tokenizer "

@@ -181,6 +181,25 @@ def make_small_gguf(path: Path) -> Path:
     return path
 
 
+@pytest.mark.parametrize("add_file_type, expected", [
+    (lambda w: w.add_uint32("general.file_type", 12), "Q3_K_M"),   # what llama.cpp writes
+    (lambda w: w.add_uint32("general.file_type", 999), "Q8_0"),    # unknown: the most common matrix type
+    (lambda w: w.add_array("general.file_type", [1, 2]), "Q8_0"),  # not an integer
+    (lambda w: w.add_string("general.file_type", "Q4_K_M"), "Q8_0"),
+])
+def test_the_file_type_is_named_from_its_metadata(tmp_path, add_file_type, expected):
+    from engine.source import open_source
+    w = GGUFWriter(str(tmp_path / "typed.gguf"), "llama")
+    add_file_type(w)
+    w.add_tensor("blk.0.attn_q.weight", quants.quantize(np.ones((2, 64), np.float32), GGMLQuantizationType.Q8_0),
+                 raw_dtype=GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert open_source(tmp_path / "typed.gguf").details().quantization == expected
+
+
 @pytest.fixture(scope="module")
 def small_gguf(tmp_path_factory):
     return make_small_gguf(tmp_path_factory.mktemp("gguf") / "small.gguf").read_bytes()
