@@ -161,8 +161,9 @@ def cmd_serve(args) -> int:
     from .surfaces.server import serve
     if not 1 <= args.max_queue <= 1_000_000 or not 0 < args.port < 65536:
         raise EngineError("--max-queue must be 1 to 1000000 and --port 1 to 65535")
-    if not 1 <= args.parallel <= 64:
-        raise EngineError(f"--parallel must be 1 to 64, got {args.parallel}")
+    from . import MAX_PARALLEL   # checked now: the models load later, on first use
+    if not 1 <= args.parallel <= MAX_PARALLEL:
+        raise EngineError(f"--parallel must be 1 to {MAX_PARALLEL}, got {args.parallel}")
     load_options = {k: v for k, v in (("context_length", args.ctx), ("threads", args.threads)) if v is not None}
     try:
         serve(args.host, args.port, args.model, args.parallel, args.api_key, args.max_queue, load_options)

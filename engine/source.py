@@ -23,14 +23,11 @@ from .kernels.formats import FORMATS
 from .config import ModelConfig, load_config
 from .errors import EngineError
 from .gguf import GGUFFile, file_type_name, gguf_config, gguf_tensors
+from .thinking import CLOSING
 from .tokenizer import Tokenizer, tokenizer_from_gguf
 from .weight_cache import WeightCache
 from .weights import check_layer_count, read_checkpoint, stored_formats
 
-# A reasoning model's template mentions the closing tag: DeepSeek-R1's strips earlier turns'
-# reasoning at it, and its later revision also opens the block at the end of the prompt (the
-# first one leaves the opening tag for the model to write).
-THINKING_CLOSE = "</think>"
 
 
 @dataclass(frozen=True)
@@ -139,9 +136,11 @@ def weights_in(array: np.ndarray, format_name: str | None) -> int:
 
 
 def capabilities(tokenizer: Tokenizer) -> tuple:
-    """What Ollama's `show` lists: "completion", and "thinking" when the template reasons."""
+    """What Ollama's `show` lists: "completion", and "thinking" when the template reasons (a
+    reasoning model's template mentions the closing tag: DeepSeek-R1's strips earlier turns'
+    reasoning at it, and its later revision also opens the block at the end of the prompt)."""
     template = tokenizer.chat_template_source or ""
-    return ("completion",) + (("thinking",) if THINKING_CLOSE in template else ())
+    return ("completion",) + (("thinking",) if CLOSING in template else ())
 
 
 def open_source(path: Path, tokenizer_only: bool = False) -> GGUFSource | DirectorySource:
