@@ -300,6 +300,12 @@ def _pair_sums_fast(x_type) -> bool:
     return _host_has_avx2() and x_type.dtype == types.int8
 
 
+def _nibbles(context, builder, vector, shift, shift_type):
+    """<32 x i8>: (vector >> shift) & 15 in every byte (shift 0 or 4)."""
+    fifteen = ir.Constant(vector.type, [15] * 32)
+    return builder.and_(_shifted_right(context, builder, vector, shift, shift_type), fifteen)
+
+
 def _low_bits(context, builder, vector, shift, shift_type, bits, bits_type):
     """<32 x i8>: (vector >> shift) & (2^bits - 1) in every byte (shift and bits: run-time
     integers that are constants of each call, which LLVM folds)."""
@@ -340,8 +346,9 @@ def scaled_sums(typingctx, out, out_index, acc, acc_index, scales, scales_index,
     """out.flat[out_index + l] = scale of lane l * (its partial sum at acc_index, made by
     dot4_partial or dot4_bits_partial), int32, for 8 lanes. The scales are the bytes
     scales.flat[scales_index + l]: uint8 below 64 (Q4_K's 6-bit scales), int8 (Q3_K's, -32..31),
-    or 1 where scales is None (Q4_0); x only says which activation type made the partial sums. With int16 pairs this
-    is one pmaddwd by the scales (each lane's two int16 halves hold its scale)."""
+    or 1 where scales is None (Q4_0); x only says which activation type made the partial sums.
+    With int16 pairs this is one pmaddwd by the scales (each lane's two int16 halves hold its
+    scale)."""
     if not (isinstance(out, types.Array) and out.dtype == types.int32 and isinstance(acc, types.Array)
             and acc.dtype == types.int32 and isinstance(x, types.Array)
             and (isinstance(scales, types.NoneType)
@@ -362,7 +369,8 @@ def scaled_sums(typingctx, out, out_index, acc, acc_index, scales, scales_index,
             madd = _declare(builder, "llvm.x86.avx2.pmadd.wd", ints8, words16, words16)
             pairs = builder.load(_vector_pointer(context, builder, acc_t, acc_a, acc_i_t, acc_i, i16, 16), align=4)
             low_half = builder.and_(scale, ir.Constant(ints8, [0xFFFF] * 8))   # a negative scale's high bits cleared
-            scale_pairs = builder.bitcast(builder.or_(low_half, builder.shl(scale, ir.Constant(ints8, [16] * 8))), words16)
+            high_half = builder.shl(scale, ir.Constant(ints8, [16] * 8))
+            scale_pairs = builder.bitcast(builder.or_(low_half, high_half), words16)
             result = builder.call(madd, [pairs, scale_pairs])
         else:
             result = builder.mul(builder.load(_vector_pointer(context, builder, acc_t, acc_a, acc_i_t, acc_i, i32, 8),
@@ -427,12 +435,13 @@ def dot4_nibbles_fifth_bit(typingctx, acc, acc_index, w, low_index, low_shift, h
         acc_t, acc_i_t, w_t, low_i_t, low_shift_t, high_i_t, bit_t, x_t, x_i_t = signature.args
         acc_a, acc_i, w_a, low_i, low_shift, high_i, bit, x_a, x_i = args
         bytes32, ints8 = ir.VectorType(ir.IntType(8), 32), ir.VectorType(ir.IntType(32), 8)
-        low = builder.and_(_shifted_right(context, builder, _load(context, builder, w_t, w_a, low_i_t, low_i, 32),
-                                          low_shift, low_shift_t), ir.Constant(bytes32, [15] * 32))
+        low = _nibbles(context, builder, _load(context, builder, w_t, w_a, low_i_t, low_i, 32), low_shift, low_shift_t)
         words = builder.bitcast(_load(context, builder, w_t, w_a, high_i_t, high_i, 32), ints8)
-        four = builder.and_(builder.lshr(words, _splat(context, builder, ints8, bit, bit_t)), ir.Constant(ints8, [15] * 8))
-        spread = builder.and_(builder.mul(four, ir.Constant(ints8, [0x00204081] * 8)), ir.Constant(ints8, [0x01010101] * 8))
-        q = builder.or_(low, builder.bitcast(builder.shl(spread, ir.Constant(ints8, [4] * 8)), bytes32))
+        def splat(value):
+            return ir.Constant(ints8, [value] * 8)
+        four = builder.and_(builder.lshr(words, _splat(context, builder, ints8, bit, bit_t)), splat(15))
+        spread = builder.and_(builder.mul(four, splat(0x00204081)), splat(0x01010101))
+        q = builder.or_(low, builder.bitcast(builder.shl(spread, splat(4)), bytes32))
         _dot4_into(context, builder, acc_t, acc_a, acc_i_t, acc_i, q, _load(context, builder, x_t, x_a, x_i_t, x_i, 4),
                    signed=False)
         return context.get_dummy_value()
@@ -454,8 +463,7 @@ def dot4_codebook(typingctx, acc, acc_index, w, w_index, shift, x, x_index):
         acc_t, acc_i_t, w_t, w_i_t, shift_t, x_t, x_i_t = signature.args
         acc_a, acc_i, w_a, w_i, shift, x_a, x_i = args
         bytes32 = ir.VectorType(ir.IntType(8), 32)
-        nibbles = builder.and_(_shifted_right(context, builder, _load(context, builder, w_t, w_a, w_i_t, w_i, 32),
-                                              shift, shift_t), ir.Constant(bytes32, [15] * 32))
+        nibbles = _nibbles(context, builder, _load(context, builder, w_t, w_a, w_i_t, w_i, 32), shift, shift_t)
         table = ir.Constant(bytes32, [v & 0xFF for v in IQ4_VALUES] * 2)
         if _host_has_avx2():
             shuffle = _declare(builder, "llvm.x86.avx2.pshuf.b", bytes32, bytes32, bytes32)

@@ -115,7 +115,8 @@ def matmul_iq4_xs(w, xq, xd, xs, out):
                     _codebook_block(sums, w, quads + i * (QK // 2) * ROW_GROUP, xq, t * cols + b * QK_K + i * QK)
                     x_scale = xd[t, b * (QK_K // QK) + i]
                     for lane in range(ROW_GROUP):
-                        high_bits = np.int32(w[g, b, ROW_GROUP * 2 + lane]) | (np.int32(w[g, b, ROW_GROUP * 3 + lane]) << 8)
+                        high_bits = (np.int32(w[g, b, ROW_GROUP * 2 + lane])
+                                     | (np.int32(w[g, b, ROW_GROUP * 3 + lane]) << 8))
                         scale = _xs_scale(w[g, b, ROW_GROUP * (4 + i // 2) + lane], high_bits, i)
                         block[lane] += x_scale * np.float32(scale) * np.float32(sums[lane])
                 for lane in range(ROW_GROUP):

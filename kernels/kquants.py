@@ -392,7 +392,8 @@ def _q3_k_scale_bytes(w, g, b, scales):
             a = w[g, b, ROW_GROUP * q + lane]
             c = w[g, b, ROW_GROUP * (q + 4) + lane]
             h = w[g, b, ROW_GROUP * (8 + q) + lane]
-            scales[q * ROW_GROUP + lane] = np.int8(np.int32((a & np.uint8(15)) | ((h & np.uint8(3)) << np.uint8(4))) - 32)
+            scales[q * ROW_GROUP + lane] = np.int8(
+                np.int32((a & np.uint8(15)) | ((h & np.uint8(3)) << np.uint8(4))) - 32)
             scales[(q + 4) * ROW_GROUP + lane] = np.int8(
                 np.int32((c & np.uint8(15)) | (((h >> np.uint8(2)) & np.uint8(3)) << np.uint8(4))) - 32)
             scales[(q + 8) * ROW_GROUP + lane] = np.int8(

@@ -24,7 +24,8 @@ import numpy as np
 from numba import njit, prange
 
 from . import compiler  # noqa: F401  (numba's settings before any kernel is defined)
-from .bits import DOT4_LANES, dot4_int8, dot4_nibbles_fifth_bit, dot4_partial, f32_to_f16, f16_at_bytes, scaled_sums, stack_array
+from .bits import (DOT4_LANES, dot4_int8, dot4_nibbles_fifth_bit, dot4_partial, f32_to_f16, f16_at_bytes, scaled_sums,
+                   stack_array)
 from .layout import QUADS, ROW_GROUP, f16_at, prefetch_ahead, store_group
 
 QK = 32            # weights per block
