@@ -263,9 +263,7 @@ class Transformer:
         logits = self.logits[:m] if m <= len(self.logits) else np.empty((m, c.vocab_size), np.float32)
         if m:   # (a prompt chunk before the last one needs none)
             rmsnorm(np.take(x, logit_rows, axis=0, out=tmp[:m]), self.final_norm, c.rms_norm_eps, h[:m])
-            # the LM head's product picks the token: its activations are rounded to int16 blocks,
-            # not int8 (int8 rounding here visibly changes small models' answers; README)
-            matmul(self.lm_head, Activations(h[:m], self.scratch), logits, activations=np.int16)
+            matmul(self.lm_head, Activations(h[:m], self.scratch), logits)
         if self.profile:
             self.profile.forward_done(n, time.perf_counter() - started)
         # NaN or infinity stays in the residual stream (numpy's adds), where the fast-math
