@@ -1,7 +1,7 @@
 """Element-wise and per-row kernels of the transformer block: RMSNorm, rotary embeddings, SwiGLU,
 and the exponential that SwiGLU and the attention's softmax use."""
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from . import compiler  # noqa: F401  (numba's settings before any kernel is defined)
 from .bits import f32_from_bits
@@ -31,13 +31,14 @@ def exp_f32(x):
     return (p * r * r + r + np.float32(1.0)) * two_to_n
 
 
-# Rope and SwiGLU run per token, in a parallel region over the tokens for a prompt and in plain
-# code for the one token of a decode step: a parallel region around one row of work costs more
-# to launch than the work takes. RMSNorm runs every row count in one plain loop: its sum of
-# squares is a reduction whose order LLVM picks per compiled loop, and a second kernel for one
-# row rounded differently (4.8e-7), which the int8 rounding after it turned into different
-# tokens for the same sequence alone and in a server's batch. Its rows are short work even for
-# a prompt (a few microseconds each).
+# RMSNorm, rope and SwiGLU run every row count in one plain loop. Their rows are short work
+# even for a prompt (microseconds each: under 1 % of a prompt's time), where a parallel region
+# would cost more to launch for a decode step's one row, and a parallel kernel takes seconds
+# more to compile on a first run (numba compiles its loop body a second time). And one kernel
+# for every row count rounds the same in every row: RMSNorm's sum of squares is a reduction
+# whose order LLVM picks per compiled loop, and a second kernel for one row rounded differently
+# (4.8e-7), which the int8 rounding after it turned into different tokens for the same sequence
+# alone and in a server's batch.
 
 @njit(inline="always")
 def _rmsnorm_row(x, t, weight, eps, out):
@@ -73,17 +74,7 @@ def _rope_token(x, t, cos, sin, pos, interleaved):
             x[t, h, first + stride] = b * cos[pos, i] + a * sin[pos, i]
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def _rope_tokens(x, cos, sin, positions, interleaved):
-    for t in prange(x.shape[0]):
-        _rope_token(x, t, cos, sin, positions[t], interleaved)
-
-
 @njit(fastmath=True, cache=True)
-def _rope_one(x, cos, sin, positions, interleaved):
-    _rope_token(x, 0, cos, sin, positions[0], interleaved)
-
-
 def rope(x, cos, sin, positions, interleaved):
     """Rotate x of shape (tokens, heads, head_dim) in place, token t being at position positions[t]
     (int64, each below len(cos): the caller checks).
@@ -92,7 +83,8 @@ def rope(x, cos, sin, positions, interleaved):
     tensors (q/k rows permuted by llama.cpp's converter) pair 2i with 2i + 1: `interleaved`.
     Both give the same attention scores on the same model. cos and sin: (positions, head_dim/2).
     """
-    (_rope_one if x.shape[0] == 1 else _rope_tokens)(x, cos, sin, positions, interleaved)
+    for t in range(x.shape[0]):
+        _rope_token(x, t, cos, sin, positions[t], interleaved)
 
 
 # silu(g) = g / (1 + e^-g) takes e^-g capped at e^80: for gates below -88, 1 / (1 + e^-g) would be
@@ -111,17 +103,8 @@ def _swiglu_row(gate, up, t, out):
 
 # error_model="numpy": numba's default raises ZeroDivisionError, and the check it puts before
 # every division is a branch that keeps LLVM from vectorizing the loop
-@njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
-def _swiglu_rows(gate, up, out):
-    for t in prange(gate.shape[0]):
-        _swiglu_row(gate, up, t, out)
-
-
 @njit(fastmath=True, error_model="numpy", cache=True)
-def _swiglu_one(gate, up, out):
-    _swiglu_row(gate, up, 0, out)
-
-
 def swiglu(gate, up, out):
     """out = silu(gate) * up, the gated activation of the Llama/Qwen MLP, for (tokens, width)."""
-    (_swiglu_one if gate.shape[0] == 1 else _swiglu_rows)(gate, up, out)
+    for t in range(gate.shape[0]):
+        _swiglu_row(gate, up, t, out)
