@@ -85,11 +85,12 @@ def value_add_q8_0(v, v_scales, kv, p, weight, acc):
 
 # --- attention -------------------------------------------------------------------------------------
 
-@njit(inline="always")
-def _attention(key_dot, value_add, q, k_slots, k_scale_slots, v_slots, v_scale_slots, slots, positions, out,
-               scores_scratch, acc_scratch):
-    """Causal attention for queries q (tokens, heads, head_dim), query t at position positions[t]
-    of slot slots[t] (both checked by KVCache.attend: no bounds checks here).
+@njit(fastmath=True, error_model="numpy", forceinline=True)
+def _attend(key_dot, value_add, q, k_slots, k_scale_slots, v_slots, v_scale_slots, slots, positions, out,
+            scores_scratch, acc_scratch, item):
+    """Causal attention for query head h = item % heads of token t = item // heads, q (tokens,
+    heads, head_dim), query t at position positions[t] of slot slots[t] (both checked by
+    KVCache.attend: no bounds checks here); key_dot and value_add read the cache kind.
 
     Query t sees positions 0 .. positions[t] of its slot. The softmax subtracts the maximum
     score and runs in float32, like the reference implementation. Each worker thread keeps its
@@ -99,50 +100,56 @@ def _attention(key_dot, value_add, q, k_slots, k_scale_slots, v_slots, v_scale_s
     n_tokens, n_heads, head_dim = q.shape
     group = n_heads // k_slots.shape[1]
     scale = np.float32(1.0 / math.sqrt(head_dim))
-    for item in prange(n_tokens * n_heads):
-        t = item // n_heads
-        h = item % n_heads
-        kv = h // group
-        slot = slots[t]
-        k, k_scales, v, v_scales = k_slots[slot], k_scale_slots[slot], v_slots[slot], v_scale_slots[slot]
-        n_keys = positions[t] + 1
-        query = q[t, h]
-        worker = get_thread_id()
-        scores = scores_scratch[worker]
-        best = np.float32(-np.inf)
-        for p in range(n_keys):
-            s = key_dot(k, k_scales, kv, p, query) * scale
-            scores[p] = s
-            best = max(best, s)
-        total = np.float32(0.0)
-        for p in range(n_keys):
-            below = scores[p] - best
-            e = exp_f32(below) if below > NEGLIGIBLE_SCORE else np.float32(0.0)
-            scores[p] = e
-            total += e
-        acc = acc_scratch[worker]
-        acc[:] = 0.0
-        for p in range(n_keys):
-            value_add(v, v_scales, kv, p, scores[p], acc)
-        inv_total = np.float32(1.0) / total
-        for i in range(head_dim):
-            out[t, h, i] = acc[i] * inv_total
+    t = item // n_heads
+    h = item % n_heads
+    kv = h // group
+    slot = slots[t]
+    k, k_scales, v, v_scales = k_slots[slot], k_scale_slots[slot], v_slots[slot], v_scale_slots[slot]
+    n_keys = positions[t] + 1
+    query = q[t, h]
+    worker = get_thread_id()
+    scores = scores_scratch[worker]
+    best = np.float32(-np.inf)
+    for p in range(n_keys):
+        s = key_dot(k, k_scales, kv, p, query) * scale
+        scores[p] = s
+        best = max(best, s)
+    total = np.float32(0.0)
+    for p in range(n_keys):
+        below = scores[p] - best
+        e = exp_f32(below) if below > NEGLIGIBLE_SCORE else np.float32(0.0)
+        scores[p] = e
+        total += e
+    acc = acc_scratch[worker]
+    acc[:] = 0.0
+    for p in range(n_keys):
+        value_add(v, v_scales, kv, p, scores[p], acc)
+    inv_total = np.float32(1.0) / total
+    for i in range(head_dim):
+        out[t, h, i] = acc[i] * inv_total
 
 
-# one small kernel per cache kind (numba cannot cache kernels that take functions as arguments)
-@njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
+# one small kernel per cache kind, over (token, head) items (numba cannot cache kernels that
+# take functions as arguments)
+@njit(parallel=True, cache=True)
 def attention_f32(q, k, k_scales, v, v_scales, slots, positions, out, scores, acc):
-    _attention(key_dot_f32, value_add_f32, q, k, k_scales, v, v_scales, slots, positions, out, scores, acc)
+    for item in prange(q.shape[0] * q.shape[1]):
+        _attend(key_dot_f32, value_add_f32, q, k, k_scales, v, v_scales, slots, positions, out, scores, acc,
+                np.int64(item))
 
 
-@njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
+@njit(parallel=True, cache=True)
 def attention_f16(q, k, k_scales, v, v_scales, slots, positions, out, scores, acc):
-    _attention(key_dot_f16, value_add_f16, q, k, k_scales, v, v_scales, slots, positions, out, scores, acc)
+    for item in prange(q.shape[0] * q.shape[1]):
+        _attend(key_dot_f16, value_add_f16, q, k, k_scales, v, v_scales, slots, positions, out, scores, acc,
+                np.int64(item))
 
 
-@njit(parallel=True, fastmath=True, error_model="numpy", cache=True)
+@njit(parallel=True, cache=True)
 def attention_q8_0(q, k, k_scales, v, v_scales, slots, positions, out, scores, acc):
-    _attention(key_dot_q8_0, value_add_q8_0, q, k, k_scales, v, v_scales, slots, positions, out, scores, acc)
+    for item in prange(q.shape[0] * q.shape[1]):
+        _attend(key_dot_q8_0, value_add_q8_0, q, k, k_scales, v, v_scales, slots, positions, out, scores, acc,
+                np.int64(item))
 
 
 @njit(cache=True)

@@ -47,41 +47,44 @@ def decode_bf16_row(src, dst):
         dst[j] = bf16_to_f32(src[j])
 
 
-@njit(inline="always")
-def _matmul_decoded(decode_row, w, x, out):
-    """out[t, n] = dot(x[t], W[n]) for any format with a row decoder (float32 arithmetic).
+@njit(fastmath=True, forceinline=True)
+def _decoded_rows(decode_row, w, x, out, task):
+    """Rows task * ROWS_PER_TASK ... of out[t, n] = dot(x[t], W[n]) for any format with a row
+    decoder (float32 arithmetic).
 
     Each weight row is decoded once into an L1-resident float32 buffer and used for every
-    activation row, so the weight is read from memory exactly once per call. Inlined into one
-    small kernel per format below: numba cannot cache a kernel that takes a function argument
-    (its cache key names the function's address, and concurrent processes then crash saving it).
+    activation row, so the weight is read from memory exactly once per call. One small kernel
+    per format below calls it: numba cannot cache a kernel that takes a function argument (its
+    cache key names the function's address, and concurrent processes then crash saving it).
     """
     n_rows = out.shape[1]
     n_tokens, n_cols = x.shape
-    for task in prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        row = np.empty(n_cols, np.float32)
-        for n in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
-            decode_row(w[n], row)
-            for t in range(n_tokens):
-                acc = np.float32(0.0)
-                for j in range(n_cols):
-                    acc += row[j] * x[t, j]
-                out[t, n] = acc
+    row = np.empty(n_cols, np.float32)
+    for n in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
+        decode_row(w[n], row)
+        for t in range(n_tokens):
+            acc = np.float32(0.0)
+            for j in range(n_cols):
+                acc += row[j] * x[t, j]
+            out[t, n] = acc
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, cache=True)
 def matmul_f32(w, x, out):
-    _matmul_decoded(decode_f32_row, w, x, out)
+    for task in prange((out.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        _decoded_rows(decode_f32_row, w, x, out, np.int64(task))
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, cache=True)
 def matmul_f16(w, x, out):
-    _matmul_decoded(decode_f16_row, w, x, out)
+    for task in prange((out.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        _decoded_rows(decode_f16_row, w, x, out, np.int64(task))
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, cache=True)
 def matmul_bf16(w, x, out):
-    _matmul_decoded(decode_bf16_row, w, x, out)
+    for task in prange((out.shape[1] + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        _decoded_rows(decode_bf16_row, w, x, out, np.int64(task))
 
 
 def decode_rows(decode_row, rows, out):

@@ -73,52 +73,64 @@ def _codebook_block(sums, w, quads, xq, x0):
             dot4_codebook(sums, lanes, w, at, 4, xq, x0 + QK // 2 + QUADS * j)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(fastmath=True, forceinline=True)
+def _iq4_nl_group(w, xq, xd, xs, out, g):
+    """Group g of matmul_iq4_nl (layout.py: one group per work item)."""
+    n_groups, n_blocks, group_bytes = w.shape
+    cols = xq.shape[1]
+    block = stack_array(np.int32, 1, ROW_GROUP)
+    acc = stack_array(np.float32, 1, ROW_GROUP)
+    for t in range(xq.shape[0]):
+        acc[:] = 0.0
+        for b in range(n_blocks):
+            prefetch_ahead(w, g, b, 0, 1, always=True)
+            _codebook_block(block, w, (g * n_blocks + b) * group_bytes + 2 * ROW_GROUP, xq, t * cols + b * QK)
+            x_scale = xd[t, b]
+            for lane in range(ROW_GROUP):
+                acc[lane] += np.float32(block[lane]) * (f16_at(w, g, b, 0, lane) * x_scale)
+        store_group(out, t, g, acc)
+
+
+@njit(parallel=True, cache=True)
 def matmul_iq4_nl(w, xq, xd, xs, out):
     """IQ4_NL weights (fp16 d in planes 0-1, the nibbles in quads), integer activations: per
     block, d * x's scale * the integer sum (xs, the activations' sums, is not needed)."""
+    for g in prange(w.shape[0]):
+        _iq4_nl_group(w, xq, xd, xs, out, np.int64(g))
+
+
+@njit(fastmath=True, forceinline=True)
+def _iq4_xs_group(w, xq, xd, xs, out, g):
+    """Group g of matmul_iq4_xs (layout.py: one group per work item)."""
     n_groups, n_blocks, group_bytes = w.shape
     cols = xq.shape[1]
-    for g in prange(n_groups):
-        block = stack_array(np.int32, 1, ROW_GROUP)
-        acc = stack_array(np.float32, 1, ROW_GROUP)
-        for t in range(xq.shape[0]):
-            acc[:] = 0.0
-            for b in range(n_blocks):
-                prefetch_ahead(w, g, b, 0, 1, always=True)
-                _codebook_block(block, w, (g * n_blocks + b) * group_bytes + 2 * ROW_GROUP, xq, t * cols + b * QK)
-                x_scale = xd[t, b]
+    sums = stack_array(np.int32, 1, ROW_GROUP)
+    block = stack_array(np.float32, 1, ROW_GROUP)
+    acc = stack_array(np.float32, 1, ROW_GROUP)
+    for t in range(xq.shape[0]):
+        acc[:] = 0.0
+        for b in range(n_blocks):
+            block[:] = 0.0
+            quads = (g * n_blocks + b) * group_bytes + 8 * ROW_GROUP
+            for i in range(QK_K // QK):
+                prefetch_ahead(w, g, b, i, QK_K // QK)
+                _codebook_block(sums, w, quads + i * (QK // 2) * ROW_GROUP, xq, t * cols + b * QK_K + i * QK)
+                x_scale = xd[t, b * (QK_K // QK) + i]
                 for lane in range(ROW_GROUP):
-                    acc[lane] += np.float32(block[lane]) * (f16_at(w, g, b, 0, lane) * x_scale)
-            store_group(out, t, g, acc)
+                    high_bits = (np.int32(w[g, b, ROW_GROUP * 2 + lane])
+                                 | (np.int32(w[g, b, ROW_GROUP * 3 + lane]) << 8))
+                    scale = _xs_scale(w[g, b, ROW_GROUP * (4 + i // 2) + lane], high_bits, i)
+                    block[lane] += x_scale * np.float32(scale) * np.float32(sums[lane])
+            for lane in range(ROW_GROUP):
+                acc[lane] += f16_at(w, g, b, 0, lane) * block[lane]
+        store_group(out, t, g, acc)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, cache=True)
 def matmul_iq4_xs(w, xq, xd, xs, out):
     """IQ4_XS weights (d, scales_h, scales_l in planes 0-7, the nibbles in quads), integer
     activations: per sub-block of 32, x's scale * (ls - 32) * the integer sum; per block, d.
     The scale multiplies in float32: with int16 activations (the LM head) 32 times a block's
     sum can pass 2^31."""
-    n_groups, n_blocks, group_bytes = w.shape
-    cols = xq.shape[1]
-    for g in prange(n_groups):
-        sums = stack_array(np.int32, 1, ROW_GROUP)
-        block = stack_array(np.float32, 1, ROW_GROUP)
-        acc = stack_array(np.float32, 1, ROW_GROUP)
-        for t in range(xq.shape[0]):
-            acc[:] = 0.0
-            for b in range(n_blocks):
-                block[:] = 0.0
-                quads = (g * n_blocks + b) * group_bytes + 8 * ROW_GROUP
-                for i in range(QK_K // QK):
-                    prefetch_ahead(w, g, b, i, QK_K // QK)
-                    _codebook_block(sums, w, quads + i * (QK // 2) * ROW_GROUP, xq, t * cols + b * QK_K + i * QK)
-                    x_scale = xd[t, b * (QK_K // QK) + i]
-                    for lane in range(ROW_GROUP):
-                        high_bits = (np.int32(w[g, b, ROW_GROUP * 2 + lane])
-                                     | (np.int32(w[g, b, ROW_GROUP * 3 + lane]) << 8))
-                        scale = _xs_scale(w[g, b, ROW_GROUP * (4 + i // 2) + lane], high_bits, i)
-                        block[lane] += x_scale * np.float32(scale) * np.float32(sums[lane])
-                for lane in range(ROW_GROUP):
-                    acc[lane] += f16_at(w, g, b, 0, lane) * block[lane]
-            store_group(out, t, g, acc)
+    for g in prange(w.shape[0]):
+        _iq4_xs_group(w, xq, xd, xs, out, np.int64(g))

@@ -178,7 +178,47 @@ def _k_minimums(block_min, mins, j, xd, xs, t, x0):
                             + min_hi * np.float32(np.int32(mins[(j + 1) * ROW_GROUP + lane])))
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(fastmath=True, forceinline=True)
+def _q4_k_group(w, xq, xd, xs, out, g):
+    """Group g of matmul_q4_k (layout.py: one group per work item)."""
+    n_groups, n_blocks, group_bytes = w.shape
+    cols = xq.shape[1]
+    partial = stack_array(np.int32, 2, ROW_GROUP)
+    part = stack_array(np.int32, 2, ROW_GROUP)
+    scales = stack_array(np.uint8, 8, ROW_GROUP)
+    mins = stack_array(np.uint8, 8, ROW_GROUP)
+    block = stack_array(np.float32, 1, ROW_GROUP)
+    block_min = stack_array(np.float32, 1, ROW_GROUP)
+    acc = stack_array(np.float32, 1, ROW_GROUP)
+    for t in range(xq.shape[0]):
+        acc[:] = 0.0
+        for b in range(n_blocks):
+            _k4_scale_bytes(w, g, b, scales, mins)
+            block[:] = 0.0
+            block_min[:] = 0.0
+            for chunk in range(4):
+                prefetch_ahead(w, g, b, chunk, 4)
+                partial[:] = 0
+                x0 = b * QK_K + chunk * 64
+                quads = (g * n_blocks + b) * group_bytes + ROW_GROUP * (16 + 32 * chunk)
+                for j in range(32 // QUADS):
+                    for lanes in range(0, ROW_GROUP, DOT4_LANES):
+                        at = quads + QUADS * (j * ROW_GROUP + lanes)
+                        dot4_partial(partial, lanes, w, at, xq, t * cols + x0 + QUADS * j, 0, 4)
+                        dot4_partial(partial, ROW_GROUP + lanes, w, at, xq, t * cols + x0 + 32 + QUADS * j, 4, 4)
+                j = 2 * chunk
+                for lanes in range(0, 2 * ROW_GROUP, DOT4_LANES):   # sub-blocks j and j + 1
+                    scaled_sums(part, lanes, partial, lanes, scales, j * ROW_GROUP + lanes, xq)
+                d_lo, d_hi = xd[t, x0 // 32], xd[t, x0 // 32 + 1]
+                for lane in range(ROW_GROUP):
+                    block[lane] += d_lo * np.float32(part[lane]) + d_hi * np.float32(part[ROW_GROUP + lane])
+                _k_minimums(block_min, mins, j, xd, xs, t, x0)
+            for lane in range(ROW_GROUP):
+                acc[lane] += f16_at(w, g, b, 0, lane) * block[lane] - f16_at(w, g, b, 2, lane) * block_min[lane]
+        store_group(out, t, g, acc)
+
+
+@njit(parallel=True, cache=True)
 def matmul_q4_k(w, xq, xd, xs, out):
     """Q4_K with integer activations (blocks of 32 = one sub-block). The 128 nibble bytes are in
     quads (layout.py; planes 0-15 hold d, dmin and the scales): for chunk c, quad j of a lane
@@ -189,42 +229,8 @@ def matmul_q4_k(w, xq, xd, xs, out):
     the 6-bit scales as they are widened (bits.scaled_sums); sum x comes from xs
     (quant.quantize_for_matmul). The scales and mins stay bytes until then: converting all
     of them to float32 in every block took about a third of the kernel's time."""
-    n_groups, n_blocks, group_bytes = w.shape
-    cols = xq.shape[1]
-    for g in prange(n_groups):
-        partial = stack_array(np.int32, 2, ROW_GROUP)
-        part = stack_array(np.int32, 2, ROW_GROUP)
-        scales = stack_array(np.uint8, 8, ROW_GROUP)
-        mins = stack_array(np.uint8, 8, ROW_GROUP)
-        block = stack_array(np.float32, 1, ROW_GROUP)
-        block_min = stack_array(np.float32, 1, ROW_GROUP)
-        acc = stack_array(np.float32, 1, ROW_GROUP)
-        for t in range(xq.shape[0]):
-            acc[:] = 0.0
-            for b in range(n_blocks):
-                _k4_scale_bytes(w, g, b, scales, mins)
-                block[:] = 0.0
-                block_min[:] = 0.0
-                for chunk in range(4):
-                    prefetch_ahead(w, g, b, chunk, 4)
-                    partial[:] = 0
-                    x0 = b * QK_K + chunk * 64
-                    quads = (g * n_blocks + b) * group_bytes + ROW_GROUP * (16 + 32 * chunk)
-                    for j in range(32 // QUADS):
-                        for lanes in range(0, ROW_GROUP, DOT4_LANES):
-                            at = quads + QUADS * (j * ROW_GROUP + lanes)
-                            dot4_partial(partial, lanes, w, at, xq, t * cols + x0 + QUADS * j, 0, 4)
-                            dot4_partial(partial, ROW_GROUP + lanes, w, at, xq, t * cols + x0 + 32 + QUADS * j, 4, 4)
-                    j = 2 * chunk
-                    for lanes in range(0, 2 * ROW_GROUP, DOT4_LANES):   # sub-blocks j and j + 1
-                        scaled_sums(part, lanes, partial, lanes, scales, j * ROW_GROUP + lanes, xq)
-                    d_lo, d_hi = xd[t, x0 // 32], xd[t, x0 // 32 + 1]
-                    for lane in range(ROW_GROUP):
-                        block[lane] += d_lo * np.float32(part[lane]) + d_hi * np.float32(part[ROW_GROUP + lane])
-                    _k_minimums(block_min, mins, j, xd, xs, t, x0)
-                for lane in range(ROW_GROUP):
-                    acc[lane] += f16_at(w, g, b, 0, lane) * block[lane] - f16_at(w, g, b, 2, lane) * block_min[lane]
-            store_group(out, t, g, acc)
+    for g in prange(w.shape[0]):
+        _q4_k_group(w, xq, xd, xs, out, np.int64(g))
 
 
 def _q6_k_runs() -> tuple:
@@ -277,7 +283,34 @@ def _q6_quarter(w, g, b, half_start, half, i, low_shift, high_shift, xq, xd, xs,
         block[lane] += x_scale * (np.float32(first) + np.float32(second))
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(fastmath=True, forceinline=True)
+def _q6_k_group(w, xq, xd, xs, out, g):
+    """Group g of matmul_q6_k (layout.py: one group per work item)."""
+    n_groups, n_blocks, group_bytes = w.shape
+    part = stack_array(np.int32, 2, ROW_GROUP)
+    block = stack_array(np.float32, 1, ROW_GROUP)
+    acc = stack_array(np.float32, 1, ROW_GROUP)
+    for t in range(xq.shape[0]):
+        acc[:] = 0.0
+        for b in range(n_blocks):
+            block[:] = 0.0
+            for half in range(2):
+                at = (g * n_blocks + b) * group_bytes + Q6_K_HALF + half * Q6_K_HALF_BYTES
+                x0 = b * QK_K + half * 128
+                prefetch_ahead(w, g, b + 1, 4 * half, 8, always=True)
+                _q6_quarter(w, g, b, at, half, 0, 0, 0, xq, xd, xs, t, x0, part, block)
+                prefetch_ahead(w, g, b + 1, 4 * half + 1, 8, always=True)
+                _q6_quarter(w, g, b, at, half, 1, 0, 2, xq, xd, xs, t, x0 + 32, part, block)
+                prefetch_ahead(w, g, b + 1, 4 * half + 2, 8, always=True)
+                _q6_quarter(w, g, b, at, half, 2, 4, 4, xq, xd, xs, t, x0 + 64, part, block)
+                prefetch_ahead(w, g, b + 1, 4 * half + 3, 8, always=True)
+                _q6_quarter(w, g, b, at, half, 3, 4, 6, xq, xd, xs, t, x0 + 96, part, block)
+            for lane in range(ROW_GROUP):   # the int8 scales are planes 0-15, d is in 16-17
+                acc[lane] += f16_at(w, g, b, 16, lane) * block[lane]
+        store_group(out, t, g, acc)
+
+
+@njit(parallel=True, cache=True)
 def matmul_q6_k(w, xq, xd, xs, out):
     """Q6_K with integer activations (xs: their sums per 16), packed as Q6_K_RUNS.
     In each half of 128 weights, weight 32 i + l (l < 32) is the nibble at bit 4 (i // 2) of
@@ -291,29 +324,8 @@ def matmul_q6_k(w, xq, xd, xs, out):
     gaps nothing asks memory for more; with the hints the next block streams in meanwhile. The
     block is read in order, front to back (see the README's kernel notes for what the
     alternatives measured)."""
-    n_groups, n_blocks, group_bytes = w.shape
-    for g in prange(n_groups):
-        part = stack_array(np.int32, 2, ROW_GROUP)
-        block = stack_array(np.float32, 1, ROW_GROUP)
-        acc = stack_array(np.float32, 1, ROW_GROUP)
-        for t in range(xq.shape[0]):
-            acc[:] = 0.0
-            for b in range(n_blocks):
-                block[:] = 0.0
-                for half in range(2):
-                    at = (g * n_blocks + b) * group_bytes + Q6_K_HALF + half * Q6_K_HALF_BYTES
-                    x0 = b * QK_K + half * 128
-                    prefetch_ahead(w, g, b + 1, 4 * half, 8, always=True)
-                    _q6_quarter(w, g, b, at, half, 0, 0, 0, xq, xd, xs, t, x0, part, block)
-                    prefetch_ahead(w, g, b + 1, 4 * half + 1, 8, always=True)
-                    _q6_quarter(w, g, b, at, half, 1, 0, 2, xq, xd, xs, t, x0 + 32, part, block)
-                    prefetch_ahead(w, g, b + 1, 4 * half + 2, 8, always=True)
-                    _q6_quarter(w, g, b, at, half, 2, 4, 4, xq, xd, xs, t, x0 + 64, part, block)
-                    prefetch_ahead(w, g, b + 1, 4 * half + 3, 8, always=True)
-                    _q6_quarter(w, g, b, at, half, 3, 4, 6, xq, xd, xs, t, x0 + 96, part, block)
-                for lane in range(ROW_GROUP):   # the int8 scales are planes 0-15, d is in 16-17
-                    acc[lane] += f16_at(w, g, b, 16, lane) * block[lane]
-            store_group(out, t, g, acc)
+    for g in prange(w.shape[0]):
+        _q6_k_group(w, xq, xd, xs, out, np.int64(g))
 
 
 @njit(inline="always")
@@ -345,7 +357,34 @@ def _q5_k_chunk(w, g, b, high, chunk, scales, mins, xq, xd, xs, t, partial, part
     _k_minimums(block_min, mins, j, xd, xs, t, x0)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(fastmath=True, forceinline=True)
+def _q5_k_group(w, xq, xd, xs, out, g):
+    """Group g of matmul_q5_k (layout.py: one group per work item)."""
+    n_groups, n_blocks, group_bytes = w.shape
+    partial = stack_array(np.int32, 4, ROW_GROUP)
+    part = stack_array(np.int32, 4, ROW_GROUP)
+    scales = stack_array(np.uint8, 8, ROW_GROUP)
+    mins = stack_array(np.uint8, 8, ROW_GROUP)
+    block = stack_array(np.float32, 1, ROW_GROUP)
+    block_min = stack_array(np.float32, 1, ROW_GROUP)
+    acc = stack_array(np.float32, 1, ROW_GROUP)
+    for t in range(xq.shape[0]):
+        acc[:] = 0.0
+        for b in range(n_blocks):
+            _k4_scale_bytes(w, g, b, scales, mins)
+            block[:] = 0.0
+            block_min[:] = 0.0
+            high = (g * n_blocks + b) * group_bytes + 16 * ROW_GROUP
+            _q5_k_chunk(w, g, b, high, 0, scales, mins, xq, xd, xs, t, partial, part, block, block_min)
+            _q5_k_chunk(w, g, b, high, 1, scales, mins, xq, xd, xs, t, partial, part, block, block_min)
+            _q5_k_chunk(w, g, b, high, 2, scales, mins, xq, xd, xs, t, partial, part, block, block_min)
+            _q5_k_chunk(w, g, b, high, 3, scales, mins, xq, xd, xs, t, partial, part, block, block_min)
+            for lane in range(ROW_GROUP):
+                acc[lane] += f16_at(w, g, b, 0, lane) * block[lane] - f16_at(w, g, b, 2, lane) * block_min[lane]
+        store_group(out, t, g, acc)
+
+
+@njit(parallel=True, cache=True)
 def matmul_q5_k(w, xq, xd, xs, out):
     """Q5_K with integer activations: Q4_K's arithmetic (planes 0-15 hold d, dmin and the
     scales), with a fifth bit per weight. The quads hold qh (8 quads), then the nibbles (32):
@@ -355,29 +394,8 @@ def matmul_q5_k(w, xq, xd, xs, out):
     sums of 16 weights (partial[64 p + lane], p = 2 * sub-block + half), each multiplied by the
     sub-block's 6-bit scale as it is widened (bits.scaled_sums). Each chunk is its own call, so
     that its shifts are constants."""
-    n_groups, n_blocks, group_bytes = w.shape
-    for g in prange(n_groups):
-        partial = stack_array(np.int32, 4, ROW_GROUP)
-        part = stack_array(np.int32, 4, ROW_GROUP)
-        scales = stack_array(np.uint8, 8, ROW_GROUP)
-        mins = stack_array(np.uint8, 8, ROW_GROUP)
-        block = stack_array(np.float32, 1, ROW_GROUP)
-        block_min = stack_array(np.float32, 1, ROW_GROUP)
-        acc = stack_array(np.float32, 1, ROW_GROUP)
-        for t in range(xq.shape[0]):
-            acc[:] = 0.0
-            for b in range(n_blocks):
-                _k4_scale_bytes(w, g, b, scales, mins)
-                block[:] = 0.0
-                block_min[:] = 0.0
-                high = (g * n_blocks + b) * group_bytes + 16 * ROW_GROUP
-                _q5_k_chunk(w, g, b, high, 0, scales, mins, xq, xd, xs, t, partial, part, block, block_min)
-                _q5_k_chunk(w, g, b, high, 1, scales, mins, xq, xd, xs, t, partial, part, block, block_min)
-                _q5_k_chunk(w, g, b, high, 2, scales, mins, xq, xd, xs, t, partial, part, block, block_min)
-                _q5_k_chunk(w, g, b, high, 3, scales, mins, xq, xd, xs, t, partial, part, block, block_min)
-                for lane in range(ROW_GROUP):
-                    acc[lane] += f16_at(w, g, b, 0, lane) * block[lane] - f16_at(w, g, b, 2, lane) * block_min[lane]
-            store_group(out, t, g, acc)
+    for g in prange(w.shape[0]):
+        _q5_k_group(w, xq, xd, xs, out, np.int64(g))
 
 
 @njit(inline="always")
@@ -426,7 +444,34 @@ def _q3_k_eighth(w, low, high, n, j, scales, xq, xd, xs, t, x0, partial, part, b
         block[lane] += x_scale * np.float32(np.int32(part[lane] + part[ROW_GROUP + lane] - offsets))
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(fastmath=True, forceinline=True)
+def _q3_k_group(w, xq, xd, xs, out, g):
+    """Group g of matmul_q3_k (layout.py: one group per work item)."""
+    n_groups, n_blocks, group_bytes = w.shape
+    partial = stack_array(np.int32, 2, ROW_GROUP)
+    part = stack_array(np.int32, 2, ROW_GROUP)
+    scales = stack_array(np.int8, 16, ROW_GROUP)
+    block = stack_array(np.float32, 1, ROW_GROUP)
+    acc = stack_array(np.float32, 1, ROW_GROUP)
+    for t in range(xq.shape[0]):
+        acc[:] = 0.0
+        for b in range(n_blocks):
+            _q3_k_scale_bytes(w, g, b, scales)
+            block[:] = 0.0
+            high = (g * n_blocks + b) * group_bytes + 14 * ROW_GROUP
+            for n in range(2):
+                prefetch_ahead(w, g, b, n, 2)
+                low, x0 = high + QUAD_BYTES * (8 + 8 * n), b * QK_K + 128 * n
+                _q3_k_eighth(w, low, high, n, 0, scales, xq, xd, xs, t, x0, partial, part, block)
+                _q3_k_eighth(w, low, high, n, 1, scales, xq, xd, xs, t, x0 + 32, partial, part, block)
+                _q3_k_eighth(w, low, high, n, 2, scales, xq, xd, xs, t, x0 + 64, partial, part, block)
+                _q3_k_eighth(w, low, high, n, 3, scales, xq, xd, xs, t, x0 + 96, partial, part, block)
+            for lane in range(ROW_GROUP):
+                acc[lane] += f16_at(w, g, b, 12, lane) * block[lane]
+        store_group(out, t, g, acc)
+
+
+@njit(parallel=True, cache=True)
 def matmul_q3_k(w, xq, xd, xs, out):
     """Q3_K with integer activations. Planes 0-11 hold the scales, 12-13 d; the quads hold hmask
     (8 quads), then the 2-bit quants (16). For half n and shift j, quad l of the quants (of
@@ -435,76 +480,61 @@ def matmul_q3_k(w, xq, xd, xs, out):
     their signed scales (-32..31) as they are widened (bits.scaled_sums); the -4 is applied as
     -4 * scale * sum x, in int32 (|32 * 16 * 7 * 32767| < 2^31). Each j is its own call, so that
     its shifts are constants (in cache, 8960 x 1536: 0.41 -> 0.35 ms, AMD Zen 2)."""
+    for g in prange(w.shape[0]):
+        _q3_k_group(w, xq, xd, xs, out, np.int64(g))
+
+
+@njit(fastmath=True, forceinline=True)
+def _q2_k_group(w, xq, xd, xs, out, g):
+    """Group g of matmul_q2_k (layout.py: one group per work item)."""
     n_groups, n_blocks, group_bytes = w.shape
-    for g in prange(n_groups):
-        partial = stack_array(np.int32, 2, ROW_GROUP)
-        part = stack_array(np.int32, 2, ROW_GROUP)
-        scales = stack_array(np.int8, 16, ROW_GROUP)
-        block = stack_array(np.float32, 1, ROW_GROUP)
-        acc = stack_array(np.float32, 1, ROW_GROUP)
-        for t in range(xq.shape[0]):
-            acc[:] = 0.0
-            for b in range(n_blocks):
-                _q3_k_scale_bytes(w, g, b, scales)
-                block[:] = 0.0
-                high = (g * n_blocks + b) * group_bytes + 14 * ROW_GROUP
-                for n in range(2):
-                    prefetch_ahead(w, g, b, n, 2)
-                    low, x0 = high + QUAD_BYTES * (8 + 8 * n), b * QK_K + 128 * n
-                    _q3_k_eighth(w, low, high, n, 0, scales, xq, xd, xs, t, x0, partial, part, block)
-                    _q3_k_eighth(w, low, high, n, 1, scales, xq, xd, xs, t, x0 + 32, partial, part, block)
-                    _q3_k_eighth(w, low, high, n, 2, scales, xq, xd, xs, t, x0 + 64, partial, part, block)
-                    _q3_k_eighth(w, low, high, n, 3, scales, xq, xd, xs, t, x0 + 96, partial, part, block)
-                for lane in range(ROW_GROUP):
-                    acc[lane] += f16_at(w, g, b, 12, lane) * block[lane]
-            store_group(out, t, g, acc)
+    cols = xq.shape[1]
+    partial = stack_array(np.int32, 2, ROW_GROUP)
+    part = stack_array(np.int32, 2, ROW_GROUP)
+    scales = stack_array(np.uint8, 16, ROW_GROUP)
+    block = stack_array(np.float32, 1, ROW_GROUP)
+    block_min = stack_array(np.float32, 1, ROW_GROUP)
+    acc = stack_array(np.float32, 1, ROW_GROUP)
+    for t in range(xq.shape[0]):
+        acc[:] = 0.0
+        for b in range(n_blocks):
+            for k in range(16 * ROW_GROUP):
+                scales[k] = w[g, b, k] & np.uint8(15)
+            block[:] = 0.0
+            block_min[:] = 0.0
+            quants = (g * n_blocks + b) * group_bytes + 20 * ROW_GROUP
+            for n in range(2):
+                prefetch_ahead(w, g, b, n, 2)
+                for j in range(4):
+                    partial[:] = 0
+                    x0 = b * QK_K + 128 * n + 32 * j
+                    for quad in range(32 // QUADS):
+                        s = quad // 4
+                        for lanes in range(0, ROW_GROUP, DOT4_LANES):
+                            dot4_partial(partial, s * ROW_GROUP + lanes, w,
+                                         quants + QUAD_BYTES * (8 * n + quad) + QUADS * lanes, xq,
+                                         t * cols + x0 + QUADS * quad, 2 * j, 2)
+                    k = 8 * n + 2 * j
+                    for lanes in range(0, 2 * ROW_GROUP, DOT4_LANES):   # scales k and k + 1
+                        scaled_sums(part, lanes, partial, lanes, scales, k * ROW_GROUP + lanes, xq)
+                    x_scale = xd[t, x0 // 32]
+                    sum_0, sum_1 = np.int32(xs[t, x0 // 16]), np.int32(xs[t, x0 // 16 + 1])
+                    for lane in range(ROW_GROUP):
+                        block[lane] += x_scale * np.float32(np.int32(part[lane] + part[ROW_GROUP + lane]))
+                        mins = np.int32(np.int32(np.int32(w[g, b, k * ROW_GROUP + lane] >> np.uint8(4)) * sum_0)
+                                        + np.int32(np.int32(w[g, b, (k + 1) * ROW_GROUP + lane] >> np.uint8(4))
+                                                   * sum_1))
+                        block_min[lane] += x_scale * np.float32(mins)
+            for lane in range(ROW_GROUP):
+                acc[lane] += f16_at(w, g, b, 16, lane) * block[lane] - f16_at(w, g, b, 18, lane) * block_min[lane]
+        store_group(out, t, g, acc)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, cache=True)
 def matmul_q2_k(w, xq, xd, xs, out):
     """Q2_K with integer activations. Planes 0-15 hold the (scale, min) bytes, 16-17 d, 18-19
     dmin; the quads hold the 2-bit quants: for half n and shift j, quad l of half n gives
     weights 128 n + 32 j + 4 l.. (bits.dot4_partial with 2 bits: int16 pair sums with AVX2),
     widened and multiplied by the 4-bit scales at once (bits.scaled_sums), as in Q4_K."""
-    n_groups, n_blocks, group_bytes = w.shape
-    cols = xq.shape[1]
-    for g in prange(n_groups):
-        partial = stack_array(np.int32, 2, ROW_GROUP)
-        part = stack_array(np.int32, 2, ROW_GROUP)
-        scales = stack_array(np.uint8, 16, ROW_GROUP)
-        block = stack_array(np.float32, 1, ROW_GROUP)
-        block_min = stack_array(np.float32, 1, ROW_GROUP)
-        acc = stack_array(np.float32, 1, ROW_GROUP)
-        for t in range(xq.shape[0]):
-            acc[:] = 0.0
-            for b in range(n_blocks):
-                for k in range(16 * ROW_GROUP):
-                    scales[k] = w[g, b, k] & np.uint8(15)
-                block[:] = 0.0
-                block_min[:] = 0.0
-                quants = (g * n_blocks + b) * group_bytes + 20 * ROW_GROUP
-                for n in range(2):
-                    prefetch_ahead(w, g, b, n, 2)
-                    for j in range(4):
-                        partial[:] = 0
-                        x0 = b * QK_K + 128 * n + 32 * j
-                        for quad in range(32 // QUADS):
-                            s = quad // 4
-                            for lanes in range(0, ROW_GROUP, DOT4_LANES):
-                                dot4_partial(partial, s * ROW_GROUP + lanes, w,
-                                             quants + QUAD_BYTES * (8 * n + quad) + QUADS * lanes, xq,
-                                             t * cols + x0 + QUADS * quad, 2 * j, 2)
-                        k = 8 * n + 2 * j
-                        for lanes in range(0, 2 * ROW_GROUP, DOT4_LANES):   # scales k and k + 1
-                            scaled_sums(part, lanes, partial, lanes, scales, k * ROW_GROUP + lanes, xq)
-                        x_scale = xd[t, x0 // 32]
-                        sum_0, sum_1 = np.int32(xs[t, x0 // 16]), np.int32(xs[t, x0 // 16 + 1])
-                        for lane in range(ROW_GROUP):
-                            block[lane] += x_scale * np.float32(np.int32(part[lane] + part[ROW_GROUP + lane]))
-                            mins = np.int32(np.int32(np.int32(w[g, b, k * ROW_GROUP + lane] >> np.uint8(4)) * sum_0)
-                                            + np.int32(np.int32(w[g, b, (k + 1) * ROW_GROUP + lane] >> np.uint8(4))
-                                                       * sum_1))
-                            block_min[lane] += x_scale * np.float32(mins)
-                for lane in range(ROW_GROUP):
-                    acc[lane] += f16_at(w, g, b, 16, lane) * block[lane] - f16_at(w, g, b, 18, lane) * block_min[lane]
-            store_group(out, t, g, acc)
+    for g in prange(w.shape[0]):
+        _q2_k_group(w, xq, xd, xs, out, np.int64(g))

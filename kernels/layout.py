@@ -19,6 +19,14 @@ a kernel reads its block front to back: a stream the hardware prefetchers follow
 A group of 64 rows is also one parallel work item; its bytes are contiguous, so each thread
 streams through memory. Rows missing from the last group are zero bytes (zero scales): they
 compute zeros and are never stored.
+
+Every parallel kernel of the package has the same shape: a `prange` loop whose body is one call
+of a plain function for one work item (`_q6_k_group(..., np.int64(g))`), marked forceinline so
+that LLVM inlines it into the loop. numba compiles a prange loop's body a second time as a
+function of its own and runs its parallel passes over all of it: with the body a single call it
+compiles about a third faster (Q6_K 7.3 -> 4.8 s, Q4_1 2.2 -> 1.7 s), and runs as fast (Q4_1
+10 % faster). The index is converted to int64 because prange hands the body a uint64, which
+would compile the function a second time for that type.
 """
 import functools
 
@@ -58,19 +66,24 @@ def byte_positions(runs: tuple, block_bytes: int) -> tuple[np.ndarray, np.ndarra
     return position, step
 
 
+@njit(forceinline=True)
+def _pack_group(rows, packed, position, step, g):
+    n_rows = rows.shape[0]
+    n_groups, n_blocks, group_bytes = packed.shape
+    block_bytes = group_bytes // ROW_GROUP
+    for b in range(n_blocks):
+        for k in range(block_bytes):
+            for lane in range(ROW_GROUP):
+                n = g * ROW_GROUP + lane
+                packed[g, b, position[k] + step[k] * lane] = rows[n, b * block_bytes + k] if n < n_rows else 0
+
+
 @njit(parallel=True, cache=True)
 def _pack_bytes(rows, packed, position, step):
     """The packed layout byte by byte (see pack and byte_positions). Rows missing from the last
     group are zeros."""
-    n_rows = rows.shape[0]
-    n_groups, n_blocks, group_bytes = packed.shape
-    block_bytes = group_bytes // ROW_GROUP
-    for g in prange(n_groups):
-        for b in range(n_blocks):
-            for k in range(block_bytes):
-                for lane in range(ROW_GROUP):
-                    n = g * ROW_GROUP + lane
-                    packed[g, b, position[k] + step[k] * lane] = rows[n, b * block_bytes + k] if n < n_rows else 0
+    for g in prange(packed.shape[0]):
+        _pack_group(rows, packed, position, step, np.int64(g))
 
 
 def pack(rows: np.ndarray, block_bytes: int, runs: tuple) -> np.ndarray:

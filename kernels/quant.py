@@ -213,35 +213,41 @@ def quantize_for_matmul(x, xq, xd, xs):
 # the group from cache after the first token). xq is int8 or int16 (int32 block sums cannot
 # overflow: 32 * 127 * 32767 < 2^31).
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(fastmath=True, forceinline=True)
+def _q8_0_group(w, xq, xd, xs, out, g):
+    """Group g of matmul_q8_0 (layout.py: one group per work item)."""
+    n_groups, n_blocks, group_bytes = w.shape
+    cols = xq.shape[1]
+    block = stack_array(np.int32, 1, ROW_GROUP)
+    acc = stack_array(np.float32, 1, ROW_GROUP)
+    for t in range(xq.shape[0]):
+        acc[:] = 0.0
+        for b in range(n_blocks):
+            prefetch_ahead(w, g, b, 0, 1)
+            block[:] = 0
+            quads = (g * n_blocks + b) * group_bytes + 2 * ROW_GROUP   # after the scales' planes
+            for j in range(QK // QUADS):
+                for lanes in range(0, ROW_GROUP, DOT4_LANES):
+                    dot4_int8(block, lanes, w, quads + QUADS * (j * ROW_GROUP + lanes), xq,
+                              t * cols + b * QK + QUADS * j)
+            x_scale = xd[t, b]
+            for lane in range(ROW_GROUP):
+                acc[lane] += np.float32(block[lane]) * (f16_at(w, g, b, 0, lane) * x_scale)
+        store_group(out, t, g, acc)
+
+
+@njit(parallel=True, cache=True)
 def matmul_q8_0(w, xq, xd, xs, out):
     """Q8_0 weights, integer activations. The quants are in quads (layout.py): 4 weights of a row
     per 32-bit word, so bits.dot4_int8 sums 4 products per lane with x86's pairwise byte
     multiplies; int32 block sums per lane (xs, the activations' sums, is not needed)."""
-    n_groups, n_blocks, group_bytes = w.shape
-    cols = xq.shape[1]
-    for g in prange(n_groups):
-        block = stack_array(np.int32, 1, ROW_GROUP)
-        acc = stack_array(np.float32, 1, ROW_GROUP)
-        for t in range(xq.shape[0]):
-            acc[:] = 0.0
-            for b in range(n_blocks):
-                prefetch_ahead(w, g, b, 0, 1)
-                block[:] = 0
-                quads = (g * n_blocks + b) * group_bytes + 2 * ROW_GROUP   # after the scales' planes
-                for j in range(QK // QUADS):
-                    for lanes in range(0, ROW_GROUP, DOT4_LANES):
-                        dot4_int8(block, lanes, w, quads + QUADS * (j * ROW_GROUP + lanes), xq,
-                                  t * cols + b * QK + QUADS * j)
-                x_scale = xd[t, b]
-                for lane in range(ROW_GROUP):
-                    acc[lane] += np.float32(block[lane]) * (f16_at(w, g, b, 0, lane) * x_scale)
-            store_group(out, t, g, acc)
+    for g in prange(w.shape[0]):
+        _q8_0_group(w, xq, xd, xs, out, np.int64(g))
 
 
 @njit(inline="always")
-def _matmul_nibbles(w, xq, xd, xs, out, scale_planes, with_min, fifth_bit):
-    """The body of the 4- and 5-bit kernels with integer activations: Q4_0 (w = d (q - 8)),
+def _nibbles_group(w, xq, xd, xs, out, g, scale_planes, with_min, fifth_bit):
+    """Group g of the 4- and 5-bit kernels with integer activations: Q4_0 (w = d (q - 8)),
     Q4_1 (w = d q + m), Q5_0 (w = d (q - 16)), Q5_1 (w = d q + m). The nibble bytes follow the
     block's fp16 planes (d, and m with a min) in quads, as in matmul_q8_0: quad j of a lane holds
     weights 4j..4j+3 (low nibbles) and 16+4j.. (high); Q5's qh comes first, as one more quad (a
@@ -250,72 +256,96 @@ def _matmul_nibbles(w, xq, xd, xs, out, scale_planes, with_min, fifth_bit):
     scales of 1); Q5 (values to 31, whose pairs would overflow int16 within a block): int32 sums
     (bits.dot4_nibbles_fifth_bit). Then sum (q - offset) x = sum q x - offset sum x, or
     d sum q x + m sum x (xs: quantize_for_matmul's sums of 16). The last three arguments are
-    constants of each kernel."""
+    constants of each format's group function below, into which numba inlines this (as
+    run-time arguments of one shared function, the Q4 GEMVs ran 6-11 % slower)."""
     n_groups, n_blocks, group_bytes = w.shape
     cols = xq.shape[1]
     offset = 16 if fifth_bit else 8
-    for g in prange(n_groups):
-        partial = stack_array(np.int32, 1, ROW_GROUP)
-        block = stack_array(np.int32, 1, ROW_GROUP)
-        acc = stack_array(np.float32, 1, ROW_GROUP)
-        for t in range(xq.shape[0]):
-            acc[:] = 0.0
-            for b in range(n_blocks):
-                prefetch_ahead(w, g, b, 0, 1, always=True)   # faster with the hints on AMD too (README)
-                quads = (g * n_blocks + b) * group_bytes + scale_planes * ROW_GROUP   # after the fp16 planes
-                x0 = t * cols + b * QK
-                if fifth_bit:
-                    block[:] = 0
-                    for j in range(QK // 2 // QUADS):
-                        for lanes in range(0, ROW_GROUP, DOT4_LANES):
-                            high = quads + QUADS * lanes
-                            at = quads + QUADS * ((j + 1) * ROW_GROUP + lanes)
-                            dot4_nibbles_fifth_bit(block, lanes, w, at, 0, high, QUADS * j, xq, x0 + QUADS * j)
-                            dot4_nibbles_fifth_bit(block, lanes, w, at, 4, high, QK // 2 + QUADS * j, xq,
-                                                   x0 + QK // 2 + QUADS * j)
-                else:
-                    partial[:] = 0
-                    for j in range(QK // 2 // QUADS):
-                        for lanes in range(0, ROW_GROUP, DOT4_LANES):
-                            at = quads + QUADS * (j * ROW_GROUP + lanes)
-                            dot4_partial(partial, lanes, w, at, xq, x0 + QUADS * j, 0, 4)
-                            dot4_partial(partial, lanes, w, at, xq, x0 + QK // 2 + QUADS * j, 4, 4)
+    partial = stack_array(np.int32, 1, ROW_GROUP)
+    block = stack_array(np.int32, 1, ROW_GROUP)
+    acc = stack_array(np.float32, 1, ROW_GROUP)
+    for t in range(xq.shape[0]):
+        acc[:] = 0.0
+        for b in range(n_blocks):
+            prefetch_ahead(w, g, b, 0, 1, always=True)   # faster with the hints on AMD too (README)
+            quads = (g * n_blocks + b) * group_bytes + scale_planes * ROW_GROUP   # after the fp16 planes
+            x0 = t * cols + b * QK
+            if fifth_bit:
+                block[:] = 0
+                for j in range(QK // 2 // QUADS):
                     for lanes in range(0, ROW_GROUP, DOT4_LANES):
-                        scaled_sums(block, lanes, partial, lanes, None, 0, xq)   # widened, scales of 1
-                x_sum = xs[t, 2 * b] + xs[t, 2 * b + 1]
-                x_scale = xd[t, b]
-                if with_min:
-                    x_min = np.float32(x_sum) * x_scale
-                    for lane in range(ROW_GROUP):
-                        acc[lane] += (np.float32(block[lane]) * (f16_at(w, g, b, 0, lane) * x_scale)
-                                      + f16_at(w, g, b, 2, lane) * x_min)
-                else:
-                    x_offset = np.int32(offset * x_sum)
-                    for lane in range(ROW_GROUP):   # int32 until converted: numba would widen to int64
-                        acc[lane] += np.float32(np.int32(block[lane] - x_offset)) * (f16_at(w, g, b, 0, lane)
-                                                                                     * x_scale)
-            store_group(out, t, g, acc)
+                        high = quads + QUADS * lanes
+                        at = quads + QUADS * ((j + 1) * ROW_GROUP + lanes)
+                        dot4_nibbles_fifth_bit(block, lanes, w, at, 0, high, QUADS * j, xq, x0 + QUADS * j)
+                        dot4_nibbles_fifth_bit(block, lanes, w, at, 4, high, QK // 2 + QUADS * j, xq,
+                                               x0 + QK // 2 + QUADS * j)
+            else:
+                partial[:] = 0
+                for j in range(QK // 2 // QUADS):
+                    for lanes in range(0, ROW_GROUP, DOT4_LANES):
+                        at = quads + QUADS * (j * ROW_GROUP + lanes)
+                        dot4_partial(partial, lanes, w, at, xq, x0 + QUADS * j, 0, 4)
+                        dot4_partial(partial, lanes, w, at, xq, x0 + QK // 2 + QUADS * j, 4, 4)
+                for lanes in range(0, ROW_GROUP, DOT4_LANES):
+                    scaled_sums(block, lanes, partial, lanes, None, 0, xq)   # widened, scales of 1
+            x_sum = xs[t, 2 * b] + xs[t, 2 * b + 1]
+            x_scale = xd[t, b]
+            if with_min:
+                x_min = np.float32(x_sum) * x_scale
+                for lane in range(ROW_GROUP):
+                    acc[lane] += (np.float32(block[lane]) * (f16_at(w, g, b, 0, lane) * x_scale)
+                                  + f16_at(w, g, b, 2, lane) * x_min)
+            else:
+                x_offset = np.int32(offset * x_sum)
+                for lane in range(ROW_GROUP):   # int32 until converted: numba would widen to int64
+                    acc[lane] += np.float32(np.int32(block[lane] - x_offset)) * (f16_at(w, g, b, 0, lane)
+                                                                                 * x_scale)
+        store_group(out, t, g, acc)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(fastmath=True, forceinline=True)
+def _q4_0_group(w, xq, xd, xs, out, g):
+    _nibbles_group(w, xq, xd, xs, out, g, 2, False, False)
+
+
+@njit(fastmath=True, forceinline=True)
+def _q4_1_group(w, xq, xd, xs, out, g):
+    _nibbles_group(w, xq, xd, xs, out, g, 4, True, False)
+
+
+@njit(fastmath=True, forceinline=True)
+def _q5_0_group(w, xq, xd, xs, out, g):
+    _nibbles_group(w, xq, xd, xs, out, g, 2, False, True)
+
+
+@njit(fastmath=True, forceinline=True)
+def _q5_1_group(w, xq, xd, xs, out, g):
+    _nibbles_group(w, xq, xd, xs, out, g, 4, True, True)
+
+
+@njit(parallel=True, cache=True)
 def matmul_q4_0(w, xq, xd, xs, out):
-    """Q4_0 weights (fp16 d in planes 0-1), integer activations: see _matmul_nibbles."""
-    _matmul_nibbles(w, xq, xd, xs, out, 2, False, False)
+    """Q4_0 weights (fp16 d in planes 0-1), integer activations: see _nibbles_group."""
+    for g in prange(w.shape[0]):
+        _q4_0_group(w, xq, xd, xs, out, np.int64(g))
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, cache=True)
 def matmul_q4_1(w, xq, xd, xs, out):
-    """Q4_1 weights (fp16 d and m in planes 0-3), integer activations: see _matmul_nibbles."""
-    _matmul_nibbles(w, xq, xd, xs, out, 4, True, False)
+    """Q4_1 weights (fp16 d and m in planes 0-3), integer activations: see _nibbles_group."""
+    for g in prange(w.shape[0]):
+        _q4_1_group(w, xq, xd, xs, out, np.int64(g))
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, cache=True)
 def matmul_q5_0(w, xq, xd, xs, out):
-    """Q5_0 weights (fp16 d in planes 0-1, then qh and the nibbles in quads): see _matmul_nibbles."""
-    _matmul_nibbles(w, xq, xd, xs, out, 2, False, True)
+    """Q5_0 weights (fp16 d in planes 0-1, then qh and the nibbles in quads): see _nibbles_group."""
+    for g in prange(w.shape[0]):
+        _q5_0_group(w, xq, xd, xs, out, np.int64(g))
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, cache=True)
 def matmul_q5_1(w, xq, xd, xs, out):
-    """Q5_1 weights (fp16 d and m in planes 0-3, then qh and the nibbles): see _matmul_nibbles."""
-    _matmul_nibbles(w, xq, xd, xs, out, 4, True, True)
+    """Q5_1 weights (fp16 d and m in planes 0-3, then qh and the nibbles): see _nibbles_group."""
+    for g in prange(w.shape[0]):
+        _q5_1_group(w, xq, xd, xs, out, np.int64(g))
