@@ -23,12 +23,12 @@ if not os.path.isdir(os.path.join(__path__[0], "kernels")):
     __path__.append(os.path.dirname(__path__[0]))
 
 from .kernels.attention import KV_KINDS
-from .kernels.compiler import available_threads
+from .kernels.compiler import CompileAhead, available_threads, start_helper
 
 from .config import ModelConfig
 from .errors import EngineError
 from .generation import CompileWatch, Request, Stats, check_request, common_prefix, generate_text
-from .model import Transformer
+from .model import Transformer, stand_in_calls
 from .quantize import check_quant, quantize_weights
 from .resolve import resolve
 from .sampler import OLLAMA_DEFAULTS, Sampler, SamplerSettings, describe, layered_settings
@@ -141,20 +141,38 @@ def load(model: str, *, context_length: int | None = None, threads: int | None =
     if isinstance(parallel, bool) or not isinstance(parallel, int) or not 1 <= parallel <= MAX_PARALLEL:
         raise EngineError(f"parallel must be an integer from 1 to {MAX_PARALLEL}, got {parallel!r}")
     resolved = resolve(str(model))
-    config, tokenizer, weights = read_model(resolved.path)
-    options = dict(resolved.options)
-    default_stop = options.pop("stop", [])
-    default_stop = [default_stop] if isinstance(default_stop, str) else list(default_stop)
+    start_helper()   # on a first run, a second process that compiles kernels meanwhile (see below)
+    source = open_source(resolved.path)
+    config = source.config
     if kv_cache == "q8_0" and config.head_dim % 32:
         raise EngineError(f"a q8_0 KV cache needs head_dim to be a multiple of 32; this model's is {config.head_dim}")
-    if quant is not None:
-        weights = quantize_weights(weights, quant)
-    model_context = options.pop("context_length", None)   # Ollama's num_ctx
-    if context_length is None:
-        context_length = model_context or min(config.max_position_embeddings, DEFAULT_CONTEXT)
-        check_context_length(context_length)
-    check_context_memory(config, context_length, kv_cache, parallel)
-    transformer = Transformer(config, weights, context_length, kv_cache=kv_cache, slots=parallel)
+    tensors, formats = source.tensors()
+    # the kernels start compiling now, listed by a stand-in of the same formats, while the real
+    # weights are read and repacked (quantizing while loading changes the formats: listed after)
+    calls = stand_in_calls(config, tensors, formats, kv_cache) if quant is None else None
+    ahead = CompileAhead(calls) if calls is not None else None
+    try:
+        tokenizer = checked_tokenizer(source.tokenizer, config)
+        weights = load_weights(config, tensors, formats, source.weight_cache())
+        if quant is not None:
+            weights = quantize_weights(weights, quant)
+        options = dict(resolved.options)
+        default_stop = options.pop("stop", [])
+        default_stop = [default_stop] if isinstance(default_stop, str) else list(default_stop)
+        model_context = options.pop("context_length", None)   # Ollama's num_ctx
+        if context_length is None:
+            context_length = model_context or min(config.max_position_embeddings, DEFAULT_CONTEXT)
+            check_context_length(context_length)
+        check_context_memory(config, context_length, kv_cache, parallel)
+        transformer = Transformer(config, weights, context_length, kv_cache=kv_cache, slots=parallel)
+    except BaseException:
+        if ahead is not None:
+            ahead.abandon()
+        raise
+    if ahead is not None:
+        ahead.finish()
+    else:
+        transformer.compile_kernels()
     load_stats.load_seconds = time.perf_counter() - started - compiling.count()
     return LLM(config, tokenizer, transformer, sampler_options=options, stop=default_stop, source=resolved.source,
                threads=tuner, load_stats=load_stats)

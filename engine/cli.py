@@ -226,10 +226,11 @@ def cmd_tokenize(args) -> int:
 class CompileProgress:
     """Shows on stderr what numba compiles while it compiles: a machine's first run (or the first
     after an upgrade) spends seconds on it before anything else shows, which would look like a
-    hang. On a terminal one line follows along (kernels done, seconds, the kernel in progress);
-    elsewhere a line when compiling starts. `finish` (before the answer streams) ends it with a
-    summary; later compilations are only counted (--verbose). Kernels loaded from numba's cache
-    are not compilations: a later run shows nothing."""
+    hang. On a terminal one line follows along (kernels done, seconds, the kernels in progress,
+    here and in the helper process: kernels.compiler.CompileAhead); elsewhere a line when
+    compiling starts. `finish` (before the answer streams) ends it with a summary; later
+    compilations are only counted (--verbose). Kernels loaded from numba's cache are not
+    compilations: a later run shows nothing."""
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
@@ -240,13 +241,13 @@ class CompileProgress:
 
     def __call__(self, log):
         if self.first is None:
-            self.first = len(log.compiled)
+            self.first, self.helped, self.started = len(log.compiled), log.by_helper, time.perf_counter()
             self.say("compiling kernels for this CPU, once (cached for later runs)" + ("" if self.live else "..."))
         if self.live:
-            done = log.compiled[self.first:]
-            now = f", now {log.current}" if log.current else ""
-            print(f"\r\033[K  {len(done)} done in {sum(s for _, s in done):.1f}s{now}", end="", file=self.stream,
-                  flush=True)
+            done = len(log.compiled) - self.first
+            now = f", now {' and '.join(log.current)}" if log.current else ""
+            print(f"\r\033[K  {done} done in {time.perf_counter() - self.started:.1f}s{now}", end="",
+                  file=self.stream, flush=True)
             self.shown = True
 
     def say(self, text: str) -> None:
@@ -260,8 +261,9 @@ class CompileProgress:
         if self in COMPILE_LOG.watchers:
             COMPILE_LOG.watchers.remove(self)
         if self.first is not None:
-            done = COMPILE_LOG.compiled[self.first:]
-            self.say(f"compiled {len(done)} kernels in {sum(s for _, s in done):.1f}s")
+            done, helped = len(COMPILE_LOG.compiled) - self.first, COMPILE_LOG.by_helper - self.helped
+            self.say(f"compiled {done} kernels in {time.perf_counter() - self.started:.1f}s"
+                     + (f" ({helped} of them in a second process)" if helped else ""))
             self.first = None
 
 

@@ -11,12 +11,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .kernels.attention import KVCache
+from .kernels.compiler import compile_ahead, recorded_calls
 from .kernels.formats import Activations, IntegerScratch, Weight, embedding_rows, matmul
 from .kernels.ops import rmsnorm, rope, swiglu
 
 from .config import ModelConfig
 from .errors import EngineError
 from .profile import Profile
+from .weights import stand_in_weights
 
 
 @dataclass
@@ -172,6 +174,26 @@ class Transformer:
         self.kernels = Kernels(self.cache)
         self.tensor_names = {id(value): name for name, value in weights.items()}
 
+    def kernel_calls(self) -> list:
+        """(kernel, argument types) of every kernel the forward pass calls, from a pass over two
+        tokens and then one in which every kernel not yet compiled does nothing (milliseconds)."""
+        cached_ids = [list(ids) for ids in self.slot_ids]
+        positions = min(3, self.context_length)
+        with recorded_calls() as calls:
+            for start, n in ((0, positions - 1), (positions - 1, 1)):
+                if n:
+                    self.step(np.zeros(n, np.int64), np.zeros(n, np.int64), np.arange(start, start + n),
+                              np.array([n - 1]))
+        self.slot_ids = cached_ids   # (the cache's values at these positions are rewritten before use)
+        return list(calls)
+
+    def compile_kernels(self) -> None:
+        """Compile every kernel the forward pass calls (or load it from numba's cache) now, not
+        one by one as the first prompt meets them: in two processes on a first run
+        (kernels.compiler.CompileAhead). `load` starts that earlier, from a stand-in model of the
+        same formats; this then finds nothing left to do."""
+        compile_ahead(self.kernel_calls())
+
     def start_profile(self) -> Profile:
         """Time every kernel call from now on (see engine/profile.py); returns the profile."""
         names = {id(self.lm_head): "lm_head"}
@@ -300,3 +322,14 @@ class Transformer:
             if progress is not None:
                 progress(len(chunk))
         return np.concatenate(outputs) if all_logits else outputs[-1]
+
+
+def stand_in_calls(config: ModelConfig, tensors: dict, formats: dict, kv_cache: str) -> list | None:
+    """The kernel calls (Transformer.kernel_calls) of the model whose tensors these are, from a
+    stand-in of the same formats (weights.stand_in_weights), before its weights are read; None
+    when the tensors do not name every weight (load_weights then says what is wrong)."""
+    try:
+        small, weights = stand_in_weights(config, tensors, formats)
+    except (KeyError, ValueError):
+        return None
+    return Transformer(small, weights, context_length=4, kv_cache=kv_cache).kernel_calls()

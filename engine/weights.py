@@ -5,13 +5,16 @@ because that loader copies every tensor into memory and cannot represent bf16. H
 is memory-mapped once and each tensor is a numpy view into it: bf16 and f16 stay as uint16
 bit patterns and the kernels decode them on the fly, so no second full copy of the model exists.
 """
+import math
 import mmap
 import re
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
+from .kernels import layout
 from .kernels.formats import FORMATS, Weight
 
 from .config import ModelConfig
@@ -263,3 +266,33 @@ def load_weights(config: ModelConfig, tensors: dict, formats: dict | None = None
     if cache and repacked:
         cache.save({name: w.data for name, w in weights.items() if isinstance(w, Weight) and w.packed})
     return weights
+
+
+def stand_in_weights(config: ModelConfig, tensors: dict, formats: dict | None = None) -> tuple[ModelConfig, dict]:
+    """A model of the same architecture and the same weight format per tensor, with matrices a
+    few hundred wide, all zeros: its forward pass calls the same kernels with the same argument
+    types as the real one (kernels are compiled per type, never per size). It lists what to
+    compile while the real weights are still being read (Transformer.compile_kernels). 256 is a
+    multiple of every block size, and so is the query width, a multiple of head_dim. Raises
+    KeyError or ValueError where a tensor is missing or unreadable (load_weights then says which)."""
+    check_layer_count(config, tensors)
+    width = 256
+    small = replace(config, hidden_size=width, intermediate_size=width, vocab_size=64, num_kv_heads=1,
+                    num_heads=math.lcm(width, config.head_dim) // config.head_dim)
+    formats = formats or {}
+    weights = {}
+    for name, shape in expected_shapes(small).items():
+        if len(shape) == 1:
+            weights[name] = np.zeros(shape, np.float32)
+            continue
+        fmt = FORMATS[formats[name] if name in formats else SAFETENSORS_DTYPES[tensors[name][0]][1]]
+        rows_only = name == "model.embed_tokens.weight" and not config.tie_word_embeddings
+        rows, cols = shape
+        packed = fmt.packed and not rows_only
+        if packed:   # a copy, made at load or mapped from the weight cache: writable
+            storage = np.zeros(layout.packed_shape(rows, cols // fmt.block_size, fmt.block_bytes), fmt.storage_dtype)
+        else:        # the file's own rows: read-only where the file is mapped so (numba types differ)
+            storage = np.zeros((rows, fmt.row_items(cols)), fmt.storage_dtype)
+            storage.flags.writeable = tensors[name][1].flags.writeable
+        weights[name] = Weight(fmt, shape, storage, rows_only)
+    return small, weights

@@ -14,6 +14,10 @@ Each of them imports this module first. The folder has no `__init__.py` on purpo
 Face's `kernels` package (a dependency of transformers) has the same top-level name, and a
 regular package here would shadow it wherever the repository's root is on sys.path.
 
+It also keeps the log of what numba compiles (COMPILE_LOG, which the command line shows) and
+compiles a model's kernels ahead of its first forward pass, in two processes on a machine's first
+run (recorded_calls, CompileAhead; the README's "First run" has the measurements).
+
 Importing this module applies numba's settings (`configure`, below). That is done at import,
 not later, because numba fixes a kernel's cache directory when the kernel is defined.
 
@@ -41,9 +45,15 @@ OpenMP's default wait policy spins about 10 ms after a parallel region and then 
 idle engine uses no CPU; OMP_WAIT_POLICY=active keeps a core spinning forever for nothing
 measurable. (Measurements in the README's kernel notes.)
 """
+import base64
 import hashlib
 import os
+import pickle
+import subprocess
+import sys
+import threading
 import time
+from contextlib import contextmanager
 
 from numba.core import config as _numba_config
 from numba.core import event as _numba_event
@@ -133,40 +143,326 @@ def set_thread_count(threads: int) -> None:
 
 
 class CompileLog(_numba_event.Listener):
-    """The kernels numba compiles in this process, as it compiles them (it reports real
-    compilations only, not kernels loaded from its cache): their names, the seconds each took
-    (with the helpers it inlines or calls, which numba reports nested inside it), the running
-    total, and the one in progress. Each callable in `watchers` is called with the log at every
-    kernel's start and end (the command line's progress line is one)."""
+    """The kernels compiled for this process, as they compile (numba reports real compilations
+    only, not kernels loaded from its cache): in this process, or in a helper process that
+    compile_ahead started. `compiled`: (name, seconds) in order, each with the helpers it inlines
+    or calls (which numba reports nested inside it); `seconds`: wall time this process spent
+    compiling or waiting for its helper; `current`: the kernels being compiled now. Each callable
+    in `watchers` is called with the log at every kernel's start and end (the command line's
+    progress line is one), from this thread or the helper's reader."""
 
     def __init__(self):
         self.compiled = []        # (name, seconds), in order
+        self.by_helper = 0        # how many of them the helper process compiled
         self.seconds = 0.0
-        self.current = None       # the kernel being compiled
+        self.current = []         # the kernels being compiled, here or by the helper
         self.watchers = []
         self._depth = 0
         self._started = 0.0
+        self._name = None
+        self._lock = threading.RLock()
+        self.first_compile = None   # called once at this process's next real compilation (compile_ahead)
 
     def on_start(self, event):
         self._depth += 1
         if self._depth == 1:
             self._started = time.perf_counter()
-            self.current = event.data["dispatcher"].py_func.__name__
-            self._notify()
+            self._name = event.data["dispatcher"].py_func.__name__
+            self.started(self._name)
+            if self.first_compile is not None:
+                first, self.first_compile = self.first_compile, None
+                first()
 
     def on_end(self, event):
         self._depth -= 1
         if self._depth == 0:
             seconds = time.perf_counter() - self._started
-            self.compiled.append((self.current, seconds))
             self.seconds += seconds
-            self.current = None
+            self.finished(self._name, seconds)
+
+    def started(self, name: str) -> None:
+        with self._lock:
+            self.current.append(name)
+            self._notify()
+
+    def finished(self, name: str, seconds: float | None, by_helper: bool = False) -> None:
+        """name is compiled (seconds None: it came from the cache after all)."""
+        with self._lock:
+            if name in self.current:
+                self.current.remove(name)
+            if seconds is not None:
+                self.compiled.append((name, seconds))
+                self.by_helper += by_helper
             self._notify()
 
     def _notify(self):
-        for watcher in self.watchers:
+        for watcher in list(self.watchers):
             watcher(self)
 
 
 COMPILE_LOG = CompileLog()
 _numba_event.register("numba:compile", COMPILE_LOG)
+
+
+# --- compiling a model's kernels ahead, in two processes -------------------------------------
+# A machine's first run is nearly all numba compiling, one kernel at a time (numba holds a lock
+# per process), so a second process compiles half of them into numba's cache meanwhile.
+
+def _kernels() -> list:
+    """Every kernel of this package that Python code calls (not the helpers inlined into them)."""
+    from numba.core.dispatcher import Dispatcher
+    prefix = __name__.rpartition(".")[0] + "."
+    found = {}
+    for name, module in list(sys.modules.items()):
+        if name.startswith(prefix) and module is not None:
+            for value in vars(module).values():
+                if (isinstance(value, Dispatcher) and value.py_func.__module__ == name
+                        and value.targetoptions.get("inline", "never") == "never"):
+                    found[id(value)] = value
+    return list(found.values())
+
+
+def _do_nothing(*args, **kwargs):
+    return None
+
+
+_recording = threading.Lock()
+
+
+@contextmanager
+def recorded_calls():
+    """Within it, a kernel called from this thread with argument types it has no compiled
+    version for does nothing (its outputs keep what they held) and the call is recorded in the
+    dict it gives: (kernel, argument types) keys, in the order of first call. A forward pass run
+    so lists what a model will compile, in milliseconds. Other threads compile and run as
+    usual."""
+    from numba.core import types
+    from numba.core.dispatcher import OmittedArg
+    calls = {}
+    me = threading.get_ident()
+
+    def recorder(kernel):
+        def record(*args, **kwargs):
+            if threading.get_ident() != me:
+                return type(kernel)._compile_for_args(kernel, *args, **kwargs)
+            signature = tuple(types.Omitted(a.value) if isinstance(a, OmittedArg) else kernel.typeof_pyval(a)
+                              for a in args)
+            calls.setdefault((kernel, signature), None)
+            return _do_nothing
+        return record
+    with _recording:
+        kernels = _kernels()
+        for kernel in kernels:
+            kernel._compile_for_args = recorder(kernel)   # numba calls it for argument types it has not compiled
+        try:
+            yield calls
+        finally:
+            for kernel in kernels:
+                del kernel._compile_for_args
+
+
+def _estimated_cost(kernel) -> int:
+    """How long a kernel takes to compile, roughly: its bytecode and that of every jitted
+    function it calls (per call: inlined ones are compiled into each caller), and more for a
+    parallel one (numba compiles its loop body again as a function of its own). Only orders
+    the work."""
+    import dis
+    from numba.core.dispatcher import Dispatcher
+
+    def size(function, depth):
+        total = 0
+        for instruction in dis.get_instructions(function):
+            total += 1
+            callee = function.__globals__.get(instruction.argval) if instruction.opname == "LOAD_GLOBAL" else None
+            if isinstance(callee, Dispatcher) and depth < 8:
+                total += size(callee.py_func, depth + 1)
+        return total
+    return size(kernel.py_func, 0) + (500 if kernel.targetoptions.get("parallel") else 0)
+
+
+class CompileAhead:
+    """Compiles (or loads from numba's cache) every (kernel, argument types) of calls, costliest
+    first, sharing the queue with a helper process (see _Helper) when there are two cores or
+    more: the one start_helper started, which takes work from the moment this object exists,
+    else one started at this process's first real compilation (cached kernels need none).
+    `finish` compiles what is left here, waits for the helper and loads what it compiled from
+    the cache. Without a helper (one core, or it fails to start or dies) this process compiles
+    everything itself: the helper only ever saves time."""
+
+    def __init__(self, calls):
+        global _spare_helper
+        self.helper, _spare_helper = _spare_helper, None
+        pending = [call for call in dict.fromkeys(calls) if call[1] not in call[0].overloads]
+        self.work = _WorkQueue(sorted(pending, key=lambda call: _estimated_cost(call[0]), reverse=True))
+        if self.helper is not None:
+            self.helper.serve(self.work)
+
+    def finish(self) -> None:
+        work = self.work
+
+        def start_helper():
+            if self.helper is None and available_cores() > 1 and work.left() > 1:
+                self.helper = _Helper()
+                self.helper.serve(work)
+        COMPILE_LOG.first_compile = start_helper
+        try:
+            while (i := work.take()) is not None:
+                kernel, signature = work.calls[i]
+                kernel.compile(signature)
+        finally:
+            COMPILE_LOG.first_compile = None
+            if self.helper is not None:
+                self.helper.finish()
+        for i in work.given:
+            kernel, signature = work.calls[i]
+            kernel.compile(signature)   # from the cache the helper wrote (or compiled here if it did not)
+
+    def abandon(self) -> None:
+        """Stop the helper (the load failed): what it saved stays in the cache for next time."""
+        if self.helper is not None:
+            self.helper.stop()
+
+
+def compile_ahead(calls) -> None:
+    """CompileAhead(calls).finish()."""
+    CompileAhead(calls).finish()
+
+
+_spare_helper = None
+
+
+def start_helper() -> None:
+    """On a machine's first run (numba's cache for these sources is empty), start the helper
+    process now, so that it has imported numba by the time there is work for it."""
+    global _spare_helper
+    cold = not any(name.endswith(".nbi") for _, _, names in os.walk(_numba_config.CACHE_DIR) for name in names)
+    if cold and _spare_helper is None and available_cores() > 1:
+        _spare_helper = _Helper()
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:   # not on Linux
+        return os.cpu_count() or 1
+
+
+class _WorkQueue:
+    """The calls left to compile, taken one at a time (as indexes) by this process or its
+    helper; `given`: those the helper took, `busy`: how many of them it has not finished."""
+
+    def __init__(self, calls):
+        self.calls = calls
+        self.given = []
+        self.busy = 0
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def take(self, for_helper: bool = False):
+        with self._lock:
+            if self._next == len(self.calls):
+                return None
+            self._next += 1
+            if for_helper:
+                self.given.append(self._next - 1)
+                self.busy += 1
+            return self._next - 1
+
+    def helper_done(self, gone: bool = False) -> None:
+        with self._lock:
+            self.busy = 0 if gone else self.busy - 1
+
+    def left(self) -> int:
+        with self._lock:
+            return len(self.calls) - self._next
+
+
+class _Helper:
+    """A second Python process that compiles kernels into numba's cache. It asks for one call
+    at a time on its stdout ("next") and gets an index into the calls (or "end") on its stdin,
+    then reports "start i" and "done i seconds"; a thread here answers it and reports its
+    kernels in COMPILE_LOG. Neither process compiles what the other took. Its stderr is
+    dropped: whatever fails there, this process compiles the call itself afterwards."""
+
+    command = [sys.executable, "-c", f"import {__name__} as compiler; compiler._helper_main()"]
+
+    def __init__(self):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path or os.getcwd() for path in sys.path))
+        self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL, env=env, text=True)
+        self.work = self.reader = None
+
+    def serve(self, work: _WorkQueue) -> None:
+        """Send it the calls and answer its requests from now on."""
+        self.work = work
+        plan = [(kernel.py_func.__module__, kernel.py_func.__name__, signature) for kernel, signature in work.calls]
+        try:
+            self.process.stdin.write(base64.b64encode(pickle.dumps(plan)).decode() + "\n")
+            self.process.stdin.flush()
+        except OSError:
+            return
+        self.reader = threading.Thread(target=self._serve, daemon=True, name="compile helper")
+        self.reader.start()
+
+    def _serve(self):
+        names = [kernel.py_func.__name__ for kernel, _ in self.work.calls]
+        try:
+            for line in self.process.stdout:
+                word, *rest = line.split()
+                if word == "next":
+                    i = self.work.take(for_helper=True)
+                    self.process.stdin.write(f"{'end' if i is None else i}\n")
+                    self.process.stdin.flush()
+                elif word == "start":
+                    COMPILE_LOG.started(names[int(rest[0])])
+                elif word == "done":
+                    self.work.helper_done()
+                    COMPILE_LOG.finished(names[int(rest[0])], float(rest[1]) if rest[1] != "cached" else None,
+                                         by_helper=True)
+        except (OSError, ValueError, IndexError):
+            pass
+        finally:
+            self.work.helper_done(gone=True)
+
+    def finish(self):
+        """Wait for the calls it took (the wait counts as compiling), then end it: this
+        process has taken the rest, so it would get no more."""
+        started = time.perf_counter()
+        while self.reader is not None and self.reader.is_alive() and self.work.busy > 0:
+            self.reader.join(0.02)
+        self.stop()
+        COMPILE_LOG.seconds += time.perf_counter() - started
+
+    def stop(self):
+        """End it now (numba writes each cache file whole or not at all)."""
+        try:
+            self.process.stdin.close()
+        except OSError:
+            pass
+        if self.process.poll() is None:
+            self.process.terminate()
+        self.process.wait()
+
+
+def _helper_main():
+    """The helper process (see _Helper): compile what it is given into numba's cache."""
+    import importlib
+    from numba import njit
+    njit(lambda x: x + 1)(1)   # numba sets its compiler up (tenths of a second) while the plan is on its way
+    line = sys.stdin.readline()
+    if not line.strip():
+        return
+    plan = pickle.loads(base64.b64decode(line))
+    while True:
+        print("next", flush=True)
+        answer = sys.stdin.readline().strip()
+        if not answer.isdigit():
+            return
+        i = int(answer)
+        module, name, signature = plan[i]
+        compiled = len(COMPILE_LOG.compiled)
+        COMPILE_LOG.first_compile = lambda: print(f"start {i}", flush=True)   # not for a kernel in the cache
+        getattr(importlib.import_module(module), name).compile(signature)
+        COMPILE_LOG.first_compile = None
+        seconds = sum(s for _, s in COMPILE_LOG.compiled[compiled:])
+        print(f"done {i} {seconds:.3f}" if len(COMPILE_LOG.compiled) > compiled else f"done {i} cached", flush=True)
