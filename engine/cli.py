@@ -244,10 +244,10 @@ class CompileProgress:
             self.first, self.helped, self.started = len(log.compiled), log.by_helper, time.perf_counter()
             self.say("compiling kernels for this CPU, once (cached for later runs)" + ("" if self.live else "..."))
         if self.live:
-            done = len(log.compiled) - self.first
+            done, queued = len(log.compiled) - self.first, log.queued()
             now = f", now {' and '.join(log.current)}" if log.current else ""
-            print(f"\r\033[K  {done} done in {time.perf_counter() - self.started:.1f}s{now}", end="",
-                  file=self.stream, flush=True)
+            print(f"\r\033[K  {done} done{f', {queued} queued' if queued else ''} in "
+                  f"{time.perf_counter() - self.started:.1f}s{now}", end="", file=self.stream, flush=True)
             self.shown = True
 
     def say(self, text: str) -> None:

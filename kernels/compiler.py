@@ -162,6 +162,7 @@ class CompileLog(_numba_event.Listener):
         self._name = None
         self._lock = threading.RLock()
         self.first_compile = None   # called once at this process's next real compilation (compile_ahead)
+        self.queued = lambda: 0     # kernels that CompileAhead has yet to start (some may be in the cache)
 
     def on_start(self, event):
         self._depth += 1
@@ -304,13 +305,13 @@ class CompileAhead:
             if self.helper is None and available_cores() > 1 and work.left() > 1:
                 self.helper = _Helper()
                 self.helper.serve(work)
-        COMPILE_LOG.first_compile = start_helper
+        COMPILE_LOG.first_compile, COMPILE_LOG.queued = start_helper, work.left
         try:
             while (i := work.take()) is not None:
                 kernel, signature = work.calls[i]
                 kernel.compile(signature)
         finally:
-            COMPILE_LOG.first_compile = None
+            COMPILE_LOG.first_compile, COMPILE_LOG.queued = None, lambda: 0
             if self.helper is not None:
                 self.helper.finish()
         for i in work.given:
