@@ -169,56 +169,31 @@ def _unsigned_by_signed(builder, weights, x):
 
 def _dot4_sums(builder, weights, x, signed):
     """<8 x i32>: lane l gets sum over c < 4 of weights[4 l + c] * x[c], for 32 weight bytes
-    (int8 if `signed`, else unsigned below 128) and 4 activations x (<4 x i8> or <4 x i16>).
+    (int8 if `signed`, else unsigned below 128) and 4 int8 activations x (<4 x i8>).
 
-    With AVX2 and int8 activations this is llama.cpp's idiom, which LLVM does not find on its
-    own: pmaddubsw multiplies unsigned bytes by signed ones and adds pairs into int16 (signed
-    weights go in as |w|, with their sign moved onto x: at most 2 * 128 * 127, no saturation,
-    activations being within +-127), then pmaddwd by ones adds the pairs into int32. Four to six
-    instructions per 32 weights, against about sixteen for widening products lane by lane.
-    int16 activations (the LM head's finer rounding) times unsigned weights are two such byte
-    products, with the high and the low byte of x (the low one unsigned, on the other side); signed
-    weights are widened to int16 and multiplied with pmaddwd: lanes 0-3 and 4-7 in two registers,
-    whose pair sums are then added across (more shuffles: only Q8_0 takes this path). Without
-    AVX2 the same sums are written in plain LLVM vector code."""
-    i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+    With AVX2 this is llama.cpp's idiom, which LLVM does not find on its own: pmaddubsw
+    multiplies unsigned bytes by signed ones and adds pairs into int16 (signed weights go in as
+    |w|, with their sign moved onto x: at most 2 * 128 * 127, no saturation, activations being
+    within +-127), then pmaddwd by ones adds the pairs into int32. Four to six instructions per
+    32 weights, against about sixteen for widening products lane by lane. Without AVX2 the same
+    sums are written in plain LLVM vector code."""
+    i32 = ir.IntType(32)
 
     def every_other(start, source):
         count = source.type.count // 2
         return builder.shuffle_vector(source, ir.Constant(source.type, None),
                                       ir.Constant(ir.VectorType(i32, count), list(range(start, 2 * count, 2))))
-    extend = builder.sext if signed else builder.zext
-    x_is_int8 = x.type.element.width == 8
     if _host_has_avx2():
-        bytes32, words16, ints8 = ir.VectorType(i8, 32), ir.VectorType(i16, 16), ir.VectorType(i32, 8)
+        bytes32, words16, ints8 = ir.VectorType(ir.IntType(8), 32), ir.VectorType(ir.IntType(16), 16), ir.VectorType(i32, 8)
         madd = _declare(builder, "llvm.x86.avx2.pmadd.wd", ints8, words16, words16)
-        if x_is_int8:
-            if signed:
-                maddubs = _declare(builder, "llvm.x86.avx2.pmadd.ub.sw", words16, bytes32, bytes32)
-                pairs = builder.call(maddubs, list(_unsigned_by_signed(builder, weights, x)))
-            else:
-                pairs = _byte_pair_sums(builder, weights, x)
-            return builder.call(madd, [pairs, ir.Constant(words16, [1] * 16)])
-        if not signed:
-            # unsigned weights (< 128) by int16 x = 256 hi + lo: pmaddubsw with the bytes of x,
-            # lo (unsigned) on the other side: 2 * 255 * 127 fits int16, no saturation
-            x_bytes = builder.bitcast(x, ir.VectorType(i8, 8))
-            lo, hi = (builder.shuffle_vector(x_bytes, ir.Constant(x_bytes.type, None),
-                                             ir.Constant(ir.VectorType(i32, 32), [start, start + 2, start + 4, start + 6] * 8))
-                      for start in (0, 1))
+        if signed:
             maddubs = _declare(builder, "llvm.x86.avx2.pmadd.ub.sw", words16, bytes32, bytes32)
-            high_sums = builder.call(madd, [builder.call(maddubs, [weights, hi]), ir.Constant(words16, [256] * 16)])
-            low_sums = builder.call(madd, [builder.call(maddubs, [lo, weights]), ir.Constant(words16, [1] * 16)])
-            return builder.add(high_sums, low_sums)
-        wide = extend(weights, ir.VectorType(i16, 32))
-        x_words = _repeat(builder, x, 4)
-        halves = [builder.shuffle_vector(wide, ir.Constant(wide.type, None),
-                                         ir.Constant(ir.VectorType(i32, 16), list(range(h, h + 16))))
-                  for h in (0, 16)]
-        low, high = (builder.call(madd, [half, x_words]) for half in halves)   # lanes 0-3, 4-7: 2 sums each
-        both = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(i32, 16), list(range(16))))
-        return builder.add(every_other(0, both), every_other(1, both))
+            pairs = builder.call(maddubs, list(_unsigned_by_signed(builder, weights, x)))
+        else:
+            pairs = _byte_pair_sums(builder, weights, x)
+        return builder.call(madd, [pairs, ir.Constant(words16, [1] * 16)])
     wide = ir.VectorType(i32, 32)
+    extend = builder.sext if signed else builder.zext
     products = builder.mul(extend(weights, wide), builder.sext(_repeat(builder, x, 8), wide))
     pairs = builder.add(every_other(0, products), every_other(1, products))
     return builder.add(every_other(0, pairs), every_other(1, pairs))
@@ -229,7 +204,7 @@ def _dot4_into(context, builder, acc_type, acc, index_type, index, weights, x, s
     activations that is one vpdpbusd, which multiplies unsigned bytes by signed ones and adds each
     lane's 4 products to the accumulator in int32 (signed weights go in as |w|, their sign moved
     onto x, as for pmaddubsw): one instruction instead of pmaddubsw, pmaddwd and an add."""
-    if not (_host_has_vnni() and x.type.element.width == 8):
+    if not _host_has_vnni():
         _accumulate(context, builder, acc_type, acc, index_type, index, _dot4_sums(builder, weights, x, signed))
         return
     ints8 = ir.VectorType(ir.IntType(32), 8)
@@ -274,15 +249,14 @@ def _accumulate(context, builder, acc_type, acc, index_type, index, sums):
 
 def _dot4_types_ok(acc, w, x):
     return (isinstance(acc, types.Array) and acc.dtype == types.int32 and isinstance(w, types.Array)
-            and w.dtype in (types.uint8, types.int8) and isinstance(x, types.Array)
-            and x.dtype in (types.int8, types.int16))
+            and w.dtype in (types.uint8, types.int8) and isinstance(x, types.Array) and x.dtype == types.int8)
 
 
 @intrinsic
 def dot4_int8(typingctx, acc, acc_index, w, w_index, x, x_index):
     """acc.flat[acc_index + l] += sum over c < 4 of w.flat[w_index + 4 l + c] * x.flat[x_index + c]
     for l < 8: int8 weights, 4 consecutive bytes per lane (the quads of kernels/layout.py), times
-    4 int8 or int16 activations, summed into int32."""
+    4 int8 activations, summed into int32."""
     if not _dot4_types_ok(acc, w, x):
         return None
 
@@ -293,11 +267,6 @@ def dot4_int8(typingctx, acc, acc_index, w, w_index, x, x_index):
                    _load(context, builder, x_t, x_a, x_i_t, x_i, 4), signed=True)
         return context.get_dummy_value()
     return types.void(acc, acc_index, w, w_index, x, x_index), codegen
-
-
-def _pair_sums_fast(x_type) -> bool:
-    """Whether partial sums are kept as int16 pairs (pmaddubsw results): AVX2 and int8 activations."""
-    return _host_has_avx2() and x_type.dtype == types.int8
 
 
 def _nibbles(context, builder, vector, shift, shift_type):
@@ -319,8 +288,8 @@ def dot4_partial(typingctx, acc, acc_index, w, w_index, x, x_index, shift, bits)
     """As dot4_int8 for weights of `bits` bits (4: Q4_0, Q4_K's nibbles; 2: Q2_K's), packed in
     bytes: the field at bit `shift` of each of the 4 bytes of a lane times x.flat[x_index + c]
     (unsigned: no sign to move), added to a partial sum that scaled_sums finishes: 32 bytes of
-    acc per 8 lanes (acc.flat[acc_index:acc_index + 8], int32). With AVX2 and int8 activations
-    it holds pmaddubsw's 16 int16 pair sums, added without widening: the pmaddwd that widens
+    acc per 8 lanes (acc.flat[acc_index:acc_index + 8], int32). With AVX2 it holds pmaddubsw's
+    16 int16 pair sums, added without widening: the pmaddwd that widens
     them runs once per block instead of once per quad, and multiplies by the scales at the same
     time. At most 8 calls per partial sum for 4 bits: 8 * 2 * 15 * 127 < 2^15. Otherwise plain
     int32 sums. (With VNNI too: vpdpbusd into int32 partial sums measured no faster here, one
@@ -333,7 +302,7 @@ def dot4_partial(typingctx, acc, acc_index, w, w_index, x, x_index, shift, bits)
         acc_a, acc_i, w_a, w_i, x_a, x_i, shift, bits = args
         q = _low_bits(context, builder, _load(context, builder, w_t, w_a, w_i_t, w_i, 32), shift, shift_t, bits, bits_t)
         xq = _load(context, builder, x_t, x_a, x_i_t, x_i, 4)
-        if _pair_sums_fast(x_t):
+        if _host_has_avx2():
             _accumulate(context, builder, acc_t, acc_a, acc_i_t, acc_i, _byte_pair_sums(builder, q, xq))
         else:
             _dot4_into(context, builder, acc_t, acc_a, acc_i_t, acc_i, q, xq, signed=False)
@@ -342,22 +311,21 @@ def dot4_partial(typingctx, acc, acc_index, w, w_index, x, x_index, shift, bits)
 
 
 @intrinsic
-def scaled_sums(typingctx, out, out_index, acc, acc_index, scales, scales_index, x):
+def scaled_sums(typingctx, out, out_index, acc, acc_index, scales, scales_index):
     """out.flat[out_index + l] = scale of lane l * (its partial sum at acc_index, made by
     dot4_partial or dot4_bits_partial), int32, for 8 lanes. The scales are the bytes
     scales.flat[scales_index + l]: uint8 below 64 (Q4_K's 6-bit scales), int8 (Q3_K's, -32..31),
-    or 1 where scales is None (Q4_0); x only says which activation type made the partial sums.
-    With int16 pairs this is one pmaddwd by the scales (each lane's two int16 halves hold its
-    scale)."""
+    or 1 where scales is None (Q4_0). With AVX2's int16 pair sums this is one pmaddwd by the
+    scales (each lane's two int16 halves hold its scale)."""
     if not (isinstance(out, types.Array) and out.dtype == types.int32 and isinstance(acc, types.Array)
-            and acc.dtype == types.int32 and isinstance(x, types.Array)
+            and acc.dtype == types.int32
             and (isinstance(scales, types.NoneType)
                  or isinstance(scales, types.Array) and scales.dtype in (types.uint8, types.int8))):
         return None
 
     def codegen(context, builder, signature, args):
-        out_t, out_i_t, acc_t, acc_i_t, scales_t, scales_i_t, x_t = signature.args
-        out_a, out_i, acc_a, acc_i, scales_a, scales_i, _ = args
+        out_t, out_i_t, acc_t, acc_i_t, scales_t, scales_i_t = signature.args
+        out_a, out_i, acc_a, acc_i, scales_a, scales_i = args
         i16, i32 = ir.IntType(16), ir.IntType(32)
         ints8, words16 = ir.VectorType(i32, 8), ir.VectorType(i16, 16)
         if isinstance(scales_t, types.NoneType):
@@ -365,7 +333,7 @@ def scaled_sums(typingctx, out, out_index, acc, acc_index, scales, scales_index,
         else:
             extend = builder.sext if scales_t.dtype == types.int8 else builder.zext
             scale = extend(_load(context, builder, scales_t, scales_a, scales_i_t, scales_i, DOT4_LANES), ints8)
-        if _pair_sums_fast(x_t):
+        if _host_has_avx2():
             madd = _declare(builder, "llvm.x86.avx2.pmadd.wd", ints8, words16, words16)
             pairs = builder.load(_vector_pointer(context, builder, acc_t, acc_a, acc_i_t, acc_i, i16, 16), align=4)
             low_half = builder.and_(scale, ir.Constant(ints8, [0xFFFF] * 8))   # a negative scale's high bits cleared
@@ -377,7 +345,7 @@ def scaled_sums(typingctx, out, out_index, acc, acc_index, scales, scales_index,
                                               align=4), scale)
         builder.store(result, _vector_pointer(context, builder, out_t, out_a, out_i_t, out_i, i32, 8), align=4)
         return context.get_dummy_value()
-    return types.void(out, out_index, acc, acc_index, scales, scales_index, x), codegen
+    return types.void(out, out_index, acc, acc_index, scales, scales_index), codegen
 
 
 def _dot4_bits_intrinsic(partial: bool):
@@ -398,7 +366,7 @@ def _dot4_bits_intrinsic(partial: bool):
                              high_shift_t, high_bits, high_bits_t)
             q = builder.or_(low, builder.shl(high, _splat(context, builder, low.type, low_bits, low_bits_t)))
             xq = _load(context, builder, x_t, x_a, x_i_t, x_i, 4)
-            if partial and _pair_sums_fast(x_t):
+            if partial and _host_has_avx2():
                 _accumulate(context, builder, acc_t, acc_a, acc_i_t, acc_i, _byte_pair_sums(builder, q, xq))
             else:
                 _dot4_into(context, builder, acc_t, acc_a, acc_i_t, acc_i, q, xq, signed=False)
@@ -417,7 +385,7 @@ low_index, and above them `high_bits` bits at bit `high_shift` of the quad at hi
 Q6_K: 4 + 2 bits. Summed into int32."""
 dot4_bits_partial = intrinsic(_dot4_bits_intrinsic(partial=True))
 dot4_bits_partial.__doc__ = """As dot4_bits, into partial sums that scaled_sums finishes (as dot4_partial's: int16 pairs
-with AVX2 and int8 activations): for values below 32, at most 4 calls per partial sum
+with AVX2): for values below 32, at most 4 calls per partial sum
 (4 * 2 * 31 * 127 < 2^15). Q5_K: 4 + 1 bits; Q3_K: 2 + 1."""
 
 

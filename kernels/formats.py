@@ -9,7 +9,7 @@ mapped); block formats are repacked at load into the interleaved layout of kerne
 Each row of FORMATS says, for one format, in named fields: its GGUF type id, its storage and
 block geometry, where its fp16 scales are, how its blocks are packed, how to decode a row to
 float32 (embedding lookups, dequantization, tests), which kernel multiplies it (by float32
-activations, or by integer ones: int8, or int16 for the LM head), and how to make it from
+activations, or by int8 ones with a float32 scale per 32), and how to make it from
 float32. Everything else (GGUF's type names, tests, benchmarks, synthetic files) reads it from
 here. The forward pass only calls `matmul` and `embedding_rows`; adding a format is adding a
 row here (and, for a block format, its kernels for the layout).
@@ -125,7 +125,7 @@ class Format:
     decode_row: Callable          # njit (file row, float32 out) -> None
     # how it multiplies: exactly one of the two kernels
     float_matmul: Callable | None = None  # (data, x (tokens, cols) f32, out (tokens, rows) f32) -> None
-    int_matmul: Callable | None = None    # (data, x int8 or int16, x scale per 32, x int32 sum per 16, out)
+    int_matmul: Callable | None = None    # (data, x int8, x scale per 32, x int32 sum per 16, out)
     quantize: Callable | None = None      # float32 (rows, cols) -> file rows (None: read from files only)
 
     def __post_init__(self):
@@ -284,54 +284,51 @@ class Weight:
 
 
 class IntegerScratch:
-    """Buffers for activations' integer blocks, one set per (integer type, width) for up to
-    `rows` rows, made on first use and then reused: the forward pass quantizes about five inputs
-    per layer and token, which would otherwise each be three new arrays. The blocks of an
-    Activations stay valid until another Activations of the same width and type is quantized
-    on the same scratch."""
+    """Buffers for activations' integer blocks, one set per width for up to `rows` rows, made on
+    first use and then reused: the forward pass quantizes about five inputs per layer and token,
+    which would otherwise each be three new arrays. The blocks of an Activations stay valid until
+    another Activations of the same width is quantized on the same scratch."""
 
     def __init__(self, rows: int):
         self.rows = rows
-        self._buffers = {}   # (type, width) -> the three buffers
-        self._views = {}     # (type, width, rows used) -> their first rows: one lookup per call
+        self._buffers = {}   # width -> the three buffers
+        self._views = {}     # (width, rows used) -> their first rows: one lookup per call
 
-    def arrays(self, dtype, n: int, cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        views = self._views.get((dtype, cols, n))
+    def arrays(self, n: int, cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        views = self._views.get((cols, n))
         if views is None:
-            if (dtype, cols) not in self._buffers:
-                self._buffers[dtype, cols] = (np.empty((self.rows, cols), dtype),
-                                              np.empty((self.rows, cols // quant.QK), np.float32),
-                                              np.empty((self.rows, cols // quant.SUM_BLOCK), np.int32))
-            views = self._views[dtype, cols, n] = tuple(a[:n] for a in self._buffers[dtype, cols])
+            if cols not in self._buffers:
+                self._buffers[cols] = (np.empty((self.rows, cols), np.int8),
+                                       np.empty((self.rows, cols // quant.QK), np.float32),
+                                       np.empty((self.rows, cols // quant.SUM_BLOCK), np.int32))
+            views = self._views[cols, n] = tuple(a[:n] for a in self._buffers[cols])
         return views
 
 
 class Activations:
-    """Activations x (tokens, cols) float32, and their integer blocks, each computed at most
-    once: the q/k/v and gate/up products share an input, so it is quantized once for all.
+    """Activations x (tokens, cols) float32, and their integer blocks, computed at most once:
+    the q/k/v and gate/up products share an input, so it is quantized once for all.
     scratch: where the integer blocks go (an IntegerScratch; default: new arrays)."""
 
     def __init__(self, x: np.ndarray, scratch: IntegerScratch | None = None):
         self.x = x
         self.scratch = scratch
-        self._integer = {}
+        self._integer = None
 
-    def integer(self, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(int8 or int16 values, float32 scale per block of 32, int32 sum per 16 values)."""
-        if dtype not in self._integer:
+    def integer(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(int8 values, float32 scale per block of 32, int32 sum per 16 values)."""
+        if self._integer is None:
             n, cols = self.x.shape
-            xq, xd, xs = (self.scratch or IntegerScratch(n)).arrays(dtype, n, cols)
+            xq, xd, xs = (self.scratch or IntegerScratch(n)).arrays(n, cols)
             quant.quantize_for_matmul(self.x, xq, xd, xs)
-            self._integer[dtype] = xq, xd, xs
-        return self._integer[dtype]
+            self._integer = xq, xd, xs
+        return self._integer
 
 
-def matmul(weight: Weight, x, out: np.ndarray, activations=np.int8) -> None:
+def matmul(weight: Weight, x, out: np.ndarray) -> None:
     """out = x @ W.T with x (tokens, cols) float32 (an array or Activations), out (tokens, rows).
-
-    activations: the integer type that formats with an integer kernel round the activations to,
-    per block of 32: int8, or int16 where the product decides more (the LM head). Float formats
-    multiply the float activations."""
+    Formats with an integer kernel round the activations to int8 per block of 32 (as llama.cpp
+    does); float formats multiply the float activations."""
     f = weight.format
     if weight.rows_only:
         raise ValueError(f"this {f.name} weight was loaded for row lookups only, not for matmul")
@@ -339,7 +336,7 @@ def matmul(weight: Weight, x, out: np.ndarray, activations=np.int8) -> None:
     if f.int_matmul is None:
         f.float_matmul(weight.data, acts.x, out)
     else:
-        f.int_matmul(weight.data, *acts.integer(activations), out)
+        f.int_matmul(weight.data, *acts.integer(), out)
 
 
 def embedding_rows(weight: Weight, ids: np.ndarray, out: np.ndarray) -> None:

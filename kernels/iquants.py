@@ -129,8 +129,6 @@ def _iq4_xs_group(w, xq, xd, xs, out, g):
 @njit(parallel=True, cache=True)
 def matmul_iq4_xs(w, xq, xd, xs, out):
     """IQ4_XS weights (d, scales_h, scales_l in planes 0-7, the nibbles in quads), integer
-    activations: per sub-block of 32, x's scale * (ls - 32) * the integer sum; per block, d.
-    The scale multiplies in float32: with int16 activations (the LM head) 32 times a block's
-    sum can pass 2^31."""
+    activations: per sub-block of 32, x's scale * (ls - 32) * the integer sum; per block, d."""
     for g in prange(w.shape[0]):
         _iq4_xs_group(w, xq, xd, xs, out, np.int64(g))

@@ -2,9 +2,8 @@
 
 Row decoders, bit-exact with ggml's reference dequantization (and the gguf package): the same
 float32 operations in the same order, without fast-math, so no fused multiply-adds. Matrix
-products read the interleaved layout of kernels/layout.py, take integer activations (int8, or
-int16 for the LM head) and keep their quants in quads: integer sums of q * x per block or
-sub-block (bits.dot4_*), then per lane
+products read the interleaved layout of kernels/layout.py, take int8 activations and keep
+their quants in quads: integer sums of q * x per block or sub-block (bits.dot4_*), then per lane
     sum d * sc * q * x - dmin * m * x  =  d * sc * sum(q * x) - dmin * m * sum(x)
 
     Q4_K, 256 weights in 144 bytes: fp16 d, fp16 dmin, 12 bytes of 6-bit (scale, min) for 8
@@ -208,7 +207,7 @@ def _q4_k_group(w, xq, xd, xs, out, g):
                         dot4_partial(partial, ROW_GROUP + lanes, w, at, xq, t * cols + x0 + 32 + QUADS * j, 4, 4)
                 j = 2 * chunk
                 for lanes in range(0, 2 * ROW_GROUP, DOT4_LANES):   # sub-blocks j and j + 1
-                    scaled_sums(part, lanes, partial, lanes, scales, j * ROW_GROUP + lanes, xq)
+                    scaled_sums(part, lanes, partial, lanes, scales, j * ROW_GROUP + lanes)
                 d_lo, d_hi = xd[t, x0 // 32], xd[t, x0 // 32 + 1]
                 for lane in range(ROW_GROUP):
                     block[lane] += d_lo * np.float32(part[lane]) + d_hi * np.float32(part[ROW_GROUP + lane])
@@ -275,8 +274,7 @@ def _q6_quarter(w, g, b, half_start, half, i, low_shift, high_shift, xq, xd, xs,
     offset_1 = np.int32(32 * xs[t, x0 // 16 + 1])
     x_scale = xd[t, x0 // 32]
     for lane in range(ROW_GROUP):
-        # sc * sum (q - 32) x in int32: exact, |128 * 16 * 32 * 32767| < 2^31 even for int16
-        # activations (a sum of the two could overflow, so each is converted to float alone)
+        # sc * sum (q - 32) x in int32: exact (at most 128 * 16 * 32 * 127, below 2^23)
         first = np.int32(np.int32(np.int8(w[g, b, ROW_GROUP * sc + lane])) * np.int32(part[lane] - offset_0))
         second = np.int32(np.int32(np.int8(w[g, b, ROW_GROUP * (sc + 1) + lane]))
                           * np.int32(part[ROW_GROUP + lane] - offset_1))
@@ -347,11 +345,11 @@ def _q5_k_chunk(w, g, b, high, chunk, scales, mins, xq, xd, xs, t, partial, part
                               t * cols + x0 + 32 + QUADS * j)
     j = 2 * chunk
     for lanes in range(0, 2 * ROW_GROUP, DOT4_LANES):   # sub-block j: both halves, then j + 1
-        scaled_sums(part, lanes, partial, lanes, scales, j * ROW_GROUP + lanes % ROW_GROUP, xq)
+        scaled_sums(part, lanes, partial, lanes, scales, j * ROW_GROUP + lanes % ROW_GROUP)
         scaled_sums(part, 2 * ROW_GROUP + lanes, partial, 2 * ROW_GROUP + lanes, scales,
-                    (j + 1) * ROW_GROUP + lanes % ROW_GROUP, xq)
+                    (j + 1) * ROW_GROUP + lanes % ROW_GROUP)
     d_lo, d_hi = xd[t, x0 // 32], xd[t, x0 // 32 + 1]
-    for lane in range(ROW_GROUP):   # in float: with int16 activations the sums can pass 2^31
+    for lane in range(ROW_GROUP):
         block[lane] += (d_lo * (np.float32(part[lane]) + np.float32(part[ROW_GROUP + lane]))
                         + d_hi * (np.float32(part[2 * ROW_GROUP + lane]) + np.float32(part[3 * ROW_GROUP + lane])))
     _k_minimums(block_min, mins, j, xd, xs, t, x0)
@@ -434,7 +432,7 @@ def _q3_k_eighth(w, low, high, n, j, scales, xq, xd, xs, t, x0, partial, part, b
                               high + QUAD_BYTES * quad + QUADS * lanes, 4 * n + j, 1, xq, t * cols + x0 + QUADS * quad)
     k = 8 * n + 2 * j
     for lanes in range(0, 2 * ROW_GROUP, DOT4_LANES):   # scales k and k + 1
-        scaled_sums(part, lanes, partial, lanes, scales, k * ROW_GROUP + lanes, xq)
+        scaled_sums(part, lanes, partial, lanes, scales, k * ROW_GROUP + lanes)
     offset_0 = np.int32(4 * xs[t, x0 // 16])
     offset_1 = np.int32(4 * xs[t, x0 // 16 + 1])
     x_scale = xd[t, x0 // 32]
@@ -478,7 +476,7 @@ def matmul_q3_k(w, xq, xd, xs, out):
     half n) and quad l of hmask give weights 128 n + 32 j + 4 l.. (2 bits at 2 j, the third at
     bit 4 n + j), 0..7: partial sums per 16 weights (bits.dot4_bits_partial), multiplied by
     their signed scales (-32..31) as they are widened (bits.scaled_sums); the -4 is applied as
-    -4 * scale * sum x, in int32 (|32 * 16 * 7 * 32767| < 2^31). Each j is its own call, so that
+    -4 * scale * sum x, in int32 (at most 32 * 16 * 7 * 127, below 2^19). Each j is its own call, so that
     its shifts are constants (in cache, 8960 x 1536: 0.41 -> 0.35 ms, AMD Zen 2)."""
     for g in prange(w.shape[0]):
         _q3_k_group(w, xq, xd, xs, out, np.int64(g))
@@ -516,7 +514,7 @@ def _q2_k_group(w, xq, xd, xs, out, g):
                                          t * cols + x0 + QUADS * quad, 2 * j, 2)
                     k = 8 * n + 2 * j
                     for lanes in range(0, 2 * ROW_GROUP, DOT4_LANES):   # scales k and k + 1
-                        scaled_sums(part, lanes, partial, lanes, scales, k * ROW_GROUP + lanes, xq)
+                        scaled_sums(part, lanes, partial, lanes, scales, k * ROW_GROUP + lanes)
                     x_scale = xd[t, x0 // 32]
                     sum_0, sum_1 = np.int32(xs[t, x0 // 16]), np.int32(xs[t, x0 // 16 + 1])
                     for lane in range(ROW_GROUP):

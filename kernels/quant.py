@@ -16,9 +16,8 @@ The kernels read the blocks repacked at load into the interleaved layout of kern
 (64 rows side by side: the scale bytes in planes, the quants in quads of 4 bytes per row).
 
 Matrix products quantize the activations per block of 32 with a float32 scale, to int8 (as
-llama.cpp and llama2.c's runq.c do) or, for the LM head, to int16; the same kernel source
-serves both (numba compiles one version per activation type). Integer products are wrapped in
-np.int16/np.int32 so that LLVM keeps them in 16/32-bit SIMD lanes instead of numba's default int64.
+llama.cpp and llama2.c's runq.c do). Integer products are wrapped in np.int16/np.int32 so that
+LLVM keeps them in 16/32-bit SIMD lanes instead of numba's default int64.
 """
 import numpy as np
 from numba import njit, prange
@@ -166,12 +165,11 @@ def decode_q5_1_row(row, dst):
 
 @njit(inline="always")
 def _quantize_row(x, t, xq, xd):
-    top = np.float32(127.0) if xq.itemsize == 1 else np.float32(32767.0)
     for b in range(x.shape[1] // QK):
         amax = np.float32(0.0)
         for j in range(QK):
             amax = max(amax, abs(x[t, b * QK + j]))
-        d = amax / top
+        d = amax / np.float32(127.0)
         inv = np.float32(1.0) / d if d != 0 else np.float32(0.0)
         xd[t, b] = d
         for j in range(QK):
@@ -180,12 +178,10 @@ def _quantize_row(x, t, xq, xd):
 
 @njit(cache=True)
 def quantize_activations(x, xq, xd):
-    """x (tokens, cols) float32 -> xq int8 (or int16) and xd (tokens, cols/32) float32 scales.
+    """x (tokens, cols) float32 -> xq int8 and xd (tokens, cols/32) float32 scales.
 
     Like Q8_0, but the scale stays float32: activations are quantized per call, never
-    stored, so there is no reason to lose precision to fp16. int16 (steps of 1/32767 of each
-    block's largest value) is for the LM head, whose logits pick the token: its rounding error
-    is 250 times smaller than int8's, far below the weights' own.
+    stored, so there is no reason to lose precision to fp16.
     """
     for t in range(x.shape[0]):   # not parallel: in decode it runs once per matmul on one row
         _quantize_row(x, t, xq, xd)
@@ -210,8 +206,7 @@ def quantize_for_matmul(x, xq, xd, xs):
 # --- matrix products (packed weights) -----------------------------------------------------------
 # out[t, n] = sum over blocks b of d_w[n, b] * d_x[t, b] * (integer dot product of the block of
 # row n with x[t]); parallel over groups of 64 rows; for each group, every token (prefill reads
-# the group from cache after the first token). xq is int8 or int16 (int32 block sums cannot
-# overflow: 32 * 127 * 32767 < 2^31).
+# the group from cache after the first token). xq is int8.
 
 @njit(fastmath=True, forceinline=True)
 def _q8_0_group(w, xq, xd, xs, out, g):
@@ -287,7 +282,7 @@ def _nibbles_group(w, xq, xd, xs, out, g, scale_planes, with_min, fifth_bit):
                         dot4_partial(partial, lanes, w, at, xq, x0 + QUADS * j, 0, 4)
                         dot4_partial(partial, lanes, w, at, xq, x0 + QK // 2 + QUADS * j, 4, 4)
                 for lanes in range(0, ROW_GROUP, DOT4_LANES):
-                    scaled_sums(block, lanes, partial, lanes, None, 0, xq)   # widened, scales of 1
+                    scaled_sums(block, lanes, partial, lanes, None, 0)   # widened, scales of 1
             x_sum = xs[t, 2 * b] + xs[t, 2 * b + 1]
             x_scale = xd[t, b]
             if with_min:

@@ -69,8 +69,7 @@ def time_calls(fn, calls, repeats=3):
     return statistics.median(per_call)
 
 
-def bench_matmul(fmt_name, rows, cols, tokens, pool_bytes, activations=np.int8):
-    """activations: as the forward pass rounds them for this matrix (the LM head's: int16)."""
+def bench_matmul(fmt_name, rows, cols, tokens, pool_bytes):
     pool, copies, matrix_bytes = weight_pool(fmt_name, rows, cols, pool_bytes)
     fmt = FORMATS[fmt_name]
     weights = [Weight(fmt, (rows, cols), pool[j * rows:(j + 1) * rows]) for j in range(copies)]
@@ -78,7 +77,7 @@ def bench_matmul(fmt_name, rows, cols, tokens, pool_bytes, activations=np.int8):
     out = np.empty((tokens, rows), np.float32)
 
     def call(i):
-        matmul(weights[i % copies], x, out, activations)
+        matmul(weights[i % copies], x, out)
     calls = copies if tokens == 1 else 2
     return time_calls(call, calls, repeats=3 if tokens == 1 else 2), matrix_bytes
 
@@ -110,8 +109,7 @@ def main():
                 per_token = 0.0
                 weight_bytes = 0
                 for name, rows, cols, uses in matrices(shape):
-                    activations = np.int16 if name == "lm_head" else np.int8   # as the forward pass
-                    seconds, nbytes = bench_matmul(fmt_name, rows, cols, 1, pool_bytes, activations)
+                    seconds, nbytes = bench_matmul(fmt_name, rows, cols, 1, pool_bytes)
                     per_token += seconds * uses
                     weight_bytes += nbytes * uses
                     gbs = nbytes / seconds / 1e9

@@ -75,7 +75,7 @@ def ours(path: str, windows: list, ctx: int, threads: int | None):
 def exact(path: str, windows: list, ctx: int, threads: int | None):
     """The file's weights decoded to float32 and multiplied by float activations: the file's own
     perplexity, without either engine's rounding of the activations (both round them per block
-    to int8; we with a float32 scale per 32 and the LM head's to int16, llama.cpp with an fp16
+    to int8; we with a float32 scale per 32, llama.cpp with an fp16
     scale per 32 for 32-blocks and a float scale per 256 for k-quants and IQ4_XS)."""
     import engine
     from engine.kernels.formats import Weight

@@ -54,10 +54,10 @@ def test_round_trip_error_bound(fmt):
     assert err.max() <= ROUND_TRIP_BOUND[fmt] + 2 ** -11
 
 
-def reference_matmul(weight: Weight, x: np.ndarray, activations=np.int8) -> np.ndarray:
+def reference_matmul(weight: Weight, x: np.ndarray) -> np.ndarray:
     """What the kernels compute, in float64: dequantized weights times quantize-dequantized
-    activations (int8, or int16 as the LM head's)."""
-    xq = np.empty(x.shape, activations)
+    int8 activations."""
+    xq = np.empty(x.shape, np.int8)
     xd = np.empty((x.shape[0], x.shape[1] // 32), np.float32)
     quant.quantize_activations(x, xq, xd)
     x_back = xq.astype(np.float64).reshape(len(x), -1, 32) * xd[:, :, None]
@@ -79,20 +79,6 @@ def test_kernels_equal_dequantize_then_matmul(fmt, tokens):
     # a constant block and a 1e4 outlier that amplifies activation rounding: left out here)
     exact = x.astype(np.float64) @ w.dequantize().astype(np.float64).T
     assert np.abs(out - exact)[:, 3:].max() <= 0.02 * np.abs(exact[:, 3:]).max()
-
-
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
-def test_int16_activation_kernels_equal_dequantize_then_matmul(fmt):
-    """The LM head's int16 activations: the same arithmetic as the reference, and within 1e-4
-    of the product with unrounded activations (int8 ones are only within 2e-2, above)."""
-    rows, cols = 130, 320
-    w = Weight.quantize(random_weights(rows, cols, seed=6), fmt)
-    x = np.random.default_rng(7).standard_normal((3, cols)).astype(np.float32)
-    out = np.empty((3, rows), np.float32)
-    matmul(w, x, out, activations=np.int16)
-    assert np.abs(out - reference_matmul(w, x, np.int16)).max() <= 1e-5 * np.abs(out).max()
-    exact = x.astype(np.float64) @ w.dequantize().astype(np.float64).T
-    assert np.abs(out - exact).max() <= 1e-4 * np.abs(exact).max()
 
 
 @pytest.mark.parametrize("fmt", [f.name for f in FORMATS.values() if f.packed])
@@ -129,15 +115,10 @@ def test_activation_quantization():
     back = xq.reshape(3, 3, 32) * xd[:, :, None]
     assert np.abs(back.reshape(3, 96) - x).max() <= 0.5 * xd.max() * 1.0001
     assert np.abs(xq).max() == 127
-    fine, fine_d = np.empty(x.shape, np.int16), np.empty((3, 3), np.float32)   # the LM head's
-    quant.quantize_activations(x, fine, fine_d)
-    assert np.abs((fine.reshape(3, 3, 32) * fine_d[:, :, None]).reshape(3, 96) - x).max() <= 0.5 * fine_d.max() * 1.0001
-    assert np.abs(fine).max() == 32767 and np.allclose(fine_d * 32767, xd * 127)
-    for dtype, quantized in ((np.int8, xq), (np.int16, fine)):   # the same values, and sums of 16
-        again, again_d, xs = np.empty(x.shape, dtype), np.empty((3, 3), np.float32), np.empty((3, 6), np.int32)
-        quant.quantize_for_matmul(x, again, again_d, xs)
-        assert np.array_equal(again, quantized) and np.array_equal(again_d, xd if dtype == np.int8 else fine_d)
-        assert np.array_equal(xs, quantized.reshape(3, 6, 16).astype(np.int64).sum(axis=2))
+    again, again_d, xs = np.empty(x.shape, np.int8), np.empty((3, 3), np.float32), np.empty((3, 6), np.int32)
+    quant.quantize_for_matmul(x, again, again_d, xs)   # the same values, and sums of 16
+    assert np.array_equal(again, xq) and np.array_equal(again_d, xd)
+    assert np.array_equal(xs, xq.reshape(3, 6, 16).astype(np.int64).sum(axis=2))
 
 
 def test_float_formats_round_trip():
@@ -238,25 +219,23 @@ def test_gguf_format_decoders_are_bit_exact(fmt):
 
 
 @pytest.mark.parametrize("fmt", list(GGUF_TYPES))
-@pytest.mark.parametrize("activations", [np.int8, np.int16])
-def test_gguf_format_matmul_equals_dequantize_then_matmul(fmt, activations):
+def test_gguf_format_matmul_equals_dequantize_then_matmul(fmt):
     blocks = random_blocks(fmt, 40, 512, seed=8)
     w = Weight(FORMATS[fmt], (40, 512), blocks)
     x = np.random.default_rng(9).standard_normal((3, 512)).astype(np.float32)
     out = np.empty((3, 40), np.float32)
-    matmul(w, x, out, activations)
+    matmul(w, x, out)
     ref = x.astype(np.float64) @ w.dequantize().astype(np.float64).T if FORMATS[fmt].int_matmul is None \
-        else reference_matmul(w, x, activations)   # the same arithmetic as the kernel (integer activations)
+        else reference_matmul(w, x)   # the same arithmetic as the kernel (integer activations)
     assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
 @pytest.mark.parametrize("fmt", [f.name for f in FORMATS.values() if f.packed])
 @pytest.mark.parametrize("byte", [0x00, 0xFF])
-@pytest.mark.parametrize("activations", [np.int8, np.int16])
-def test_integer_sums_at_their_extremes(fmt, byte, activations):
+def test_integer_sums_at_their_extremes(fmt, byte):
     """Every quant and scale byte at its extreme (all bits clear or set: the largest |q|, the
     largest scales and minimums), fp16 scales of 1, activations at the edge of their range (all
-    -1: each block's int8 / int16 extreme): no integer sum of any kernel may overflow, so the
+    -1: each block's int8 extreme, -127): no integer sum of any kernel may overflow, so the
     kernel equals the float64 product of the decoded weights."""
     f = FORMATS[fmt]
     rows, cols = 64, 512
@@ -266,16 +245,15 @@ def test_integer_sums_at_their_extremes(fmt, byte, activations):
     w = Weight(f, (rows, cols), blocks.reshape(rows, -1))
     x = np.full((1, cols), -1.0, np.float32)
     out = np.empty((1, rows), np.float32)
-    matmul(w, x, out, activations)
+    matmul(w, x, out)
     exact = x.astype(np.float64) @ w.dequantize().astype(np.float64).T
     assert np.abs(out - exact).max() <= 1e-6 * np.abs(exact).max()
 
 
-@pytest.mark.parametrize("activations", [np.int8, np.int16])
-def test_q6_k_integer_sums_at_their_extremes(activations):
-    """Q6_K applies its int8 scales in int32: sc * sum (q - 32) x over 16 weights, which at the
-    extremes (q = 0, sc = -128, int16 activations of -32767) is 2^31 - 65536. Every weight is
-    then -128 * -32 = 4096, so each output is -4096 * cols; an overflow would be far off."""
+def test_q6_k_integer_sums_at_their_extremes():
+    """Q6_K applies its int8 scales in int32: sc * sum (q - 32) x over 16 weights, at the
+    extremes q = 0, sc = -128, activations of -127. Every weight is then -128 * -32 = 4096, so
+    each output is -4096 * cols; an overflow would be far off."""
     rows, cols = 64, 512
     blocks = np.zeros((rows * cols // 256, 210), np.uint8)
     blocks[:, 192:208] = 0x80                  # the 16 scales: -128
@@ -283,7 +261,7 @@ def test_q6_k_integer_sums_at_their_extremes(activations):
     w = Weight(FORMATS["q6_k"], (rows, cols), blocks.reshape(rows, -1))
     assert np.all(w.dequantize() == 4096)
     out = np.empty((1, rows), np.float32)
-    matmul(w, np.full((1, cols), -1.0, np.float32), out, activations)
+    matmul(w, np.full((1, cols), -1.0, np.float32), out)
     assert np.allclose(out, -4096.0 * cols, rtol=1e-6)
 
 
@@ -292,11 +270,10 @@ SPLIT_BITS = [(0, 4, 0, 2), (4, 4, 2, 2), (0, 4, 4, 2), (4, 4, 6, 2),   # Q6_K's
 FIFTH_BITS = [(0, 0), (4, 16), (0, 12), (4, 28)]   # (nibble's shift, first bit of qh): Q5_0, Q5_1
 
 
-@pytest.mark.parametrize("x_type", [np.int8, np.int16])
 @pytest.mark.parametrize("avx2", [True, False])
-def test_dot4_intrinsics_equal_integer_sums(avx2, x_type, monkeypatch):
+def test_dot4_intrinsics_equal_integer_sums(avx2, monkeypatch):
     """bits.dot4_int8, dot4_bits, dot4_nibbles_fifth_bit and dot4_codebook against numpy, on the
-    extremes of their ranges, with int8 and int16 activations, in both code paths: x86's
+    extremes of their ranges (int8 activations within +-127, as quantized), in both code paths: x86's
     pmaddubsw / pmaddwd / pshufb (where the host has AVX2) and the plain vector IR of other CPUs."""
     import numba
     from engine.kernels import bits
@@ -319,7 +296,7 @@ def test_dot4_intrinsics_equal_integer_sums(avx2, x_type, monkeypatch):
                                             fifth_bits[k, 1], x, 8)
     run = numba.njit(run)
     rng = np.random.default_rng(11)
-    top = np.iinfo(x_type).max
+    x_type, top = np.int8, 127
     values = np.array(bits.IQ4_VALUES, np.int64)
     for w, x in [(rng.integers(0, 256, 128, dtype=np.uint8), rng.integers(-top, top + 1, 16).astype(x_type)),
                  (np.full(128, 0x80, np.uint8), np.full(16, -top, x_type)),     # -128 * -127, four times
@@ -343,9 +320,8 @@ def test_dot4_intrinsics_equal_integer_sums(avx2, x_type, monkeypatch):
             assert np.array_equal(acc[11 + k], (five * x[8:12]).sum(1))
 
 
-@pytest.mark.parametrize("x_type", [np.int8, np.int16])
 @pytest.mark.parametrize("avx2", [True, False])
-def test_partial_sums_scaled_equal_integer_sums(avx2, x_type, monkeypatch):
+def test_partial_sums_scaled_equal_integer_sums(avx2, monkeypatch):
     """bits.dot4_partial and dot4_bits_partial over the most quads they allow (8 of nibbles:
     Q4_K's sub-block of 32; 4 of 2-bit fields: Q2_K's 16 weights per scale; 4 of 5-bit values:
     Q5_K's halves of a sub-block) and bits.scaled_sums, with unsigned scales, signed ones (Q3_K's,
@@ -371,14 +347,14 @@ def test_partial_sums_scaled_equal_integer_sums(avx2, x_type, monkeypatch):
                     bits.dot4_bits_partial(five_bits, lanes, w, 64 * j + 4 * lanes, 4, 4, 64 * (j + 4) + 4 * lanes, 7,
                                            1, x, 4 * j)
         for lanes in range(0, 32, bits.DOT4_LANES):
-            bits.scaled_sums(out, lanes, partial, lanes, scales, lanes, x)
-            bits.scaled_sums(unscaled, lanes, partial, lanes, None, 0, x)
+            bits.scaled_sums(out, lanes, partial, lanes, scales, lanes)
+            bits.scaled_sums(unscaled, lanes, partial, lanes, None, 0)
         for lanes in range(0, 16, bits.DOT4_LANES):
-            bits.scaled_sums(crumbs, lanes, two_bits, lanes, scales, lanes, x)
-            bits.scaled_sums(fives, lanes, five_bits, lanes, (scales - 32).astype(np.int8), 16 + lanes, x)
+            bits.scaled_sums(crumbs, lanes, two_bits, lanes, scales, lanes)
+            bits.scaled_sums(fives, lanes, five_bits, lanes, (scales - 32).astype(np.int8), 16 + lanes)
     run = numba.njit(run)
     rng = np.random.default_rng(12)
-    top = np.iinfo(x_type).max
+    x_type, top = np.int8, 127
     for w, x, scales in [(rng.integers(0, 256, 512, dtype=np.uint8), rng.integers(-top, top + 1, 64).astype(x_type),
                           rng.integers(0, 64, 32, dtype=np.uint8)),
                          (np.full(512, 0xFF, np.uint8), np.full(64, top, x_type), np.full(32, 63, np.uint8)),
