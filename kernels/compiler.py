@@ -303,8 +303,9 @@ class CompileAhead:
 
         def start_helper():
             if self.helper is None and available_cores() > 1 and work.left() > 1:
-                self.helper = _Helper()
-                self.helper.serve(work)
+                self.helper = _Helper.start()
+                if self.helper is not None:
+                    self.helper.serve(work)
         COMPILE_LOG.first_compile, COMPILE_LOG.queued = start_helper, work.left
         try:
             while (i := work.take()) is not None:
@@ -338,7 +339,7 @@ def start_helper() -> None:
     global _spare_helper
     cold = not any(name.endswith(".nbi") for _, _, names in os.walk(_numba_config.CACHE_DIR) for name in names)
     if cold and _spare_helper is None and available_cores() > 1:
-        _spare_helper = _Helper()
+        _spare_helper = _Helper.start()
 
 
 def available_cores() -> int:
@@ -387,11 +388,19 @@ class _Helper:
 
     command = [sys.executable, "-c", f"import {__name__} as compiler; compiler._helper_main()"]
 
-    def __init__(self):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path or os.getcwd() for path in sys.path))
-        self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=subprocess.DEVNULL, env=env, text=True)
+    def __init__(self, process: subprocess.Popen):
+        self.process = process
         self.work = self.reader = None
+
+    @classmethod
+    def start(cls):
+        """A new helper, or None where no process can be started (this one compiles alone)."""
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path or os.getcwd() for path in sys.path))
+        try:
+            return cls(subprocess.Popen(cls.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL, env=env, text=True))
+        except OSError:
+            return None
 
     def serve(self, work: _WorkQueue) -> None:
         """Send it the calls and answer its requests from now on."""
