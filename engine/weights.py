@@ -272,7 +272,7 @@ def stand_in_weights(config: ModelConfig, tensors: dict, formats: dict | None = 
     """A model of the same architecture and the same weight format per tensor, with matrices a
     few hundred wide, all zeros: its forward pass calls the same kernels with the same argument
     types as the real one (kernels are compiled per type, never per size). It lists what to
-    compile while the real weights are still being read (Transformer.compile_kernels). 256 is a
+    compile while the real weights are still being read (model.stand_in_calls, engine.load). 256 is a
     multiple of every block size, and so is the query width, a multiple of head_dim. Raises
     KeyError or ValueError where a tensor is missing or unreadable (load_weights then says which)."""
     check_layer_count(config, tensors)
