@@ -40,38 +40,19 @@ def exp_f32(x):
 # (4.8e-7), which the int8 rounding after it turned into different tokens for the same sequence
 # alone and in a server's batch.
 
-@njit(inline="always")
-def _rmsnorm_row(x, t, weight, eps, out):
-    dim = x.shape[1]
-    sum_sq = np.float32(0.0)
-    for j in range(dim):
-        sum_sq += x[t, j] * x[t, j]
-    inv_rms = np.float32(1.0) / np.sqrt(sum_sq / np.float32(dim) + np.float32(eps))
-    for j in range(dim):
-        out[t, j] = weight[j] * (x[t, j] * inv_rms)
-
-
 # error_model="numpy" here and in attention: a division by zero gives infinity, which the forward
 # pass's check for non-finite values reports with the weight that caused it, not a ZeroDivisionError.
 @njit(fastmath=True, error_model="numpy", cache=True)
 def rmsnorm(x, weight, eps, out):
     """out[t] = x[t] / sqrt(mean(x[t]**2) + eps) * weight, for x of shape (tokens, dim)."""
+    dim = x.shape[1]
     for t in range(x.shape[0]):
-        _rmsnorm_row(x, t, weight, eps, out)
-
-
-@njit(inline="always")
-def _rope_token(x, t, cos, sin, pos, interleaved):
-    n_heads, head_dim = x.shape[1], x.shape[2]
-    half = head_dim // 2
-    stride = 1 if interleaved else half   # distance between the two members of a pair
-    for h in range(n_heads):
-        for i in range(half):
-            first = 2 * i if interleaved else i
-            a = x[t, h, first]
-            b = x[t, h, first + stride]
-            x[t, h, first] = a * cos[pos, i] - b * sin[pos, i]
-            x[t, h, first + stride] = b * cos[pos, i] + a * sin[pos, i]
+        sum_sq = np.float32(0.0)
+        for j in range(dim):
+            sum_sq += x[t, j] * x[t, j]
+        inv_rms = np.float32(1.0) / np.sqrt(sum_sq / np.float32(dim) + np.float32(eps))
+        for j in range(dim):
+            out[t, j] = weight[j] * (x[t, j] * inv_rms)
 
 
 @njit(fastmath=True, cache=True)
@@ -83,8 +64,18 @@ def rope(x, cos, sin, positions, interleaved):
     tensors (q/k rows permuted by llama.cpp's converter) pair 2i with 2i + 1: `interleaved`.
     Both give the same attention scores on the same model. cos and sin: (positions, head_dim/2).
     """
+    n_heads, head_dim = x.shape[1], x.shape[2]
+    half = head_dim // 2
+    stride = 1 if interleaved else half   # distance between the two members of a pair
     for t in range(x.shape[0]):
-        _rope_token(x, t, cos, sin, positions[t], interleaved)
+        pos = positions[t]
+        for h in range(n_heads):
+            for i in range(half):
+                first = 2 * i if interleaved else i
+                a = x[t, h, first]
+                b = x[t, h, first + stride]
+                x[t, h, first] = a * cos[pos, i] - b * sin[pos, i]
+                x[t, h, first + stride] = b * cos[pos, i] + a * sin[pos, i]
 
 
 # silu(g) = g / (1 + e^-g) takes e^-g capped at e^80: for gates below -88, 1 / (1 + e^-g) would be
@@ -94,17 +85,12 @@ def rope(x, cos, sin, positions, interleaved):
 SILU_EXP_CAP = np.float32(80.0)
 
 
-@njit(inline="always")
-def _swiglu_row(gate, up, t, out):
-    for j in range(gate.shape[1]):
-        g = gate[t, j]
-        out[t, j] = g / (np.float32(1.0) + exp_f32(min(-g, SILU_EXP_CAP))) * up[t, j]
-
-
 # error_model="numpy": numba's default raises ZeroDivisionError, and the check it puts before
 # every division is a branch that keeps LLVM from vectorizing the loop
 @njit(fastmath=True, error_model="numpy", cache=True)
 def swiglu(gate, up, out):
     """out = silu(gate) * up, the gated activation of the Llama/Qwen MLP, for (tokens, width)."""
     for t in range(gate.shape[0]):
-        _swiglu_row(gate, up, t, out)
+        for j in range(gate.shape[1]):
+            g = gate[t, j]
+            out[t, j] = g / (np.float32(1.0) + exp_f32(min(-g, SILU_EXP_CAP))) * up[t, j]
