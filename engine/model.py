@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .kernels.attention import KVCache
-from .kernels.compiler import compile_ahead, recorded_calls
+from .kernels.compiler import CompileAhead, recorded_calls
 from .kernels.formats import Activations, IntegerScratch, Weight, embedding_rows, matmul
 from .kernels.ops import rmsnorm, rope, swiglu
 
@@ -192,7 +192,7 @@ class Transformer:
         one by one as the first prompt meets them: in two processes on a first run
         (kernels.compiler.CompileAhead). `load` starts that earlier, from a stand-in model of the
         same formats; this then finds nothing left to do."""
-        compile_ahead(self.kernel_calls())
+        CompileAhead(self.kernel_calls()).finish()
 
     def start_profile(self) -> Profile:
         """Time every kernel call from now on (see engine/profile.py); returns the profile."""

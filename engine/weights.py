@@ -209,6 +209,12 @@ def stored_formats(metadata: dict) -> dict:
     return formats
 
 
+def read_by_rows(name: str, config: ModelConfig) -> bool:
+    """An untied embedding: only rows of it are read (a tied one is also the LM head), so it
+    stays in the file's row layout (Weight's rows_only)."""
+    return name == "model.embed_tokens.weight" and not config.tie_word_embeddings
+
+
 def load_weights(config: ModelConfig, tensors: dict, formats: dict | None = None,
                  cache: WeightCache | None = None) -> dict:
     """Check presence, format and shape of every tensor against the config before any kernel
@@ -229,8 +235,7 @@ def load_weights(config: ModelConfig, tensors: dict, formats: dict | None = None
     weights = {}
     for name, shape in shapes.items():
         dtype_name, array = tensors[name]
-        # an untied embedding: only rows of it are read (a tied one is also the LM head)
-        rows_only = name == "model.embed_tokens.weight" and not config.tie_word_embeddings
+        rows_only = read_by_rows(name, config)
         if name in formats:
             fmt = FORMATS[formats[name]]
             if name in cached:   # (only matrices that are repacked are cached)
@@ -286,7 +291,7 @@ def stand_in_weights(config: ModelConfig, tensors: dict, formats: dict | None = 
             weights[name] = np.zeros(shape, np.float32)
             continue
         fmt = FORMATS[formats[name] if name in formats else SAFETENSORS_DTYPES[tensors[name][0]][1]]
-        rows_only = name == "model.embed_tokens.weight" and not config.tie_word_embeddings
+        rows_only = read_by_rows(name, config)
         rows, cols = shape
         packed = fmt.packed and not rows_only
         if packed:   # a copy, made at load or mapped from the weight cache: writable

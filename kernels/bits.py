@@ -200,8 +200,8 @@ def _dot4_sums(builder, weights, x, signed):
 
 
 def _dot4_into(context, builder, acc_type, acc, index_type, index, weights, x, signed):
-    """acc.flat[index:index + 8] (int32) += _dot4_sums(weights, x, signed). With VNNI and int8
-    activations that is one vpdpbusd, which multiplies unsigned bytes by signed ones and adds each
+    """acc.flat[index:index + 8] (int32) += _dot4_sums(weights, x, signed). With VNNI that is
+    one vpdpbusd, which multiplies unsigned bytes by signed ones and adds each
     lane's 4 products to the accumulator in int32 (signed weights go in as |w|, their sign moved
     onto x, as for pmaddubsw): one instruction instead of pmaddubsw, pmaddwd and an add."""
     if not _host_has_vnni():

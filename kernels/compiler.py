@@ -145,7 +145,7 @@ def set_thread_count(threads: int) -> None:
 class CompileLog(_numba_event.Listener):
     """The kernels compiled for this process, as they compile (numba reports real compilations
     only, not kernels loaded from its cache): in this process, or in a helper process that
-    compile_ahead started. `compiled`: (name, seconds) in order, each with the helpers it inlines
+    CompileAhead started. `compiled`: (name, seconds) in order, each with the helpers it inlines
     or calls (which numba reports nested inside it); `seconds`: wall time this process spent
     compiling or waiting for its helper; `current`: the kernels being compiled now. Each callable
     in `watchers` is called with the log at every kernel's start and end (the command line's
@@ -161,7 +161,7 @@ class CompileLog(_numba_event.Listener):
         self._started = 0.0
         self._name = None
         self._lock = threading.RLock()
-        self.first_compile = None   # called once at this process's next real compilation (compile_ahead)
+        self.first_compile = None   # called once at this process's next real compilation (CompileAhead)
         self.queued = lambda: 0     # kernels that CompileAhead has yet to start (some may be in the cache)
 
     def on_start(self, event):
@@ -323,11 +323,6 @@ class CompileAhead:
         """Stop the helper (the load failed): what it saved stays in the cache for next time."""
         if self.helper is not None:
             self.helper.stop()
-
-
-def compile_ahead(calls) -> None:
-    """CompileAhead(calls).finish()."""
-    CompileAhead(calls).finish()
 
 
 _spare_helper = None

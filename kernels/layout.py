@@ -26,8 +26,8 @@ that LLVM inlines it into the loop. numba compiles a prange loop's body a second
 function of its own and runs its parallel passes over all of it: with the body a single call it
 compiles about a third faster (Q6_K 7.3 -> 4.8 s, Q4_1 2.2 -> 1.7 s), and runs as fast (both
 versions loaded from numba's cache, alternated in one process: 0.97-1.02x for every format
-tried, one token and sixteen; README, "First run"). The index is converted to int64 because prange hands the body a uint64, which
-would compile the function a second time for that type.
+tried, one token and sixteen; README, "First run"). The index is converted to int64 because
+prange hands the body a uint64, which would compile the function a second time for that type.
 """
 import functools
 
