@@ -44,6 +44,21 @@ def f32_to_f16(typingctx, value):
 
 
 @intrinsic
+def fma(typingctx, a, b, c):
+    """a * b + c in float32, rounded once (x86's vfmadd with FMA). Kernels spell out their fused
+    multiply-adds instead of leaving them to fast-math: LLVM then cannot fuse the same sum
+    differently in two kernels, so a token's result does not depend on how many tokens share its
+    call (a tile or one by one; batch invariance, which the server relies on)."""
+    if not (a == b == c == types.float32):
+        return None
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        return builder.call(_declare(builder, "llvm.fma.f32", f32, f32, f32, f32), list(args))
+    return types.float32(a, b, c), codegen
+
+
+@intrinsic
 def f32_from_bits(typingctx, bits):
     """The float32 whose bit pattern is the int32 `bits` (a reinterpretation, no conversion)."""
     if bits != types.int32:

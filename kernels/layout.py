@@ -28,6 +28,18 @@ compiles about a third faster (Q6_K 7.3 -> 4.8 s, Q4_1 2.2 -> 1.7 s), and runs a
 versions loaded from numba's cache, alternated in one process: 0.97-1.02x for every format
 tried, one token and sixteen; README, "First run"). The index is converted to int64 because
 prange hands the body a uint64, which would compile the function a second time for that type.
+
+Tiles of tokens: with several tokens (a prompt's chunk, or one token of each sequence decoded
+together), the Q4_0, Q4_1, Q4_K and Q6_K kernels take them TOKEN_TILE at a time: each quad of
+weights is loaded and unpacked once and multiplied by the activations of the tile's 4 tokens,
+the lanes going in runs of 8 (one register of sums per token) through the block, instead of the
+block's quads through the 64 lanes. The n % 4 tokens left go one at a time, the way a decode
+step's single token does (which streams memory faster in that order). Both paths do the same
+integer sums and the same float operations in the same order (fused multiply-adds spelled out,
+bits.fma, and no fast-math), so a token's row is bit for bit the same in any company
+(tests/test_quant_kernels.py). Formats whose products widen to int32 at every quad with AVX2
+(Q8_0, Q5_0, Q5_1: a pmaddubsw and a pmaddwd each time, on the one port that multiplies) have
+nothing to share but the loads; their tiles ran at 0.75-1.0x, so they go one token at a time.
 """
 import functools
 
@@ -40,6 +52,7 @@ from .bits import f16_to_f32, prefetch
 ROW_GROUP = 64         # rows interleaved: 64 byte lanes = one 512-bit vector
 QUADS = 4              # bytes per lane in the quad layout of the quants
 PREFETCH_BYTES = 2048  # how far ahead of the bytes being read the kernels prefetch
+TOKEN_TILE = 4         # tokens per pass over a group's weights in the kernels with tiles (above)
 
 
 def packed_shape(rows: int, blocks_per_row: int, block_bytes: int) -> tuple:
@@ -139,6 +152,13 @@ def prefetch_ahead(w, g, b, part, parts, always=False):
     end = min(ahead + size, n_groups * n_blocks * group_bytes)
     for c in range(ahead, end, 64):
         prefetch(w, c)
+
+
+@njit(inline="always")
+def store_tile(out, t0, g, acc):
+    """store_group for each token of a tile: acc[k * 64 + lane] is token t0 + k's."""
+    for k in range(TOKEN_TILE):
+        store_group(out, t0 + k, g, acc[k * ROW_GROUP:(k + 1) * ROW_GROUP])
 
 
 @njit(inline="always")

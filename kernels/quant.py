@@ -23,9 +23,9 @@ import numpy as np
 from numba import njit, prange
 
 from . import compiler  # noqa: F401  (numba's settings before any kernel is defined)
-from .bits import (DOT4_LANES, dot4_int8, dot4_nibbles_fifth_bit, dot4_partial, f32_to_f16, f16_at_bytes, scaled_sums,
-                   stack_array)
-from .layout import QUADS, ROW_GROUP, f16_at, prefetch_ahead, store_group
+from .bits import (DOT4_LANES, dot4_int8, dot4_nibbles_fifth_bit, dot4_partial, f32_to_f16, f16_at_bytes, fma,
+                   scaled_sums, stack_array)
+from .layout import QUADS, ROW_GROUP, TOKEN_TILE, f16_at, prefetch_ahead, store_group, store_tile
 
 QK = 32            # weights per block
 SUM_BLOCK = 16     # activations per block sum (quantize_for_matmul): Q6_K's scales cover 16
@@ -241,8 +241,8 @@ def matmul_q8_0(w, xq, xd, xs, out):
 
 
 @njit(inline="always")
-def _nibbles_group(w, xq, xd, xs, out, g, scale_planes, with_min, fifth_bit):
-    """Group g of the 4- and 5-bit kernels with integer activations: Q4_0 (w = d (q - 8)),
+def _nibbles_token(w, xq, xd, xs, out, g, t, scale_planes, with_min, fifth_bit):
+    """Token t of group g in the 4- and 5-bit kernels with integer activations: Q4_0 (w = d (q - 8)),
     Q4_1 (w = d q + m), Q5_0 (w = d (q - 16)), Q5_1 (w = d q + m). The nibble bytes follow the
     block's fp16 planes (d, and m with a min) in quads, as in matmul_q8_0: quad j of a lane holds
     weights 4j..4j+3 (low nibbles) and 16+4j.. (high); Q5's qh comes first, as one more quad (a
@@ -255,92 +255,141 @@ def _nibbles_group(w, xq, xd, xs, out, g, scale_planes, with_min, fifth_bit):
     sees them as constants from the start, and drops the other formats' branches."""
     n_groups, n_blocks, group_bytes = w.shape
     cols = xq.shape[1]
-    offset = 16 if fifth_bit else 8
     partial = stack_array(np.int32, 1, ROW_GROUP)
     block = stack_array(np.int32, 1, ROW_GROUP)
     acc = stack_array(np.float32, 1, ROW_GROUP)
-    for t in range(xq.shape[0]):
-        acc[:] = 0.0
-        for b in range(n_blocks):
-            prefetch_ahead(w, g, b, 0, 1, always=True)   # faster with the hints on AMD too (README)
-            quads = (g * n_blocks + b) * group_bytes + scale_planes * ROW_GROUP   # after the fp16 planes
-            x0 = t * cols + b * QK
-            if fifth_bit:
-                block[:] = 0
-                for j in range(QK // 2 // QUADS):
-                    for lanes in range(0, ROW_GROUP, DOT4_LANES):
-                        high = quads + QUADS * lanes
-                        at = quads + QUADS * ((j + 1) * ROW_GROUP + lanes)
-                        dot4_nibbles_fifth_bit(block, lanes, w, at, 0, high, QUADS * j, xq, x0 + QUADS * j)
-                        dot4_nibbles_fifth_bit(block, lanes, w, at, 4, high, QK // 2 + QUADS * j, xq,
-                                               x0 + QK // 2 + QUADS * j)
-            else:
-                partial[:] = 0
-                for j in range(QK // 2 // QUADS):
-                    for lanes in range(0, ROW_GROUP, DOT4_LANES):
-                        at = quads + QUADS * (j * ROW_GROUP + lanes)
-                        dot4_partial(partial, lanes, w, at, xq, x0 + QUADS * j, 0, 4)
-                        dot4_partial(partial, lanes, w, at, xq, x0 + QK // 2 + QUADS * j, 4, 4)
+    acc[:] = 0.0
+    for b in range(n_blocks):
+        prefetch_ahead(w, g, b, 0, 1, always=True)   # faster with the hints on AMD too (README)
+        quads = (g * n_blocks + b) * group_bytes + scale_planes * ROW_GROUP   # after the fp16 planes
+        x0 = t * cols + b * QK
+        if fifth_bit:
+            block[:] = 0
+            for j in range(QK // 2 // QUADS):
                 for lanes in range(0, ROW_GROUP, DOT4_LANES):
-                    scaled_sums(block, lanes, partial, lanes, None, 0)   # widened, scales of 1
-            x_sum = xs[t, 2 * b] + xs[t, 2 * b + 1]
-            x_scale = xd[t, b]
-            if with_min:
-                x_min = np.float32(x_sum) * x_scale
-                for lane in range(ROW_GROUP):
-                    acc[lane] += (np.float32(block[lane]) * (f16_at(w, g, b, 0, lane) * x_scale)
-                                  + f16_at(w, g, b, 2, lane) * x_min)
-            else:
-                x_offset = np.int32(offset * x_sum)
-                for lane in range(ROW_GROUP):   # int32 until converted: numba would widen to int64
-                    acc[lane] += np.float32(np.int32(block[lane] - x_offset)) * (f16_at(w, g, b, 0, lane)
-                                                                                 * x_scale)
-        store_group(out, t, g, acc)
+                    high = quads + QUADS * lanes
+                    at = quads + QUADS * ((j + 1) * ROW_GROUP + lanes)
+                    dot4_nibbles_fifth_bit(block, lanes, w, at, 0, high, QUADS * j, xq, x0 + QUADS * j)
+                    dot4_nibbles_fifth_bit(block, lanes, w, at, 4, high, QK // 2 + QUADS * j, xq,
+                                           x0 + QK // 2 + QUADS * j)
+        else:
+            partial[:] = 0
+            for j in range(QK // 2 // QUADS):
+                for lanes in range(0, ROW_GROUP, DOT4_LANES):
+                    at = quads + QUADS * (j * ROW_GROUP + lanes)
+                    dot4_partial(partial, lanes, w, at, xq, x0 + QUADS * j, 0, 4)
+                    dot4_partial(partial, lanes, w, at, xq, x0 + QK // 2 + QUADS * j, 4, 4)
+            for lanes in range(0, ROW_GROUP, DOT4_LANES):
+                scaled_sums(block, lanes, partial, lanes, None, 0)   # widened, scales of 1
+        _nibbles_scaled(w, g, b, block, xd, xs, t, acc, 0, with_min, fifth_bit)
+    store_group(out, t, g, acc)
 
 
-@njit(fastmath=True, forceinline=True)
+@njit(inline="always")
+def _nibbles_scaled(w, g, b, block, xd, xs, t, acc, k, with_min, fifth_bit):
+    """acc[64 k + lane] += the float value of block b from its integer sums block[64 k + lane]
+    (token t): d * x's scale * (sum q x - offset * sum x), or with a minimum
+    d * x's scale * sum q x + m * x's scale * sum x."""
+    x_sum = xs[t, 2 * b] + xs[t, 2 * b + 1]
+    x_scale = xd[t, b]
+    if with_min:
+        x_min = np.float32(x_sum) * x_scale
+        for lane in range(ROW_GROUP):
+            acc[k * ROW_GROUP + lane] += fma(np.float32(block[k * ROW_GROUP + lane]),
+                                             f16_at(w, g, b, 0, lane) * x_scale, f16_at(w, g, b, 2, lane) * x_min)
+    else:
+        x_offset = np.int32((16 if fifth_bit else 8) * x_sum)
+        for lane in range(ROW_GROUP):   # int32 until converted: numba would widen to int64
+            acc[k * ROW_GROUP + lane] = fma(np.float32(np.int32(block[k * ROW_GROUP + lane] - x_offset)),
+                                            f16_at(w, g, b, 0, lane) * x_scale, acc[k * ROW_GROUP + lane])
+
+
+@njit(inline="always")
+def _nibbles_tile(w, xq, xd, xs, out, g, t0, scale_planes, with_min):
+    """_nibbles_token for the TOKEN_TILE tokens from t0 at once (Q4_0, Q4_1): each quad of weights
+    is loaded and unpacked once and multiplied by the activations of every token of the tile.
+    So the lanes go in runs of 8 (one register of sums per token) through the whole block,
+    instead of the block's quads through the 64 lanes. (Q5_0 and Q5_1 go one token at a time:
+    their tiles ran at 0.75x, their int32 sums leaving nothing to share but the loads.)"""
+    n_groups, n_blocks, group_bytes = w.shape
+    cols = xq.shape[1]
+    partial = stack_array(np.int32, TOKEN_TILE, DOT4_LANES)
+    block = stack_array(np.int32, TOKEN_TILE, ROW_GROUP)
+    acc = stack_array(np.float32, TOKEN_TILE, ROW_GROUP)
+    acc[:] = 0.0
+    for b in range(n_blocks):
+        prefetch_ahead(w, g, b, 0, 1, always=True)
+        quads = (g * n_blocks + b) * group_bytes + scale_planes * ROW_GROUP
+        for lanes in range(0, ROW_GROUP, DOT4_LANES):
+            partial[:] = 0
+            for j in range(QK // 2 // QUADS):
+                at = quads + QUADS * (j * ROW_GROUP + lanes)
+                for k in range(TOKEN_TILE):
+                    x0 = (t0 + k) * cols + b * QK + QUADS * j
+                    dot4_partial(partial, k * DOT4_LANES, w, at, xq, x0, 0, 4)
+                    dot4_partial(partial, k * DOT4_LANES, w, at, xq, x0 + QK // 2, 4, 4)
+            for k in range(TOKEN_TILE):
+                scaled_sums(block, k * ROW_GROUP + lanes, partial, k * DOT4_LANES, None, 0)
+        for k in range(TOKEN_TILE):
+            _nibbles_scaled(w, g, b, block, xd, xs, t0 + k, acc, k, with_min, False)
+    store_tile(out, t0, g, acc)
+
+
+@njit(inline="always")
+def _q4_group(w, xq, xd, xs, out, g, scale_planes, with_min):
+    """Group g of the 4-bit kernels: tiles of TOKEN_TILE tokens, then the rest one by one."""
+    tiles = xq.shape[0] // TOKEN_TILE
+    for i in range(tiles):
+        _nibbles_tile(w, xq, xd, xs, out, g, i * TOKEN_TILE, scale_planes, with_min)
+    for t in range(tiles * TOKEN_TILE, xq.shape[0]):
+        _nibbles_token(w, xq, xd, xs, out, g, t, scale_planes, with_min, False)
+
+
+@njit(forceinline=True)
 def _q4_0_group(w, xq, xd, xs, out, g):
-    _nibbles_group(w, xq, xd, xs, out, g, 2, False, False)
+    _q4_group(w, xq, xd, xs, out, g, 2, False)
 
 
-@njit(fastmath=True, forceinline=True)
+@njit(forceinline=True)
 def _q4_1_group(w, xq, xd, xs, out, g):
-    _nibbles_group(w, xq, xd, xs, out, g, 4, True, False)
+    _q4_group(w, xq, xd, xs, out, g, 4, True)
 
 
-@njit(fastmath=True, forceinline=True)
+@njit(forceinline=True)
 def _q5_0_group(w, xq, xd, xs, out, g):
-    _nibbles_group(w, xq, xd, xs, out, g, 2, False, True)
+    for t in range(xq.shape[0]):   # one token at a time (_nibbles_tile)
+        _nibbles_token(w, xq, xd, xs, out, g, t, 2, False, True)
 
 
-@njit(fastmath=True, forceinline=True)
+@njit(forceinline=True)
 def _q5_1_group(w, xq, xd, xs, out, g):
-    _nibbles_group(w, xq, xd, xs, out, g, 4, True, True)
+    for t in range(xq.shape[0]):
+        _nibbles_token(w, xq, xd, xs, out, g, t, 4, True, True)
 
 
 @njit(parallel=True, cache=True)
 def matmul_q4_0(w, xq, xd, xs, out):
-    """Q4_0 weights (fp16 d in planes 0-1), integer activations: see _nibbles_group."""
+    """Q4_0 weights (fp16 d in planes 0-1), integer activations: see _nibbles_token and _nibbles_tile."""
     for g in prange(w.shape[0]):
         _q4_0_group(w, xq, xd, xs, out, np.int64(g))
 
 
 @njit(parallel=True, cache=True)
 def matmul_q4_1(w, xq, xd, xs, out):
-    """Q4_1 weights (fp16 d and m in planes 0-3), integer activations: see _nibbles_group."""
+    """Q4_1 weights (fp16 d and m in planes 0-3), integer activations: see _nibbles_token and _nibbles_tile."""
     for g in prange(w.shape[0]):
         _q4_1_group(w, xq, xd, xs, out, np.int64(g))
 
 
 @njit(parallel=True, cache=True)
 def matmul_q5_0(w, xq, xd, xs, out):
-    """Q5_0 weights (fp16 d in planes 0-1, then qh and the nibbles in quads): see _nibbles_group."""
+    """Q5_0 weights (fp16 d in planes 0-1, then qh and the nibbles in quads): see _nibbles_token."""
     for g in prange(w.shape[0]):
         _q5_0_group(w, xq, xd, xs, out, np.int64(g))
 
 
 @njit(parallel=True, cache=True)
 def matmul_q5_1(w, xq, xd, xs, out):
-    """Q5_1 weights (fp16 d and m in planes 0-3, then qh and the nibbles): see _nibbles_group."""
+    """Q5_1 weights (fp16 d and m in planes 0-3, then qh and the nibbles): see _nibbles_token."""
     for g in prange(w.shape[0]):
         _q5_1_group(w, xq, xd, xs, out, np.int64(g))

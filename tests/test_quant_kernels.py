@@ -231,6 +231,26 @@ def test_gguf_format_matmul_equals_dequantize_then_matmul(fmt):
 
 
 @pytest.mark.parametrize("fmt", [f.name for f in FORMATS.values() if f.packed])
+def test_each_token_gets_what_it_gets_alone(fmt):
+    """Batch invariance: whatever the number of tokens in a call (tiles of layout.TOKEN_TILE,
+    then the rest one by one), each token's row is bit for bit what it is alone, so that a
+    server's batched decoding answers each client exactly as one at a time; and 9 tokens (two
+    tiles and one more) equal the float64 product of the same integer activations."""
+    rows, cols = 130, 512   # rows not a multiple of the 64-row groups
+    w = Weight(FORMATS[fmt], (rows, cols), random_blocks(fmt, rows, cols, seed=11))
+    x = np.random.default_rng(12).standard_normal((9, cols)).astype(np.float32)
+    alone = np.empty((9, rows), np.float32)
+    for t in range(9):
+        matmul(w, x[t:t + 1], alone[t:t + 1])
+    for n in range(2, 10):
+        together = np.empty((n, rows), np.float32)
+        matmul(w, x[:n], together)
+        assert np.array_equal(together.view(np.uint32), alone[:n].view(np.uint32)), f"{n} tokens"
+    ref = reference_matmul(w, x)
+    assert np.abs(alone - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("fmt", [f.name for f in FORMATS.values() if f.packed])
 @pytest.mark.parametrize("byte", [0x00, 0xFF])
 def test_integer_sums_at_their_extremes(fmt, byte):
     """Every quant and scale byte at its extreme (all bits clear or set: the largest |q|, the
