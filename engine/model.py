@@ -13,6 +13,7 @@ import numpy as np
 from .kernels.attention import KVCache
 from .kernels.compiler import CompileAhead, recorded_calls
 from .kernels.formats import Activations, IntegerScratch, Weight, embedding_rows, matmul
+from .kernels.layout import TOKEN_TILE
 from .kernels.ops import rmsnorm, rope, swiglu
 
 from .config import ModelConfig
@@ -175,10 +176,11 @@ class Transformer:
         self.tensor_names = {id(value): name for name, value in weights.items()}
 
     def kernel_calls(self) -> list:
-        """(kernel, argument types) of every kernel the forward pass calls, from a pass over two
-        tokens and then one in which every kernel not yet compiled does nothing (milliseconds)."""
+        """(kernel, argument types) of every kernel the forward pass calls, from a pass over a tile
+        of tokens (kernels.layout.TOKEN_TILE) and then one token, in which every kernel not yet
+        compiled does nothing (milliseconds)."""
         cached_ids = [list(ids) for ids in self.slot_ids]
-        positions = min(3, self.context_length)
+        positions = min(TOKEN_TILE + 1, self.context_length)
         with recorded_calls() as calls:
             for start, n in ((0, positions - 1), (positions - 1, 1)):
                 if n:
@@ -332,4 +334,4 @@ def stand_in_calls(config: ModelConfig, tensors: dict, formats: dict, kv_cache: 
         small, weights = stand_in_weights(config, tensors, formats)
     except (KeyError, ValueError):
         return None
-    return Transformer(small, weights, context_length=4, kv_cache=kv_cache).kernel_calls()
+    return Transformer(small, weights, context_length=TOKEN_TILE + 1, kv_cache=kv_cache).kernel_calls()

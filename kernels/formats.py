@@ -126,6 +126,7 @@ class Format:
     # how it multiplies: exactly one of the two kernels
     float_matmul: Callable | None = None  # (data, x (tokens, cols) f32, out (tokens, rows) f32) -> None
     int_matmul: Callable | None = None    # (data, x int8, x scale per 32, x int32 sum per 16, out)
+    tile_matmul: Callable | None = None   # int_matmul for a multiple of layout.TOKEN_TILE tokens, if faster
     quantize: Callable | None = None      # float32 (rows, cols) -> file rows (None: read from files only)
 
     def __post_init__(self):
@@ -167,6 +168,7 @@ FORMATS = {f.name: f for f in [
     Format(name="q4_0", ggml_type=2, storage_dtype=np.uint8, block_size=quant.QK, block_bytes=quant.Q4_0_BYTES,
            f16_fields=(0,), runs=scales_then_quads(2, quant.Q4_0_BYTES),
            decode_row=quant.decode_q4_0_row, int_matmul=quant.matmul_q4_0,
+           tile_matmul=quant.matmul_q4_0_tiles,
            quantize=blocks_quantizer(quant.quantize_q4_0, quant.Q4_0_BYTES)),
     Format(name="q4_1", ggml_type=3, storage_dtype=np.uint8, block_size=quant.QK, block_bytes=quant.Q4_1_BYTES,
            f16_fields=(0, 2), runs=scales_then_quads(4, quant.Q4_1_BYTES),
@@ -190,13 +192,15 @@ FORMATS = {f.name: f for f in [
            decode_row=kquants.decode_q3_k_row, int_matmul=kquants.matmul_q3_k),
     Format(name="q4_k", ggml_type=12, storage_dtype=np.uint8, block_size=kquants.QK_K,
            block_bytes=kquants.Q4_K_BYTES, f16_fields=(0, 2), runs=scales_then_quads(16, kquants.Q4_K_BYTES),
-           decode_row=kquants.decode_q4_k_row, int_matmul=kquants.matmul_q4_k),
+           decode_row=kquants.decode_q4_k_row, int_matmul=kquants.matmul_q4_k,
+           tile_matmul=kquants.matmul_q4_k_tiles),
     Format(name="q5_k", ggml_type=13, storage_dtype=np.uint8, block_size=kquants.QK_K,
            block_bytes=kquants.Q5_K_BYTES, f16_fields=(0, 2), runs=scales_then_quads(16, kquants.Q5_K_BYTES),
            decode_row=kquants.decode_q5_k_row, int_matmul=kquants.matmul_q5_k),
     Format(name="q6_k", ggml_type=14, storage_dtype=np.uint8, block_size=kquants.QK_K,
            block_bytes=kquants.Q6_K_BYTES, f16_fields=(kquants.Q6_K_BYTES - 2,), runs=kquants.Q6_K_RUNS,
-           decode_row=kquants.decode_q6_k_row, int_matmul=kquants.matmul_q6_k),
+           decode_row=kquants.decode_q6_k_row, int_matmul=kquants.matmul_q6_k,
+           tile_matmul=kquants.matmul_q6_k_tiles),
     Format(name="iq4_xs", ggml_type=23, storage_dtype=np.uint8, block_size=iquants.QK_K,
            block_bytes=iquants.IQ4_XS_BYTES, f16_fields=(0,), runs=scales_then_quads(8, iquants.IQ4_XS_BYTES),
            decode_row=iquants.decode_iq4_xs_row, int_matmul=iquants.matmul_iq4_xs),
@@ -328,15 +332,21 @@ class Activations:
 def matmul(weight: Weight, x, out: np.ndarray) -> None:
     """out = x @ W.T with x (tokens, cols) float32 (an array or Activations), out (tokens, rows).
     Formats with an integer kernel round the activations to int8 per block of 32 (as llama.cpp
-    does); float formats multiply the float activations."""
+    does); float formats multiply the float activations. Formats with a tile kernel take the
+    tokens up to a multiple of layout.TOKEN_TILE with it."""
     f = weight.format
     if weight.rows_only:
         raise ValueError(f"this {f.name} weight was loaded for row lookups only, not for matmul")
     acts = x if isinstance(x, Activations) else Activations(x)
     if f.int_matmul is None:
         f.float_matmul(weight.data, acts.x, out)
-    else:
-        f.int_matmul(weight.data, *acts.integer(), out)
+        return
+    xq, xd, xs = acts.integer()
+    tiled = len(out) - len(out) % layout.TOKEN_TILE if f.tile_matmul is not None else 0
+    if tiled:   # the first tokens in tiles, the rest one by one (layout.py: the same values)
+        f.tile_matmul(weight.data, xq[:tiled], xd[:tiled], xs[:tiled], out[:tiled])
+    if tiled < len(out):
+        f.int_matmul(weight.data, xq[tiled:], xd[tiled:], xs[tiled:], out[tiled:])
 
 
 def embedding_rows(weight: Weight, ids: np.ndarray, out: np.ndarray) -> None:

@@ -177,9 +177,9 @@ def _k_minimums(block_min, at, mins, j, xd, xs, t, x0):
                                    fma(min_lo, np.float32(np.int32(mins[j * ROW_GROUP + lane])), block_min[at + lane]))
 
 
-@njit(inline="always")
-def _q4_k_token(w, xq, xd, xs, out, g, t):
-    """Token t of group g in matmul_q4_k."""
+@njit(forceinline=True)
+def _q4_k_group(w, xq, xd, xs, out, g):
+    """Group g of matmul_q4_k (layout.py: one group per work item), a token at a time."""
     n_groups, n_blocks, group_bytes = w.shape
     cols = xq.shape[1]
     partial = stack_array(np.int32, 2, ROW_GROUP)
@@ -189,29 +189,30 @@ def _q4_k_token(w, xq, xd, xs, out, g, t):
     block = stack_array(np.float32, 1, ROW_GROUP)
     block_min = stack_array(np.float32, 1, ROW_GROUP)
     acc = stack_array(np.float32, 1, ROW_GROUP)
-    acc[:] = 0.0
-    for b in range(n_blocks):
-        _k4_scale_bytes(w, g, b, scales, mins)
-        block[:] = 0.0
-        block_min[:] = 0.0
-        for chunk in range(4):
-            prefetch_ahead(w, g, b, chunk, 4)
-            partial[:] = 0
-            x0 = b * QK_K + chunk * 64
-            quads = (g * n_blocks + b) * group_bytes + ROW_GROUP * (16 + 32 * chunk)
-            for j in range(32 // QUADS):
-                for lanes in range(0, ROW_GROUP, DOT4_LANES):
-                    at = quads + QUADS * (j * ROW_GROUP + lanes)
-                    dot4_partial(partial, lanes, w, at, xq, t * cols + x0 + QUADS * j, 0, 4)
-                    dot4_partial(partial, ROW_GROUP + lanes, w, at, xq, t * cols + x0 + 32 + QUADS * j, 4, 4)
-            j = 2 * chunk
-            for lanes in range(0, 2 * ROW_GROUP, DOT4_LANES):   # sub-blocks j and j + 1
-                scaled_sums(part, lanes, partial, lanes, scales, j * ROW_GROUP + lanes)
-            d_lo, d_hi = xd[t, x0 // 32], xd[t, x0 // 32 + 1]
-            _k_sub_blocks(block, 0, part, 0, d_lo, d_hi)
-            _k_minimums(block_min, 0, mins, j, xd, xs, t, x0)
-        _k_scaled(w, g, b, block, block_min, acc, 0)
-    store_group(out, t, g, acc)
+    for t in range(xq.shape[0]):
+        acc[:] = 0.0
+        for b in range(n_blocks):
+            _k4_scale_bytes(w, g, b, scales, mins)
+            block[:] = 0.0
+            block_min[:] = 0.0
+            for chunk in range(4):
+                prefetch_ahead(w, g, b, chunk, 4)
+                partial[:] = 0
+                x0 = b * QK_K + chunk * 64
+                quads = (g * n_blocks + b) * group_bytes + ROW_GROUP * (16 + 32 * chunk)
+                for j in range(32 // QUADS):
+                    for lanes in range(0, ROW_GROUP, DOT4_LANES):
+                        at = quads + QUADS * (j * ROW_GROUP + lanes)
+                        dot4_partial(partial, lanes, w, at, xq, t * cols + x0 + QUADS * j, 0, 4)
+                        dot4_partial(partial, ROW_GROUP + lanes, w, at, xq, t * cols + x0 + 32 + QUADS * j, 4, 4)
+                j = 2 * chunk
+                for lanes in range(0, 2 * ROW_GROUP, DOT4_LANES):   # sub-blocks j and j + 1
+                    scaled_sums(part, lanes, partial, lanes, scales, j * ROW_GROUP + lanes)
+                d_lo, d_hi = xd[t, x0 // 32], xd[t, x0 // 32 + 1]
+                _k_sub_blocks(block, 0, part, 0, d_lo, d_hi)
+                _k_minimums(block_min, 0, mins, j, xd, xs, t, x0)
+            _k_scaled(w, g, b, block, block_min, acc, 0)
+        store_group(out, t, g, acc)
 
 
 @njit(inline="always")
@@ -234,11 +235,11 @@ def _k_scaled(w, g, b, block, block_min, acc, at):
 TILE_SUB_BLOCKS = 2 * TOKEN_TILE   # sums per run of 8 lanes in a tile: 2 sub-blocks per token
 
 
-@njit(inline="always")
-def _q4_k_tile(w, xq, xd, xs, out, g, t0):
-    """_q4_k_token for the TOKEN_TILE tokens from t0 at once: each quad of nibbles is loaded
-    and unpacked once for all of them, and each block's scales and mins once (as
-    quant._nibbles_tile: the lanes in runs of 8 through each chunk of the block)."""
+@njit(forceinline=True)
+def _q4_k_tiles(w, xq, xd, xs, out, g):
+    """Group g of matmul_q4_k_tiles: _q4_k_group for TOKEN_TILE tokens at a time. Each quad
+    of nibbles is loaded and unpacked once for all of them, and each block's scales and mins
+    once (as quant._nibbles_tile: the lanes in runs of 8 through each chunk of the block)."""
     n_groups, n_blocks, group_bytes = w.shape
     cols = xq.shape[1]
     partial = stack_array(np.int32, TILE_SUB_BLOCKS, DOT4_LANES)   # [2 k + h]: token k, sub-block h
@@ -248,45 +249,35 @@ def _q4_k_tile(w, xq, xd, xs, out, g, t0):
     block = stack_array(np.float32, TOKEN_TILE, ROW_GROUP)
     block_min = stack_array(np.float32, TOKEN_TILE, ROW_GROUP)
     acc = stack_array(np.float32, TOKEN_TILE, ROW_GROUP)
-    acc[:] = 0.0
-    for b in range(n_blocks):
-        _k4_scale_bytes(w, g, b, scales, mins)
-        block[:] = 0.0
-        block_min[:] = 0.0
-        for chunk in range(4):
-            prefetch_ahead(w, g, b, chunk, 4)
-            x0 = b * QK_K + chunk * 64
-            quads = (g * n_blocks + b) * group_bytes + ROW_GROUP * (16 + 32 * chunk)
-            j = 2 * chunk
-            for lanes in range(0, ROW_GROUP, DOT4_LANES):
-                partial[:] = 0
-                for quad in range(32 // QUADS):
-                    at = quads + QUADS * (quad * ROW_GROUP + lanes)
-                    for k in range(TOKEN_TILE):
-                        x = (t0 + k) * cols + x0 + QUADS * quad
-                        dot4_partial(partial, 2 * k * DOT4_LANES, w, at, xq, x, 0, 4)
-                        dot4_partial(partial, (2 * k + 1) * DOT4_LANES, w, at, xq, x + 32, 4, 4)
-                for h in range(TILE_SUB_BLOCKS):   # token h // 2, sub-block j + h % 2
-                    scaled_sums(part, h * ROW_GROUP + lanes, partial, h * DOT4_LANES, scales,
-                                (j + h % 2) * ROW_GROUP + lanes)
+    for t0 in range(0, xq.shape[0] - TOKEN_TILE + 1, TOKEN_TILE):
+        acc[:] = 0.0
+        for b in range(n_blocks):
+            _k4_scale_bytes(w, g, b, scales, mins)
+            block[:] = 0.0
+            block_min[:] = 0.0
+            for chunk in range(4):
+                prefetch_ahead(w, g, b, chunk, 4)
+                x0 = b * QK_K + chunk * 64
+                quads = (g * n_blocks + b) * group_bytes + ROW_GROUP * (16 + 32 * chunk)
+                j = 2 * chunk
+                for lanes in range(0, ROW_GROUP, DOT4_LANES):
+                    partial[:] = 0
+                    for quad in range(32 // QUADS):
+                        at = quads + QUADS * (quad * ROW_GROUP + lanes)
+                        for k in range(TOKEN_TILE):
+                            x = (t0 + k) * cols + x0 + QUADS * quad
+                            dot4_partial(partial, 2 * k * DOT4_LANES, w, at, xq, x, 0, 4)
+                            dot4_partial(partial, (2 * k + 1) * DOT4_LANES, w, at, xq, x + 32, 4, 4)
+                    for h in range(TILE_SUB_BLOCKS):   # token h // 2, sub-block j + h % 2
+                        scaled_sums(part, h * ROW_GROUP + lanes, partial, h * DOT4_LANES, scales,
+                                    (j + h % 2) * ROW_GROUP + lanes)
+                for k in range(TOKEN_TILE):
+                    d_lo, d_hi = xd[t0 + k, x0 // 32], xd[t0 + k, x0 // 32 + 1]
+                    _k_sub_blocks(block, k * ROW_GROUP, part, 2 * k * ROW_GROUP, d_lo, d_hi)
+                    _k_minimums(block_min, k * ROW_GROUP, mins, j, xd, xs, t0 + k, x0)
             for k in range(TOKEN_TILE):
-                d_lo, d_hi = xd[t0 + k, x0 // 32], xd[t0 + k, x0 // 32 + 1]
-                _k_sub_blocks(block, k * ROW_GROUP, part, 2 * k * ROW_GROUP, d_lo, d_hi)
-                _k_minimums(block_min, k * ROW_GROUP, mins, j, xd, xs, t0 + k, x0)
-        for k in range(TOKEN_TILE):
-            _k_scaled(w, g, b, block, block_min, acc, k * ROW_GROUP)
-    store_tile(out, t0, g, acc)
-
-
-@njit(fastmath=True, forceinline=True)
-def _q4_k_group(w, xq, xd, xs, out, g):
-    """Group g of matmul_q4_k (layout.py: one group per work item): tiles of tokens, then the
-    rest one by one."""
-    tiles = xq.shape[0] // TOKEN_TILE
-    for i in range(tiles):
-        _q4_k_tile(w, xq, xd, xs, out, g, i * TOKEN_TILE)
-    for t in range(tiles * TOKEN_TILE, xq.shape[0]):
-        _q4_k_token(w, xq, xd, xs, out, g, t)
+                _k_scaled(w, g, b, block, block_min, acc, k * ROW_GROUP)
+        store_tile(out, t0, g, acc)
 
 
 @njit(parallel=True, cache=True)
@@ -302,6 +293,13 @@ def matmul_q4_k(w, xq, xd, xs, out):
     of them to float32 in every block took about a third of the kernel's time."""
     for g in prange(w.shape[0]):
         _q4_k_group(w, xq, xd, xs, out, np.int64(g))
+
+
+@njit(parallel=True, cache=True)
+def matmul_q4_k_tiles(w, xq, xd, xs, out):
+    """matmul_q4_k for a multiple of TOKEN_TILE tokens, a tile at a time (_q4_k_tiles)."""
+    for g in prange(w.shape[0]):
+        _q4_k_tiles(w, xq, xd, xs, out, np.int64(g))
 
 
 def _q6_k_runs() -> tuple:
@@ -361,11 +359,22 @@ def _q6_quarter(w, g, b, half_start, half, i, low_shift, high_shift, xq, xd, xs,
     for s in range(2):   # 16 weights share a scale: part[64 s + lane]
         part[s * ROW_GROUP:(s + 1) * ROW_GROUP] = 0
         for j in range(4 * s, 4 * s + 4):
-            low, high = _q6_quads(half_start, i, j)
+            pair = half_start + 2 * QUAD_BYTES * j   # Q6_K_RUNS: quad j of ql[0:32], then of qh
+            low = pair if i % 2 == 0 else half_start + 16 * QUAD_BYTES + QUAD_BYTES * j   # or of ql[32:64]
+            high = pair + QUAD_BYTES
             for lanes in range(0, ROW_GROUP, DOT4_LANES):
                 dot4_bits(part, s * ROW_GROUP + lanes, w, low + QUADS * lanes, low_shift, 4, high + QUADS * lanes,
                           high_shift, 2, xq, t * cols + x0 + QUADS * j)
-    _q6_scaled(w, g, b, 8 * half + 2 * i, part, 0, xd, xs, t, x0, block, 0)
+    sc = 8 * half + 2 * i   # the int8 scales of the two halves are planes sc and sc + 1
+    offset_0 = np.int32(32 * xs[t, x0 // 16])       # 32 * the sums of the 16 activations
+    offset_1 = np.int32(32 * xs[t, x0 // 16 + 1])
+    x_scale = xd[t, x0 // 32]
+    for lane in range(ROW_GROUP):
+        # sc * sum (q - 32) x in int32: exact (at most 128 * 16 * 32 * 127, below 2^23)
+        first = np.int32(np.int32(np.int8(w[g, b, ROW_GROUP * sc + lane])) * np.int32(part[lane] - offset_0))
+        second = np.int32(np.int32(np.int8(w[g, b, ROW_GROUP * (sc + 1) + lane]))
+                          * np.int32(part[ROW_GROUP + lane] - offset_1))
+        block[lane] = fma(x_scale, np.float32(first) + np.float32(second), block[lane])
 
 
 @njit(inline="always")
@@ -400,29 +409,30 @@ def _q6_quarter_tile(w, g, b, half_start, half, i, low_shift, high_shift, xq, xd
         _q6_scaled(w, g, b, 8 * half + 2 * i, part, 2 * k * ROW_GROUP, xd, xs, t0 + k, x0, block, k * ROW_GROUP)
 
 
-@njit(inline="always")
-def _q6_k_token(w, xq, xd, xs, out, g, t):
-    """Token t of group g in matmul_q6_k."""
+@njit(forceinline=True)
+def _q6_k_group(w, xq, xd, xs, out, g):
+    """Group g of matmul_q6_k (layout.py: one group per work item), a token at a time."""
     n_groups, n_blocks, group_bytes = w.shape
     part = stack_array(np.int32, 2, ROW_GROUP)
     block = stack_array(np.float32, 1, ROW_GROUP)
     acc = stack_array(np.float32, 1, ROW_GROUP)
-    acc[:] = 0.0
-    for b in range(n_blocks):
-        block[:] = 0.0
-        for half in range(2):
-            at = (g * n_blocks + b) * group_bytes + Q6_K_HALF + half * Q6_K_HALF_BYTES
-            x0 = b * QK_K + half * 128
-            prefetch_ahead(w, g, b + 1, 4 * half, 8, always=True)
-            _q6_quarter(w, g, b, at, half, 0, 0, 0, xq, xd, xs, t, x0, part, block)
-            prefetch_ahead(w, g, b + 1, 4 * half + 1, 8, always=True)
-            _q6_quarter(w, g, b, at, half, 1, 0, 2, xq, xd, xs, t, x0 + 32, part, block)
-            prefetch_ahead(w, g, b + 1, 4 * half + 2, 8, always=True)
-            _q6_quarter(w, g, b, at, half, 2, 4, 4, xq, xd, xs, t, x0 + 64, part, block)
-            prefetch_ahead(w, g, b + 1, 4 * half + 3, 8, always=True)
-            _q6_quarter(w, g, b, at, half, 3, 4, 6, xq, xd, xs, t, x0 + 96, part, block)
-        _q6_block_scaled(w, g, b, block, acc, 0)
-    store_group(out, t, g, acc)
+    for t in range(xq.shape[0]):
+        acc[:] = 0.0
+        for b in range(n_blocks):
+            block[:] = 0.0
+            for half in range(2):
+                at = (g * n_blocks + b) * group_bytes + Q6_K_HALF + half * Q6_K_HALF_BYTES
+                x0 = b * QK_K + half * 128
+                prefetch_ahead(w, g, b + 1, 4 * half, 8, always=True)
+                _q6_quarter(w, g, b, at, half, 0, 0, 0, xq, xd, xs, t, x0, part, block)
+                prefetch_ahead(w, g, b + 1, 4 * half + 1, 8, always=True)
+                _q6_quarter(w, g, b, at, half, 1, 0, 2, xq, xd, xs, t, x0 + 32, part, block)
+                prefetch_ahead(w, g, b + 1, 4 * half + 2, 8, always=True)
+                _q6_quarter(w, g, b, at, half, 2, 4, 4, xq, xd, xs, t, x0 + 64, part, block)
+                prefetch_ahead(w, g, b + 1, 4 * half + 3, 8, always=True)
+                _q6_quarter(w, g, b, at, half, 3, 4, 6, xq, xd, xs, t, x0 + 96, part, block)
+            _q6_block_scaled(w, g, b, block, acc, 0)
+        store_group(out, t, g, acc)
 
 
 @njit(inline="always")
@@ -432,43 +442,29 @@ def _q6_block_scaled(w, g, b, block, acc, at):
         acc[at + lane] = fma(f16_at(w, g, b, 16, lane), block[at + lane], acc[at + lane])
 
 
-@njit(inline="always")
-def _q6_k_tile(w, xq, xd, xs, out, g, t0):
-    """_q6_k_token for the TOKEN_TILE tokens from t0 at once (_q6_quarter_tile)."""
+@njit(forceinline=True)
+def _q6_k_tiles(w, xq, xd, xs, out, g):
+    """Group g of matmul_q6_k_tiles: _q6_k_group for TOKEN_TILE tokens at a time (_q6_quarter_tile)."""
     n_groups, n_blocks, group_bytes = w.shape
     scratch = (stack_array(np.int32, TOKEN_TILE, DOT4_LANES), stack_array(np.int32, TOKEN_TILE, DOT4_LANES),
                stack_array(np.int32, TOKEN_TILE, DOT4_LANES))
     part = stack_array(np.int32, TILE_SUB_BLOCKS, ROW_GROUP)
     block = stack_array(np.float32, TOKEN_TILE, ROW_GROUP)
     acc = stack_array(np.float32, TOKEN_TILE, ROW_GROUP)
-    acc[:] = 0.0
-    for b in range(n_blocks):
-        block[:] = 0.0
-        for half in range(2):
-            at = (g * n_blocks + b) * group_bytes + Q6_K_HALF + half * Q6_K_HALF_BYTES
-            x0 = b * QK_K + half * 128
-            prefetch_ahead(w, g, b + 1, 4 * half, 8, always=True)
-            _q6_quarter_tile(w, g, b, at, half, 0, 0, 0, xq, xd, xs, t0, x0, scratch, part, block)
-            prefetch_ahead(w, g, b + 1, 4 * half + 1, 8, always=True)
-            _q6_quarter_tile(w, g, b, at, half, 1, 0, 2, xq, xd, xs, t0, x0 + 32, scratch, part, block)
-            prefetch_ahead(w, g, b + 1, 4 * half + 2, 8, always=True)
-            _q6_quarter_tile(w, g, b, at, half, 2, 4, 4, xq, xd, xs, t0, x0 + 64, scratch, part, block)
-            prefetch_ahead(w, g, b + 1, 4 * half + 3, 8, always=True)
-            _q6_quarter_tile(w, g, b, at, half, 3, 4, 6, xq, xd, xs, t0, x0 + 96, scratch, part, block)
-        for k in range(TOKEN_TILE):
-            _q6_block_scaled(w, g, b, block, acc, k * ROW_GROUP)
-    store_tile(out, t0, g, acc)
-
-
-@njit(forceinline=True)
-def _q6_k_group(w, xq, xd, xs, out, g):
-    """Group g of matmul_q6_k (layout.py: one group per work item): tiles of TOKEN_TILE tokens,
-    then the rest one by one."""
-    tiles = xq.shape[0] // TOKEN_TILE
-    for i in range(tiles):
-        _q6_k_tile(w, xq, xd, xs, out, g, i * TOKEN_TILE)
-    for t in range(tiles * TOKEN_TILE, xq.shape[0]):
-        _q6_k_token(w, xq, xd, xs, out, g, t)
+    for t0 in range(0, xq.shape[0] - TOKEN_TILE + 1, TOKEN_TILE):
+        acc[:] = 0.0
+        for b in range(n_blocks):
+            block[:] = 0.0
+            for half in range(2):
+                at = (g * n_blocks + b) * group_bytes + Q6_K_HALF + half * Q6_K_HALF_BYTES
+                x0 = b * QK_K + half * 128
+                for i in range(4):   # a loop, not four calls with constant shifts: a quarter of the code to compile
+                    prefetch_ahead(w, g, b + 1, 4 * half + i, 8, always=True)
+                    _q6_quarter_tile(w, g, b, at, half, i, 4 * (i // 2), 2 * i, xq, xd, xs, t0, x0 + 32 * i, scratch, part,
+                                     block)
+            for k in range(TOKEN_TILE):
+                _q6_block_scaled(w, g, b, block, acc, k * ROW_GROUP)
+        store_tile(out, t0, g, acc)
 
 
 @njit(parallel=True, cache=True)
@@ -487,6 +483,13 @@ def matmul_q6_k(w, xq, xd, xs, out):
     alternatives measured)."""
     for g in prange(w.shape[0]):
         _q6_k_group(w, xq, xd, xs, out, np.int64(g))
+
+
+@njit(parallel=True, cache=True)
+def matmul_q6_k_tiles(w, xq, xd, xs, out):
+    """matmul_q6_k for a multiple of TOKEN_TILE tokens, a tile at a time (_q6_k_tiles)."""
+    for g in prange(w.shape[0]):
+        _q6_k_tiles(w, xq, xd, xs, out, np.int64(g))
 
 
 @njit(inline="always")

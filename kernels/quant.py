@@ -240,7 +240,7 @@ def matmul_q8_0(w, xq, xd, xs, out):
         _q8_0_group(w, xq, xd, xs, out, np.int64(g))
 
 
-@njit(inline="always")
+@njit(forceinline=True)
 def _nibbles_token(w, xq, xd, xs, out, g, t, scale_planes, with_min, fifth_bit):
     """Token t of group g in the 4- and 5-bit kernels with integer activations: Q4_0 (w = d (q - 8)),
     Q4_1 (w = d q + m), Q5_0 (w = d (q - 16)), Q5_1 (w = d q + m). The nibble bytes follow the
@@ -304,7 +304,7 @@ def _nibbles_scaled(w, g, b, block, xd, xs, t, acc, k, with_min, fifth_bit):
                                             f16_at(w, g, b, 0, lane) * x_scale, acc[k * ROW_GROUP + lane])
 
 
-@njit(inline="always")
+@njit(forceinline=True)
 def _nibbles_tile(w, xq, xd, xs, out, g, t0, scale_planes, with_min):
     """_nibbles_token for the TOKEN_TILE tokens from t0 at once (Q4_0, Q4_1): each quad of weights
     is loaded and unpacked once and multiplied by the activations of every token of the tile.
@@ -335,29 +335,27 @@ def _nibbles_tile(w, xq, xd, xs, out, g, t0, scale_planes, with_min):
     store_tile(out, t0, g, acc)
 
 
-@njit(inline="always")
-def _q4_group(w, xq, xd, xs, out, g, scale_planes, with_min):
-    """Group g of the 4-bit kernels: tiles of TOKEN_TILE tokens, then the rest one by one."""
-    tiles = xq.shape[0] // TOKEN_TILE
-    for i in range(tiles):
-        _nibbles_tile(w, xq, xd, xs, out, g, i * TOKEN_TILE, scale_planes, with_min)
-    for t in range(tiles * TOKEN_TILE, xq.shape[0]):
-        _nibbles_token(w, xq, xd, xs, out, g, t, scale_planes, with_min, False)
-
-
 @njit(forceinline=True)
 def _q4_0_group(w, xq, xd, xs, out, g):
-    _q4_group(w, xq, xd, xs, out, g, 2, False)
+    for t in range(xq.shape[0]):
+        _nibbles_token(w, xq, xd, xs, out, g, t, 2, False, False)
 
 
 @njit(forceinline=True)
 def _q4_1_group(w, xq, xd, xs, out, g):
-    _q4_group(w, xq, xd, xs, out, g, 4, True)
+    for t in range(xq.shape[0]):
+        _nibbles_token(w, xq, xd, xs, out, g, t, 4, True, False)
+
+
+@njit(forceinline=True)
+def _q4_0_tiles(w, xq, xd, xs, out, g):
+    for i in range(xq.shape[0] // TOKEN_TILE):
+        _nibbles_tile(w, xq, xd, xs, out, g, i * TOKEN_TILE, 2, False)
 
 
 @njit(forceinline=True)
 def _q5_0_group(w, xq, xd, xs, out, g):
-    for t in range(xq.shape[0]):   # one token at a time (_nibbles_tile)
+    for t in range(xq.shape[0]):
         _nibbles_token(w, xq, xd, xs, out, g, t, 2, False, True)
 
 
@@ -369,14 +367,23 @@ def _q5_1_group(w, xq, xd, xs, out, g):
 
 @njit(parallel=True, cache=True)
 def matmul_q4_0(w, xq, xd, xs, out):
-    """Q4_0 weights (fp16 d in planes 0-1), integer activations: see _nibbles_token and _nibbles_tile."""
+    """Q4_0 weights (fp16 d in planes 0-1), integer activations, one token at a time: see
+    _nibbles_token."""
     for g in prange(w.shape[0]):
         _q4_0_group(w, xq, xd, xs, out, np.int64(g))
 
 
 @njit(parallel=True, cache=True)
+def matmul_q4_0_tiles(w, xq, xd, xs, out):
+    """matmul_q4_0 for a multiple of TOKEN_TILE tokens, a tile at a time: see _nibbles_tile."""
+    for g in prange(w.shape[0]):
+        _q4_0_tiles(w, xq, xd, xs, out, np.int64(g))
+
+
+@njit(parallel=True, cache=True)
 def matmul_q4_1(w, xq, xd, xs, out):
-    """Q4_1 weights (fp16 d and m in planes 0-3), integer activations: see _nibbles_token and _nibbles_tile."""
+    """Q4_1 weights (fp16 d and m in planes 0-3), integer activations, one token at a time: see
+    _nibbles_token."""
     for g in prange(w.shape[0]):
         _q4_1_group(w, xq, xd, xs, out, np.int64(g))
 

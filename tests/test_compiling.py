@@ -23,10 +23,11 @@ def python(code: str, cache, timeout=600):
 
 @pytest.fixture(scope="module")
 def quantized_gguf(model_dirs, tmp_path_factory):
-    """The tiny Llama with its matrices in Q5_1 (llama's interleaved rope, a GGUF tokenizer)."""
+    """The tiny Llama with its matrices in Q4_0 (llama's interleaved rope, a GGUF tokenizer; a
+    format with a kernel for tiles of tokens)."""
     from gguf import GGMLQuantizationType
-    return tiny_models.hf_to_gguf(model_dirs("llama-f32"), tmp_path_factory.mktemp("gguf") / "q5_1.gguf",
-                                  matrix_type=GGMLQuantizationType.Q5_1)
+    return tiny_models.hf_to_gguf(model_dirs("llama-f32"), tmp_path_factory.mktemp("gguf") / "q4_0.gguf",
+                                  matrix_type=GGMLQuantizationType.Q4_0)
 
 
 def test_the_stand_in_lists_every_kernel_the_model_calls(model_dirs, quantized_gguf, smollm2, tmp_path):
@@ -54,7 +55,7 @@ for path, kv in {models!r}:
     lines = result.stdout.splitlines()
     assert "'matmul_f32'" in lines[0] and "'attention_f16'" in lines[0]
     assert "'matmul_bf16'" in lines[1] and "'attention_q8_0'" in lines[1]
-    assert "'matmul_q5_1'" in lines[2] and "'attention_f32'" in lines[2]
+    assert "'matmul_q4_0'" in lines[2] and "'matmul_q4_0_tiles'" in lines[2] and "'attention_f32'" in lines[2]
     assert "'matmul_q4_1'" in lines[3] and "'matmul_q8_0'" in lines[3]   # SmolLM2: Q4_1 layers, Q8_0 head
 
 
