@@ -30,16 +30,18 @@ tried, one token and sixteen; README, "First run"). The index is converted to in
 prange hands the body a uint64, which would compile the function a second time for that type.
 
 Tiles of tokens: with several tokens (a prompt's chunk, or one token of each sequence decoded
-together), the Q4_0, Q4_1, Q4_K and Q6_K kernels take them TOKEN_TILE at a time: each quad of
-weights is loaded and unpacked once and multiplied by the activations of the tile's 4 tokens,
-the lanes going in runs of 8 (one register of sums per token) through the block, instead of the
-block's quads through the 64 lanes. The n % 4 tokens left go one at a time, the way a decode
-step's single token does (which streams memory faster in that order). Both paths do the same
-integer sums and the same float operations in the same order (fused multiply-adds spelled out,
-bits.fma, and no fast-math), so a token's row is bit for bit the same in any company
-(tests/test_quant_kernels.py). Formats whose products widen to int32 at every quad with AVX2
-(Q8_0, Q5_0, Q5_1: a pmaddubsw and a pmaddwd each time, on the one port that multiplies) have
-nothing to share but the loads; their tiles ran at 0.75-1.0x, so they go one token at a time.
+together), Q4_0, Q4_K and Q6_K have a second kernel (their format's tile_matmul) that takes them
+TOKEN_TILE at a time: each quad of weights is loaded and unpacked once and multiplied by the
+activations of the tile's 4 tokens, the lanes going in runs of 8 (one register of sums per
+token) through the block, instead of the block's quads through the 64 lanes. The n % 4 tokens
+left go through the per-token kernel, as a decode step's single token does (it streams memory
+faster in its order). Both do the same integer sums and the same float operations in the same
+order (fused multiply-adds spelled out, bits.fma, and no fast-math), so a token's row is bit for
+bit the same in any company (tests/test_quant_kernels.py). Formats whose products widen to
+int32 at every quad with AVX2 (Q8_0, Q5_0, Q5_1: a pmaddubsw and a pmaddwd each time, on the one
+port that multiplies) have nothing to share but the loads: their tiles ran at 0.75-1.0x. Q4_1's
+ran at 1.2x but are left out for the first run's sake (SmolLM2, whose prompts are short, is
+Q4_1: its tile kernel would have added 0.8 s to a first run of 4.7 s).
 """
 import functools
 
@@ -52,7 +54,7 @@ from .bits import f16_to_f32, prefetch
 ROW_GROUP = 64         # rows interleaved: 64 byte lanes = one 512-bit vector
 QUADS = 4              # bytes per lane in the quad layout of the quants
 PREFETCH_BYTES = 2048  # how far ahead of the bytes being read the kernels prefetch
-TOKEN_TILE = 4         # tokens per pass over a group's weights in the kernels with tiles (above)
+TOKEN_TILE = 4         # tokens per pass over a group's weights in the tile kernels (above)
 
 
 def packed_shape(rows: int, blocks_per_row: int, block_bytes: int) -> tuple:

@@ -306,11 +306,11 @@ def _nibbles_scaled(w, g, b, block, xd, xs, t, acc, k, with_min, fifth_bit):
 
 @njit(forceinline=True)
 def _nibbles_tile(w, xq, xd, xs, out, g, t0, scale_planes, with_min):
-    """_nibbles_token for the TOKEN_TILE tokens from t0 at once (Q4_0, Q4_1): each quad of weights
+    """_nibbles_token for the TOKEN_TILE tokens from t0 at once (matmul_q4_0_tiles; Q4_1 would
+    pass its planes and minimum, layout.py says why it has no tile kernel): each quad of weights
     is loaded and unpacked once and multiplied by the activations of every token of the tile.
     So the lanes go in runs of 8 (one register of sums per token) through the whole block,
-    instead of the block's quads through the 64 lanes. (Q5_0 and Q5_1 go one token at a time:
-    their tiles ran at 0.75x, their int32 sums leaving nothing to share but the loads.)"""
+    instead of the block's quads through the 64 lanes."""
     n_groups, n_blocks, group_bytes = w.shape
     cols = xq.shape[1]
     partial = stack_array(np.int32, TOKEN_TILE, DOT4_LANES)
