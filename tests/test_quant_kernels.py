@@ -186,6 +186,21 @@ def test_gguf_format_int8_kernels_use_simd_integer_multiplies(fmt):
     assert bool(re.search(r"\bprefetcht0\b", asm)) == (compiler.SOFTWARE_PREFETCH or fmt in ALWAYS_PREFETCH)
 
 
+@pytest.mark.parametrize("fmt", [f.name for f in FORMATS.values() if f.tile_matmul is not None])
+def test_tile_kernels_use_simd_integer_multiplies_and_fused_multiply_adds(fmt):
+    """The kernels for tiles of tokens (layout.TOKEN_TILE): SIMD integer products, no int64
+    lanes, and the fused multiply-adds that bits.fma spells out (vfmadd with FMA)."""
+    f = FORMATS[fmt]
+    w = Weight(f, (64, 256), random_blocks(fmt, 64, 256))
+    tokens = layout.TOKEN_TILE
+    asm = fresh_asm(f.tile_matmul, w.data, np.ones((tokens, 256), np.int8), np.ones((tokens, 8), np.float32),
+                    np.full((tokens, 16), 16, np.int32), np.empty((tokens, 64), np.float32))
+    assert re.search(INT_SIMD_MULTIPLY, asm), f"{fmt} tile kernel lost its vectorized integer dot product"
+    assert not re.search(r"\b(vpmuldq|vpmullq|vcvtqq2ps)\b", asm)
+    if bits._host_has_avx2():   # FMA comes with AVX2 on every x86 CPU that has it
+        assert re.search(r"\bvfmadd\w*ps\s+%[yz]mm", asm), f"{fmt} tile kernel lost its vector fused multiply-adds"
+
+
 def test_float_kernel_uses_fma():
     from engine.kernels.formats import matmul_bf16
     w = Weight.quantize(random_weights(32, 64), "bf16")
