@@ -251,8 +251,8 @@ def _nibbles_token(w, xq, xd, xs, out, g, t, scale_planes, with_min, fifth_bit):
     scales of 1); Q5 (values to 31, whose pairs would overflow int16 within a block): int32 sums
     (bits.dot4_nibbles_fifth_bit). Then sum (q - offset) x = sum q x - offset sum x, or
     d sum q x + m sum x (xs: quantize_for_matmul's sums of 16). The last three arguments are
-    constants of each format's group function below, into which numba inlines this: LLVM then
-    sees them as constants from the start, and drops the other formats' branches."""
+    constants of each format's group function below, into which LLVM inlines this (forceinline):
+    it then folds them and drops the other formats' branches."""
     n_groups, n_blocks, group_bytes = w.shape
     cols = xq.shape[1]
     partial = stack_array(np.int32, 1, ROW_GROUP)
