@@ -320,32 +320,6 @@ Q6_K_HALF_BYTES = 96 * ROW_GROUP
 
 
 @njit(inline="always")
-def _q6_quads(half_start, i, j):
-    """Where quad j (of 8) of quarter i of a Q6_K half-block keeps its low 4 bits and its high 2
-    (flat offsets for lane 0; Q6_K_RUNS): quad j of ql[0:32] (quarters 0, 2) or of ql[32:64]
-    (quarters 1, 3), and quad j of qh."""
-    pair = half_start + 2 * QUAD_BYTES * j   # quad j of ql[0:32], then quad j of qh
-    low = pair if i % 2 == 0 else half_start + 16 * QUAD_BYTES + QUAD_BYTES * j
-    return low, pair + QUAD_BYTES
-
-
-@njit(inline="always")
-def _q6_scaled(w, g, b, sc, part, part_at, xd, xs, t, x0, block, at):
-    """block[at + lane] += x's scale * (sc_0 * sum (q - 32) x + sc_1 * ...) over the two 16-weight
-    halves of a quarter from column x0 (token t), from their sums of q x at part[part_at + lane]
-    and part[part_at + 64 + lane]; sc: the plane of the first of their int8 scales."""
-    offset_0 = np.int32(32 * xs[t, x0 // 16])       # 32 * the sums of the 16 activations
-    offset_1 = np.int32(32 * xs[t, x0 // 16 + 1])
-    x_scale = xd[t, x0 // 32]
-    for lane in range(ROW_GROUP):
-        # sc * sum (q - 32) x in int32: exact (at most 128 * 16 * 32 * 127, below 2^23)
-        first = np.int32(np.int32(np.int8(w[g, b, ROW_GROUP * sc + lane])) * np.int32(part[part_at + lane] - offset_0))
-        second = np.int32(np.int32(np.int8(w[g, b, ROW_GROUP * (sc + 1) + lane]))
-                          * np.int32(part[part_at + ROW_GROUP + lane] - offset_1))
-        block[at + lane] = fma(x_scale, np.float32(first) + np.float32(second), block[at + lane])
-
-
-@njit(inline="always")
 def _q6_quarter(w, g, b, half_start, half, i, low_shift, high_shift, xq, xd, xs, t, x0, part, block):
     """block += the products of quarter i (weights 32 i .. 32 i + 31) of a half-block of Q6_K, for
     the 64 lanes, before the block's d; the shifts are constants of each call (see matmul_q6_k).
@@ -374,44 +348,12 @@ def _q6_quarter(w, g, b, half_start, half, i, low_shift, high_shift, xq, xd, xs,
         first = np.int32(np.int32(np.int8(w[g, b, ROW_GROUP * sc + lane])) * np.int32(part[lane] - offset_0))
         second = np.int32(np.int32(np.int8(w[g, b, ROW_GROUP * (sc + 1) + lane]))
                           * np.int32(part[ROW_GROUP + lane] - offset_1))
-        block[lane] = fma(x_scale, np.float32(first) + np.float32(second), block[lane])
+        block[lane] += x_scale * (np.float32(first) + np.float32(second))
 
 
-@njit(inline="always")
-def _q6_quarter_tile(w, g, b, half_start, half, i, low_shift, high_shift, xq, xd, xs, t0, x0, scratch, part, block):
-    """_q6_quarter for the TOKEN_TILE tokens from t0 (block: token k's sums at 64 k). The lanes go
-    in runs of 8, each through the whole quarter, so that each quad of 6-bit weights is put
-    together once for all the tokens; and values below 64 let two quads of products add up in
-    int16 pairs (bits.dot4_bits_partial: 2 * 2 * 63 * 127 < 2^15) before they are widened
-    (bits.scaled_sums): 3 multiplies per 2 quads instead of 4. scratch: three arrays of
-    TOKEN_TILE x 8 (the pairs, widened, the sums of 16 weights), part: TILE_SUB_BLOCKS x 64.
-    (One token reads memory faster in _q6_quarter's order: 21 against 19 GB/s here.)"""
-    cols = xq.shape[1]
-    pairs, widened, sums = scratch
-    for lanes in range(0, ROW_GROUP, DOT4_LANES):
-        for s in range(2):   # weights 16 s .. 16 s + 15 (quads 4 s .. 4 s + 3) share a scale
-            sums[:] = 0
-            for quad_pair in range(2):
-                pairs[:] = 0
-                for j in range(4 * s + 2 * quad_pair, 4 * s + 2 * quad_pair + 2):
-                    low, high = _q6_quads(half_start, i, j)
-                    for k in range(TOKEN_TILE):
-                        dot4_bits_partial(pairs, k * DOT4_LANES, w, low + QUADS * lanes, low_shift, 4,
-                                          high + QUADS * lanes, high_shift, 2, xq, (t0 + k) * cols + x0 + QUADS * j)
-                for k in range(TOKEN_TILE):
-                    scaled_sums(widened, k * DOT4_LANES, pairs, k * DOT4_LANES, None, 0)
-                    for lane in range(DOT4_LANES):
-                        sums[k * DOT4_LANES + lane] += widened[k * DOT4_LANES + lane]
-            for k in range(TOKEN_TILE):
-                for lane in range(DOT4_LANES):
-                    part[(2 * k + s) * ROW_GROUP + lanes + lane] = sums[k * DOT4_LANES + lane]
-    for k in range(TOKEN_TILE):
-        _q6_scaled(w, g, b, 8 * half + 2 * i, part, 2 * k * ROW_GROUP, xd, xs, t0 + k, x0, block, k * ROW_GROUP)
-
-
-@njit(forceinline=True)
+@njit(fastmath=True, forceinline=True)
 def _q6_k_group(w, xq, xd, xs, out, g):
-    """Group g of matmul_q6_k (layout.py: one group per work item), a token at a time."""
+    """Group g of matmul_q6_k (layout.py: one group per work item)."""
     n_groups, n_blocks, group_bytes = w.shape
     part = stack_array(np.int32, 2, ROW_GROUP)
     block = stack_array(np.float32, 1, ROW_GROUP)
@@ -431,40 +373,9 @@ def _q6_k_group(w, xq, xd, xs, out, g):
                 _q6_quarter(w, g, b, at, half, 2, 4, 4, xq, xd, xs, t, x0 + 64, part, block)
                 prefetch_ahead(w, g, b + 1, 4 * half + 3, 8, always=True)
                 _q6_quarter(w, g, b, at, half, 3, 4, 6, xq, xd, xs, t, x0 + 96, part, block)
-            _q6_block_scaled(w, g, b, block, acc, 0)
+            for lane in range(ROW_GROUP):   # the int8 scales are planes 0-15, d is in 16-17
+                acc[lane] += f16_at(w, g, b, 16, lane) * block[lane]
         store_group(out, t, g, acc)
-
-
-@njit(inline="always")
-def _q6_block_scaled(w, g, b, block, acc, at):
-    """acc[at + lane] += d * block[at + lane] (the int8 scales are planes 0-15, d is in 16-17)."""
-    for lane in range(ROW_GROUP):
-        acc[at + lane] = fma(f16_at(w, g, b, 16, lane), block[at + lane], acc[at + lane])
-
-
-@njit(forceinline=True)
-def _q6_k_tiles(w, xq, xd, xs, out, g):
-    """Group g of matmul_q6_k_tiles: _q6_k_group for TOKEN_TILE tokens at a time (_q6_quarter_tile)."""
-    n_groups, n_blocks, group_bytes = w.shape
-    scratch = (stack_array(np.int32, TOKEN_TILE, DOT4_LANES), stack_array(np.int32, TOKEN_TILE, DOT4_LANES),
-               stack_array(np.int32, TOKEN_TILE, DOT4_LANES))
-    part = stack_array(np.int32, TILE_SUB_BLOCKS, ROW_GROUP)
-    block = stack_array(np.float32, TOKEN_TILE, ROW_GROUP)
-    acc = stack_array(np.float32, TOKEN_TILE, ROW_GROUP)
-    for t0 in range(0, xq.shape[0] - TOKEN_TILE + 1, TOKEN_TILE):
-        acc[:] = 0.0
-        for b in range(n_blocks):
-            block[:] = 0.0
-            for half in range(2):
-                at = (g * n_blocks + b) * group_bytes + Q6_K_HALF + half * Q6_K_HALF_BYTES
-                x0 = b * QK_K + half * 128
-                for i in range(4):   # a loop, not four calls with constant shifts: a quarter of the code to compile
-                    prefetch_ahead(w, g, b + 1, 4 * half + i, 8, always=True)
-                    _q6_quarter_tile(w, g, b, at, half, i, 4 * (i // 2), 2 * i, xq, xd, xs, t0, x0 + 32 * i, scratch, part,
-                                     block)
-            for k in range(TOKEN_TILE):
-                _q6_block_scaled(w, g, b, block, acc, k * ROW_GROUP)
-        store_tile(out, t0, g, acc)
 
 
 @njit(parallel=True, cache=True)
@@ -483,13 +394,6 @@ def matmul_q6_k(w, xq, xd, xs, out):
     alternatives measured)."""
     for g in prange(w.shape[0]):
         _q6_k_group(w, xq, xd, xs, out, np.int64(g))
-
-
-@njit(parallel=True, cache=True)
-def matmul_q6_k_tiles(w, xq, xd, xs, out):
-    """matmul_q6_k for a multiple of TOKEN_TILE tokens, a tile at a time (_q6_k_tiles)."""
-    for g in prange(w.shape[0]):
-        _q6_k_tiles(w, xq, xd, xs, out, np.int64(g))
 
 
 @njit(inline="always")

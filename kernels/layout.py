@@ -30,7 +30,7 @@ tried, one token and sixteen; README, "First run"). The index is converted to in
 prange hands the body a uint64, which would compile the function a second time for that type.
 
 Tiles of tokens: with several tokens (a prompt's chunk, or one token of each sequence decoded
-together), Q4_0, Q4_K and Q6_K have a second kernel (their format's tile_matmul) that takes them
+together), Q4_0 and Q4_K have a second kernel (their format's tile_matmul) that takes them
 TOKEN_TILE at a time: each quad of weights is loaded and unpacked once and multiplied by the
 activations of the tile's 4 tokens, the lanes going in runs of 8 (one register of sums per
 token) through the block, instead of the block's quads through the 64 lanes. The n % 4 tokens
@@ -40,8 +40,9 @@ order (fused multiply-adds spelled out, bits.fma, and no fast-math), so a token'
 bit the same in any company (tests/test_quant_kernels.py). Formats whose products widen to
 int32 at every quad with AVX2 (Q8_0, Q5_0, Q5_1: a pmaddubsw and a pmaddwd each time, on the one
 port that multiplies) have nothing to share but the loads: their tiles ran at 0.75-1.0x. Q4_1's
-ran at 1.2x but are left out for the first run's sake (SmolLM2, whose prompts are short, is
-Q4_1: its tile kernel would have added 0.8 s to a first run of 4.7 s).
+tiles (1.2x) and Q6_K's (1.2x) are left out for the first run's sake: every tile kernel is one
+more kernel to compile on a machine's first run (2.5-3.5 s), and those two would have taken
+SmolLM2's first run past 5 s and the 1.5B Q4_K_M file's past 12 (README, "First run").
 """
 import functools
 

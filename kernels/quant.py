@@ -307,7 +307,7 @@ def _nibbles_scaled(w, g, b, block, xd, xs, t, acc, k, with_min, fifth_bit):
 @njit(forceinline=True)
 def _nibbles_tile(w, xq, xd, xs, out, g, t0, scale_planes, with_min):
     """_nibbles_token for the TOKEN_TILE tokens from t0 at once (matmul_q4_0_tiles; Q4_1 would
-    pass its planes and minimum, layout.py says why it has no tile kernel): each quad of weights
+    pass its planes and minimum: layout.py says why it has no tile kernel): each quad of weights
     is loaded and unpacked once and multiplied by the activations of every token of the tile.
     So the lanes go in runs of 8 (one register of sums per token) through the whole block,
     instead of the block's quads through the 64 lanes."""
