@@ -177,6 +177,16 @@ def _k_minimums(block_min, at, mins, j, xd, xs, t, x0):
                                    fma(min_lo, np.float32(np.int32(mins[j * ROW_GROUP + lane])), block_min[at + lane]))
 
 
+@njit(inline="always")
+def _q4_k_chunk(w, g, b, chunk):
+    """Chunk `chunk` of Q4_K block b in group g (64 weights: sub-blocks 2 chunk and 2 chunk + 1):
+    prefetches its share of the stream ahead, and returns its first column and the flat offset
+    of its 32 quads of nibbles (after the 16 planes of d, dmin and the scales)."""
+    n_groups, n_blocks, group_bytes = w.shape
+    prefetch_ahead(w, g, b, chunk, 4)
+    return b * QK_K + chunk * 64, (g * n_blocks + b) * group_bytes + ROW_GROUP * (16 + 32 * chunk)
+
+
 @njit(forceinline=True)
 def _q4_k_group(w, xq, xd, xs, out, g):
     """Group g of matmul_q4_k (layout.py: one group per work item), a token at a time."""
@@ -196,10 +206,8 @@ def _q4_k_group(w, xq, xd, xs, out, g):
             block[:] = 0.0
             block_min[:] = 0.0
             for chunk in range(4):
-                prefetch_ahead(w, g, b, chunk, 4)
+                x0, quads = _q4_k_chunk(w, g, b, chunk)
                 partial[:] = 0
-                x0 = b * QK_K + chunk * 64
-                quads = (g * n_blocks + b) * group_bytes + ROW_GROUP * (16 + 32 * chunk)
                 for j in range(32 // QUADS):
                     for lanes in range(0, ROW_GROUP, DOT4_LANES):
                         at = quads + QUADS * (j * ROW_GROUP + lanes)
@@ -256,9 +264,7 @@ def _q4_k_tiles(w, xq, xd, xs, out, g):
             block[:] = 0.0
             block_min[:] = 0.0
             for chunk in range(4):
-                prefetch_ahead(w, g, b, chunk, 4)
-                x0 = b * QK_K + chunk * 64
-                quads = (g * n_blocks + b) * group_bytes + ROW_GROUP * (16 + 32 * chunk)
+                x0, quads = _q4_k_chunk(w, g, b, chunk)
                 j = 2 * chunk
                 for lanes in range(0, ROW_GROUP, DOT4_LANES):
                     partial[:] = 0
