@@ -19,6 +19,7 @@ from numba import njit, prange
 from . import compiler  # noqa: F401  (numba's settings before any kernel is defined)
 from .bits import DOT4_LANES, IQ4_VALUES, dot4_codebook, f16_at_bytes, stack_array
 from .layout import QUADS, ROW_GROUP, f16_at, prefetch_ahead, store_group
+from .quant import scaled_blocks_group
 
 QK = 32
 QK_K = 256
@@ -73,30 +74,12 @@ def _codebook_block(sums, w, quads, xq, x0):
             dot4_codebook(sums, lanes, w, at, 4, xq, x0 + QK // 2 + QUADS * j)
 
 
-@njit(fastmath=True, forceinline=True)
-def _iq4_nl_group(w, xq, xd, xs, out, g):
-    """Group g of matmul_iq4_nl (layout.py: one group per work item)."""
-    n_groups, n_blocks, group_bytes = w.shape
-    cols = xq.shape[1]
-    block = stack_array(np.int32, 1, ROW_GROUP)
-    acc = stack_array(np.float32, 1, ROW_GROUP)
-    for t in range(xq.shape[0]):
-        acc[:] = 0.0
-        for b in range(n_blocks):
-            prefetch_ahead(w, g, b, 0, 1, always=True)
-            _codebook_block(block, w, (g * n_blocks + b) * group_bytes + 2 * ROW_GROUP, xq, t * cols + b * QK)
-            x_scale = xd[t, b]
-            for lane in range(ROW_GROUP):
-                acc[lane] += np.float32(block[lane]) * (f16_at(w, g, b, 0, lane) * x_scale)
-        store_group(out, t, g, acc)
-
-
 @njit(parallel=True, cache=True)
 def matmul_iq4_nl(w, xq, xd, xs, out):
     """IQ4_NL weights (fp16 d in planes 0-1, the nibbles in quads), integer activations: per
     block, d * x's scale * the integer sum (xs, the activations' sums, is not needed)."""
     for g in prange(w.shape[0]):
-        _iq4_nl_group(w, xq, xd, xs, out, np.int64(g))
+        scaled_blocks_group(_codebook_block, w, xq, xd, out, np.int64(g), True)
 
 
 @njit(fastmath=True, forceinline=True)

@@ -208,9 +208,22 @@ def quantize_for_matmul(x, xq, xd, xs):
 # row n with x[t]); parallel over groups of 64 rows; for each group, every token (prefill reads
 # the group from cache after the first token). xq is int8.
 
+@njit(inline="always")
+def _q8_0_block(sums, w, quads, xq, x0):
+    """sums[lane] = the integer dot product of one Q8_0 block (its 32 int8 quants in 8 quads at
+    `quads`) with xq.flat[x0:x0 + 32], for the 64 lanes."""
+    sums[:] = 0
+    for j in range(QK // QUADS):
+        for lanes in range(0, ROW_GROUP, DOT4_LANES):
+            dot4_int8(sums, lanes, w, quads + QUADS * (j * ROW_GROUP + lanes), xq, x0 + QUADS * j)
+
+
 @njit(fastmath=True, forceinline=True)
-def _q8_0_group(w, xq, xd, xs, out, g):
-    """Group g of matmul_q8_0 (layout.py: one group per work item)."""
+def scaled_blocks_group(block_sums, w, xq, xd, out, g, always_prefetch):
+    """Group g of a format whose blocks of 32 are an fp16 d (planes 0-1) times integers, the
+    quants after it in quads: block_sums(sums, w, quads, xq, x0) gives a block's integer dot
+    products for the 64 lanes (_q8_0_block, iquants' codebook block), and each adds d * x's scale
+    * that sum. always_prefetch: whether it prefetches where compiler.SOFTWARE_PREFETCH does not."""
     n_groups, n_blocks, group_bytes = w.shape
     cols = xq.shape[1]
     block = stack_array(np.int32, 1, ROW_GROUP)
@@ -218,13 +231,8 @@ def _q8_0_group(w, xq, xd, xs, out, g):
     for t in range(xq.shape[0]):
         acc[:] = 0.0
         for b in range(n_blocks):
-            prefetch_ahead(w, g, b, 0, 1)
-            block[:] = 0
-            quads = (g * n_blocks + b) * group_bytes + 2 * ROW_GROUP   # after the scales' planes
-            for j in range(QK // QUADS):
-                for lanes in range(0, ROW_GROUP, DOT4_LANES):
-                    dot4_int8(block, lanes, w, quads + QUADS * (j * ROW_GROUP + lanes), xq,
-                              t * cols + b * QK + QUADS * j)
+            prefetch_ahead(w, g, b, 0, 1, always_prefetch)
+            block_sums(block, w, (g * n_blocks + b) * group_bytes + 2 * ROW_GROUP, xq, t * cols + b * QK)
             x_scale = xd[t, b]
             for lane in range(ROW_GROUP):
                 acc[lane] += np.float32(block[lane]) * (f16_at(w, g, b, 0, lane) * x_scale)
@@ -237,7 +245,7 @@ def matmul_q8_0(w, xq, xd, xs, out):
     per 32-bit word, so bits.dot4_int8 sums 4 products per lane with x86's pairwise byte
     multiplies; int32 block sums per lane (xs, the activations' sums, is not needed)."""
     for g in prange(w.shape[0]):
-        _q8_0_group(w, xq, xd, xs, out, np.int64(g))
+        scaled_blocks_group(_q8_0_block, w, xq, xd, out, np.int64(g), False)
 
 
 @njit(forceinline=True)
