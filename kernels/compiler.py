@@ -338,6 +338,8 @@ def start_helper() -> None:
 
 
 def available_cores() -> int:
+    """The cores this process may run on (its affinity), whatever numba's thread count: with one,
+    a helper process would only slow the compilation down."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:   # not on Linux

@@ -247,7 +247,7 @@ TILE_SUB_BLOCKS = 2 * TOKEN_TILE   # sums per run of 8 lanes in a tile: 2 sub-bl
 def _q4_k_tiles(w, xq, xd, xs, out, g):
     """Group g of matmul_q4_k_tiles: _q4_k_group for TOKEN_TILE tokens at a time. Each quad
     of nibbles is loaded and unpacked once for all of them, and each block's scales and mins
-    once (as quant._nibbles_tile: the lanes in runs of 8 through each chunk of the block)."""
+    once (as quant._q4_0_tile: the lanes in runs of 8 through each chunk of the block)."""
     n_groups, n_blocks, group_bytes = w.shape
     cols = xq.shape[1]
     partial = stack_array(np.int32, TILE_SUB_BLOCKS, DOT4_LANES)   # [2 k + h]: token k, sub-block h

@@ -313,11 +313,10 @@ def _nibbles_scaled(w, g, b, block, xd, xs, t, acc, k, with_min, fifth_bit):
 
 
 @njit(forceinline=True)
-def _nibbles_tile(w, xq, xd, xs, out, g, t0, scale_planes, with_min):
-    """_nibbles_token for the TOKEN_TILE tokens from t0 at once (matmul_q4_0_tiles; Q4_1 would
-    pass its planes and minimum: layout.py says why it has no tile kernel): each quad of weights
-    is loaded and unpacked once and multiplied by the activations of every token of the tile.
-    So the lanes go in runs of 8 (one register of sums per token) through the whole block,
+def _q4_0_tile(w, xq, xd, xs, out, g, t0):
+    """_nibbles_token for Q4_0 and the TOKEN_TILE tokens from t0 at once (matmul_q4_0_tiles; Q4_1
+    has no tile kernel, layout.py says why): each quad of weights is loaded and unpacked once
+    and multiplied by the activations of every token of the tile. So the lanes go in runs of 8 (one register of sums per token) through the whole block,
     instead of the block's quads through the 64 lanes."""
     n_groups, n_blocks, group_bytes = w.shape
     cols = xq.shape[1]
@@ -327,7 +326,7 @@ def _nibbles_tile(w, xq, xd, xs, out, g, t0, scale_planes, with_min):
     acc[:] = 0.0
     for b in range(n_blocks):
         prefetch_ahead(w, g, b, 0, 1, always=True)
-        quads = (g * n_blocks + b) * group_bytes + scale_planes * ROW_GROUP
+        quads = (g * n_blocks + b) * group_bytes + 2 * ROW_GROUP   # after d's two planes
         for lanes in range(0, ROW_GROUP, DOT4_LANES):
             partial[:] = 0
             for j in range(QK // 2 // QUADS):
@@ -339,7 +338,7 @@ def _nibbles_tile(w, xq, xd, xs, out, g, t0, scale_planes, with_min):
             for k in range(TOKEN_TILE):
                 scaled_sums(block, k * ROW_GROUP + lanes, partial, k * DOT4_LANES, None, 0)
         for k in range(TOKEN_TILE):
-            _nibbles_scaled(w, g, b, block, xd, xs, t0 + k, acc, k, with_min, False)
+            _nibbles_scaled(w, g, b, block, xd, xs, t0 + k, acc, k, False, False)
     store_tile(out, t0, g, acc)
 
 
@@ -358,7 +357,7 @@ def _q4_1_group(w, xq, xd, xs, out, g):
 @njit(forceinline=True)
 def _q4_0_tiles(w, xq, xd, xs, out, g):
     for i in range(xq.shape[0] // TOKEN_TILE):
-        _nibbles_tile(w, xq, xd, xs, out, g, i * TOKEN_TILE, 2, False)
+        _q4_0_tile(w, xq, xd, xs, out, g, i * TOKEN_TILE)
 
 
 @njit(forceinline=True)
@@ -383,7 +382,7 @@ def matmul_q4_0(w, xq, xd, xs, out):
 
 @njit(parallel=True, cache=True)
 def matmul_q4_0_tiles(w, xq, xd, xs, out):
-    """matmul_q4_0 for a multiple of TOKEN_TILE tokens, a tile at a time: see _nibbles_tile."""
+    """matmul_q4_0 for a multiple of TOKEN_TILE tokens, a tile at a time: see _q4_0_tile."""
     for g in prange(w.shape[0]):
         _q4_0_tiles(w, xq, xd, xs, out, np.int64(g))
 
