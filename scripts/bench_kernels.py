@@ -10,6 +10,7 @@ arbitrary bytes with valid fp16 scales.
     python scripts/bench_kernels.py [--threads 1 2] [--models 1.5b 7b] [--pool-gib 1]
 """
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -130,11 +131,10 @@ def main():
                         print(f"{model:<5} {'gemm ' + name:<10.10} {fmt_name:<6} "
                               f"{f'{rows} x {cols} x{args.prefill_tokens}':<20} {threads:>3} "
                               f"{seconds * 1e3:>9.1f} {'':>7} {'':>6}  {gops:>7.1f}")
-        # attention over the KV cache: decode at 1024 positions, per layer
-        for kind in ("f16", "q8_0"):
+        # attention over the KV cache: decode at 1024 and 4096 positions, per layer
+        for kind, ctx in itertools.product(("f16", "q8_0"), (1024, 4096)):
             for threads in args.threads:
                 numba.set_num_threads(threads)
-                ctx = 1024
                 cache = KVCache(kind, 1, shape["kv_heads"], ctx, shape["head_dim"])
                 q = np.random.default_rng(1).standard_normal((1, shape["heads"], shape["head_dim"])).astype(np.float32)
                 out = np.empty_like(q)
