@@ -241,6 +241,7 @@ def _k_scaled(w, g, b, block, block_min, acc, at):
 
 
 TILE_SUB_BLOCKS = 2 * TOKEN_TILE   # sums per run of 8 lanes in a tile: 2 sub-blocks per token
+TILE_HALF_SUB_BLOCKS = 2 * TILE_SUB_BLOCKS   # Q5_K: each sub-block's two halves
 
 
 @njit(forceinline=True)
@@ -424,16 +425,25 @@ def _q5_k_chunk(w, g, b, high, chunk, scales, mins, xq, xd, xs, t, partial, part
         scaled_sums(part, lanes, partial, lanes, scales, j * ROW_GROUP + lanes % ROW_GROUP)
         scaled_sums(part, 2 * ROW_GROUP + lanes, partial, 2 * ROW_GROUP + lanes, scales,
                     (j + 1) * ROW_GROUP + lanes % ROW_GROUP)
-    d_lo, d_hi = xd[t, x0 // 32], xd[t, x0 // 32 + 1]
-    for lane in range(ROW_GROUP):
-        block[lane] += (d_lo * (np.float32(part[lane]) + np.float32(part[ROW_GROUP + lane]))
-                        + d_hi * (np.float32(part[2 * ROW_GROUP + lane]) + np.float32(part[3 * ROW_GROUP + lane])))
+    _k5_sub_blocks(block, 0, part, 0, xd[t, x0 // 32], xd[t, x0 // 32 + 1])
     _k_minimums(block_min, 0, mins, j, xd, xs, t, x0)
 
 
-@njit(fastmath=True, forceinline=True)
+@njit(inline="always")
+def _k5_sub_blocks(block, at, part, part_at, d_lo, d_hi):
+    """block[at + lane] += d_lo * (both halves of sub-block j) + d_hi * (both of j + 1), from
+    part[part_at + 64 p + lane], p = 2 * sub-block + half (Q5_K)."""
+    for lane in range(ROW_GROUP):
+        lo = np.float32(part[part_at + lane]) + np.float32(part[part_at + ROW_GROUP + lane])
+        hi = np.float32(part[part_at + 2 * ROW_GROUP + lane]) + np.float32(part[part_at + 3 * ROW_GROUP + lane])
+        block[at + lane] = fma(d_hi, hi, fma(d_lo, lo, block[at + lane]))
+
+
+@njit(forceinline=True)
 def _q5_k_group(w, xq, xd, xs, out, g):
-    """Group g of matmul_q5_k (layout.py: one group per work item)."""
+    """Group g of matmul_q5_k (layout.py: one group per work item). No fast-math: its float
+    operations are spelled out (bits.fma) and happen in the order of _q5_k_tiles', so a token
+    gets the same bits from either kernel."""
     n_groups, n_blocks, group_bytes = w.shape
     partial = stack_array(np.int32, 4, ROW_GROUP)
     part = stack_array(np.int32, 4, ROW_GROUP)
@@ -469,6 +479,63 @@ def matmul_q5_k(w, xq, xd, xs, out):
     that its shifts are constants."""
     for g in prange(w.shape[0]):
         _q5_k_group(w, xq, xd, xs, out, np.int64(g))
+
+
+@njit(forceinline=True)
+def _q5_k_tiles(w, xq, xd, xs, out, g):
+    """Group g of matmul_q5_k_tiles: _q5_k_group for TOKEN_TILE tokens at a time. Each quad of
+    nibbles and of fifth bits is loaded and put together once for all of them (as _q4_k_tiles:
+    the lanes in runs of 8), one half of each sub-block at a time (the int16 pair sums hold 4
+    quads of 5-bit values)."""
+    n_groups, n_blocks, group_bytes = w.shape
+    cols = xq.shape[1]
+    partial = stack_array(np.int32, TILE_SUB_BLOCKS, DOT4_LANES)   # [2 k + h]: token k, sub-block h
+    part = stack_array(np.int32, TILE_HALF_SUB_BLOCKS, ROW_GROUP)   # [4 k + 2 h + half]
+    scales = stack_array(np.uint8, 8, ROW_GROUP)
+    mins = stack_array(np.uint8, 8, ROW_GROUP)
+    block = stack_array(np.float32, TOKEN_TILE, ROW_GROUP)
+    block_min = stack_array(np.float32, TOKEN_TILE, ROW_GROUP)
+    acc = stack_array(np.float32, TOKEN_TILE, ROW_GROUP)
+    for t0 in range(0, xq.shape[0] - TOKEN_TILE + 1, TOKEN_TILE):
+        acc[:] = 0.0
+        for b in range(n_blocks):
+            _k4_scale_bytes(w, g, b, scales, mins)
+            block[:] = 0.0
+            block_min[:] = 0.0
+            high = (g * n_blocks + b) * group_bytes + 16 * ROW_GROUP
+            for chunk in range(4):
+                prefetch_ahead(w, g, b, chunk, 4)
+                x0 = b * QK_K + chunk * 64
+                low = high + QUAD_BYTES * (8 + 8 * chunk)
+                j = 2 * chunk
+                for lanes in range(0, ROW_GROUP, DOT4_LANES):
+                    for half in range(2):
+                        partial[:] = 0
+                        for quad in range(4 * half, 4 * half + 4):
+                            at = low + QUAD_BYTES * quad + QUADS * lanes
+                            bits_at = high + QUAD_BYTES * quad + QUADS * lanes
+                            for k in range(TOKEN_TILE):
+                                x = (t0 + k) * cols + x0 + QUADS * quad
+                                dot4_bits_partial(partial, 2 * k * DOT4_LANES, w, at, 0, 4, bits_at, j, 1, xq, x)
+                                dot4_bits_partial(partial, (2 * k + 1) * DOT4_LANES, w, at, 4, 4, bits_at, j + 1, 1,
+                                                  xq, x + 32)
+                        for h in range(TILE_SUB_BLOCKS):   # token h // 2, sub-block j + h % 2
+                            scaled_sums(part, (2 * h + half) * ROW_GROUP + lanes, partial, h * DOT4_LANES, scales,
+                                        (j + h % 2) * ROW_GROUP + lanes)
+                for k in range(TOKEN_TILE):
+                    _k5_sub_blocks(block, k * ROW_GROUP, part, 4 * k * ROW_GROUP, xd[t0 + k, x0 // 32],
+                                   xd[t0 + k, x0 // 32 + 1])
+                    _k_minimums(block_min, k * ROW_GROUP, mins, j, xd, xs, t0 + k, x0)
+            for k in range(TOKEN_TILE):
+                _k_scaled(w, g, b, block, block_min, acc, k * ROW_GROUP)
+        store_tile(out, t0, g, acc)
+
+
+@njit(parallel=True, cache=True)
+def matmul_q5_k_tiles(w, xq, xd, xs, out):
+    """matmul_q5_k for a multiple of TOKEN_TILE tokens, a tile at a time (_q5_k_tiles)."""
+    for g in prange(w.shape[0]):
+        _q5_k_tiles(w, xq, xd, xs, out, np.int64(g))
 
 
 @njit(inline="always")
