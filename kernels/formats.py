@@ -189,7 +189,8 @@ FORMATS = {f.name: f for f in [
     Format(name="q3_k", ggml_type=11, storage_dtype=np.uint8, block_size=kquants.QK_K,
            block_bytes=kquants.Q3_K_BYTES, f16_fields=(108,),
            runs=((96, 110, False), (0, 96, True)),   # scales and d in planes; hmask, then the quants
-           decode_row=kquants.decode_q3_k_row, int_matmul=kquants.matmul_q3_k),
+           decode_row=kquants.decode_q3_k_row, int_matmul=kquants.matmul_q3_k,
+           tile_matmul=kquants.matmul_q3_k_tiles),
     Format(name="q4_k", ggml_type=12, storage_dtype=np.uint8, block_size=kquants.QK_K,
            block_bytes=kquants.Q4_K_BYTES, f16_fields=(0, 2), runs=scales_then_quads(16, kquants.Q4_K_BYTES),
            decode_row=kquants.decode_q4_k_row, int_matmul=kquants.matmul_q4_k,

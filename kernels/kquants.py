@@ -575,18 +575,28 @@ def _q3_k_eighth(w, low, high, n, j, scales, xq, xd, xs, t, x0, partial, part, b
     k = 8 * n + 2 * j
     for lanes in range(0, 2 * ROW_GROUP, DOT4_LANES):   # scales k and k + 1
         scaled_sums(part, lanes, partial, lanes, scales, k * ROW_GROUP + lanes)
+    _q3_k_scaled(block, 0, part, 0, scales, k, xd, xs, t, x0)
+
+
+@njit(inline="always")
+def _q3_k_scaled(block, at, part, part_at, scales, k, xd, xs, t, x0):
+    """block[at + lane] += x's scale * (the sums of scales k and k + 1, from part[part_at + lane]
+    and part[part_at + 64 + lane], minus 4 * scale * sum x for the quants' offset of 4)."""
     offset_0 = np.int32(4 * xs[t, x0 // 16])
     offset_1 = np.int32(4 * xs[t, x0 // 16 + 1])
     x_scale = xd[t, x0 // 32]
     for lane in range(ROW_GROUP):
         offsets = np.int32(np.int32(np.int32(scales[k * ROW_GROUP + lane]) * offset_0)
                            + np.int32(np.int32(scales[(k + 1) * ROW_GROUP + lane]) * offset_1))
-        block[lane] += x_scale * np.float32(np.int32(part[lane] + part[ROW_GROUP + lane] - offsets))
+        sums = np.int32(part[part_at + lane] + part[part_at + ROW_GROUP + lane] - offsets)
+        block[at + lane] = fma(x_scale, np.float32(sums), block[at + lane])
 
 
-@njit(fastmath=True, forceinline=True)
+@njit(forceinline=True)
 def _q3_k_group(w, xq, xd, xs, out, g):
-    """Group g of matmul_q3_k (layout.py: one group per work item)."""
+    """Group g of matmul_q3_k (layout.py: one group per work item). No fast-math: its float
+    operations are spelled out (bits.fma) and happen in the order of _q3_k_tiles', so a token
+    gets the same bits from either kernel."""
     n_groups, n_blocks, group_bytes = w.shape
     partial = stack_array(np.int32, 2, ROW_GROUP)
     part = stack_array(np.int32, 2, ROW_GROUP)
@@ -606,9 +616,15 @@ def _q3_k_group(w, xq, xd, xs, out, g):
                 _q3_k_eighth(w, low, high, n, 1, scales, xq, xd, xs, t, x0 + 32, partial, part, block)
                 _q3_k_eighth(w, low, high, n, 2, scales, xq, xd, xs, t, x0 + 64, partial, part, block)
                 _q3_k_eighth(w, low, high, n, 3, scales, xq, xd, xs, t, x0 + 96, partial, part, block)
-            for lane in range(ROW_GROUP):
-                acc[lane] += f16_at(w, g, b, 12, lane) * block[lane]
+            _q3_k_block_scaled(w, g, b, block, acc, 0)
         store_group(out, t, g, acc)
+
+
+@njit(inline="always")
+def _q3_k_block_scaled(w, g, b, block, acc, at):
+    """acc[at + lane] += d * block (Q3_K: d in planes 12-13)."""
+    for lane in range(ROW_GROUP):
+        acc[at + lane] = fma(f16_at(w, g, b, 12, lane), block[at + lane], acc[at + lane])
 
 
 @njit(parallel=True, cache=True)
@@ -622,6 +638,60 @@ def matmul_q3_k(w, xq, xd, xs, out):
     its shifts are constants (in cache, 8960 x 1536: 0.41 -> 0.35 ms, AMD Zen 2)."""
     for g in prange(w.shape[0]):
         _q3_k_group(w, xq, xd, xs, out, np.int64(g))
+
+
+@njit(inline="always")
+def _q3_k_eighth_tiles(w, low, high, n, j, scales, xq, xd, xs, t0, x0, partial, part, block):
+    """_q3_k_eighth for the TOKEN_TILE tokens from t0: each quad of quants and of hmask put
+    together once for all of them, the lanes in runs of 8 (as _q4_k_tiles)."""
+    cols = xq.shape[1]
+    k = 8 * n + 2 * j
+    for lanes in range(0, ROW_GROUP, DOT4_LANES):
+        partial[:] = 0
+        for quad in range(32 // QUADS):   # 16 weights per scale: partial[(2 token + s) * 8 + lane]
+            s = quad // 4
+            at, bits_at = low + QUAD_BYTES * quad + QUADS * lanes, high + QUAD_BYTES * quad + QUADS * lanes
+            for token in range(TOKEN_TILE):
+                dot4_bits_partial(partial, (2 * token + s) * DOT4_LANES, w, at, 2 * j, 2, bits_at, 4 * n + j, 1, xq,
+                                  (t0 + token) * cols + x0 + QUADS * quad)
+        for h in range(TILE_SUB_BLOCKS):   # token h // 2, scale k + h % 2
+            scaled_sums(part, h * ROW_GROUP + lanes, partial, h * DOT4_LANES, scales, (k + h % 2) * ROW_GROUP + lanes)
+    for token in range(TOKEN_TILE):
+        _q3_k_scaled(block, token * ROW_GROUP, part, 2 * token * ROW_GROUP, scales, k, xd, xs, t0 + token, x0)
+
+
+@njit(forceinline=True)
+def _q3_k_tiles(w, xq, xd, xs, out, g):
+    """Group g of matmul_q3_k_tiles: _q3_k_group for TOKEN_TILE tokens at a time."""
+    n_groups, n_blocks, group_bytes = w.shape
+    partial = stack_array(np.int32, TILE_SUB_BLOCKS, DOT4_LANES)
+    part = stack_array(np.int32, TILE_SUB_BLOCKS, ROW_GROUP)
+    scales = stack_array(np.int8, 16, ROW_GROUP)
+    block = stack_array(np.float32, TOKEN_TILE, ROW_GROUP)
+    acc = stack_array(np.float32, TOKEN_TILE, ROW_GROUP)
+    for t0 in range(0, xq.shape[0] - TOKEN_TILE + 1, TOKEN_TILE):
+        acc[:] = 0.0
+        for b in range(n_blocks):
+            _q3_k_scale_bytes(w, g, b, scales)
+            block[:] = 0.0
+            high = (g * n_blocks + b) * group_bytes + 14 * ROW_GROUP
+            for n in range(2):
+                prefetch_ahead(w, g, b, n, 2)
+                low, x0 = high + QUAD_BYTES * (8 + 8 * n), b * QK_K + 128 * n
+                _q3_k_eighth_tiles(w, low, high, n, 0, scales, xq, xd, xs, t0, x0, partial, part, block)
+                _q3_k_eighth_tiles(w, low, high, n, 1, scales, xq, xd, xs, t0, x0 + 32, partial, part, block)
+                _q3_k_eighth_tiles(w, low, high, n, 2, scales, xq, xd, xs, t0, x0 + 64, partial, part, block)
+                _q3_k_eighth_tiles(w, low, high, n, 3, scales, xq, xd, xs, t0, x0 + 96, partial, part, block)
+            for token in range(TOKEN_TILE):
+                _q3_k_block_scaled(w, g, b, block, acc, token * ROW_GROUP)
+        store_tile(out, t0, g, acc)
+
+
+@njit(parallel=True, cache=True)
+def matmul_q3_k_tiles(w, xq, xd, xs, out):
+    """matmul_q3_k for a multiple of TOKEN_TILE tokens, a tile at a time (_q3_k_tiles)."""
+    for g in prange(w.shape[0]):
+        _q3_k_tiles(w, xq, xd, xs, out, np.int64(g))
 
 
 @njit(fastmath=True, forceinline=True)
