@@ -204,7 +204,8 @@ FORMATS = {f.name: f for f in [
            decode_row=kquants.decode_q6_k_row, int_matmul=kquants.matmul_q6_k),
     Format(name="iq4_xs", ggml_type=23, storage_dtype=np.uint8, block_size=iquants.QK_K,
            block_bytes=iquants.IQ4_XS_BYTES, f16_fields=(0,), runs=scales_then_quads(8, iquants.IQ4_XS_BYTES),
-           decode_row=iquants.decode_iq4_xs_row, int_matmul=iquants.matmul_iq4_xs),
+           decode_row=iquants.decode_iq4_xs_row, int_matmul=iquants.matmul_iq4_xs,
+           tile_matmul=iquants.matmul_iq4_xs_tiles),
 ]}
 
 

@@ -17,14 +17,15 @@ import numpy as np
 from numba import njit, prange
 
 from . import compiler  # noqa: F401  (numba's settings before any kernel is defined)
-from .bits import DOT4_LANES, IQ4_VALUES, dot4_codebook, f16_at_bytes, stack_array
-from .layout import QUADS, ROW_GROUP, f16_at, prefetch_ahead, store_group
+from .bits import DOT4_LANES, IQ4_VALUES, dot4_codebook, f16_at_bytes, fma, stack_array
+from .layout import QUADS, ROW_GROUP, TOKEN_TILE, f16_at, prefetch_ahead, store_group, store_tile
 from .quant import scaled_blocks_group
 
 QK = 32
 QK_K = 256
 IQ4_NL_BYTES = 18
 IQ4_XS_BYTES = 136
+SUB_BLOCKS = QK_K // QK   # IQ4_XS's, of 32 weights each
 VALUES = np.array(IQ4_VALUES, np.float32)
 
 
@@ -82,31 +83,89 @@ def matmul_iq4_nl(w, xq, xd, xs, out):
         scaled_blocks_group(_codebook_block, w, xq, xd, out, np.int64(g), True)
 
 
-@njit(fastmath=True, forceinline=True)
+@njit(inline="always")
+def _xs_scales(w, g, b, scales):
+    """scales[i * 64 + lane] = the scale of sub-block i of the lane's block, minus 32, as float32."""
+    for i in range(QK_K // QK):
+        for lane in range(ROW_GROUP):
+            high_bits = np.int32(w[g, b, ROW_GROUP * 2 + lane]) | (np.int32(w[g, b, ROW_GROUP * 3 + lane]) << 8)
+            scales[i * ROW_GROUP + lane] = np.float32(_xs_scale(w[g, b, ROW_GROUP * (4 + i // 2) + lane], high_bits, i))
+
+
+@njit(inline="always")
+def _xs_scaled(block, at, sums, sums_at, scales, i, x_scale, lanes, n):
+    """block[at + l] += x's scale * the sub-block's scale * sums[sums_at + l], lanes l from `lanes`, n of them."""
+    for lane in range(n):
+        block[at + lanes + lane] = fma(x_scale * scales[i * ROW_GROUP + lanes + lane], np.float32(sums[sums_at + lane]),
+                                       block[at + lanes + lane])
+
+
+@njit(inline="always")
+def _xs_block_scaled(w, g, b, block, acc, at):
+    """acc[at + lane] += d * block (d in planes 0-1)."""
+    for lane in range(ROW_GROUP):
+        acc[at + lane] = fma(f16_at(w, g, b, 0, lane), block[at + lane], acc[at + lane])
+
+
+@njit(forceinline=True)
 def _iq4_xs_group(w, xq, xd, xs, out, g):
-    """Group g of matmul_iq4_xs (layout.py: one group per work item)."""
+    """Group g of matmul_iq4_xs (layout.py: one group per work item). No fast-math: its float
+    operations are spelled out (bits.fma) and happen in the order of _iq4_xs_tiles', so a token
+    gets the same bits from either kernel."""
     n_groups, n_blocks, group_bytes = w.shape
     cols = xq.shape[1]
     sums = stack_array(np.int32, 1, ROW_GROUP)
+    scales = stack_array(np.float32, SUB_BLOCKS, ROW_GROUP)
     block = stack_array(np.float32, 1, ROW_GROUP)
     acc = stack_array(np.float32, 1, ROW_GROUP)
     for t in range(xq.shape[0]):
         acc[:] = 0.0
         for b in range(n_blocks):
+            _xs_scales(w, g, b, scales)
             block[:] = 0.0
             quads = (g * n_blocks + b) * group_bytes + 8 * ROW_GROUP
             for i in range(QK_K // QK):
                 prefetch_ahead(w, g, b, i, QK_K // QK)
                 _codebook_block(sums, w, quads + i * (QK // 2) * ROW_GROUP, xq, t * cols + b * QK_K + i * QK)
-                x_scale = xd[t, b * (QK_K // QK) + i]
-                for lane in range(ROW_GROUP):
-                    high_bits = (np.int32(w[g, b, ROW_GROUP * 2 + lane])
-                                 | (np.int32(w[g, b, ROW_GROUP * 3 + lane]) << 8))
-                    scale = _xs_scale(w[g, b, ROW_GROUP * (4 + i // 2) + lane], high_bits, i)
-                    block[lane] += x_scale * np.float32(scale) * np.float32(sums[lane])
-            for lane in range(ROW_GROUP):
-                acc[lane] += f16_at(w, g, b, 0, lane) * block[lane]
+                _xs_scaled(block, 0, sums, 0, scales, i, xd[t, b * (QK_K // QK) + i], 0, ROW_GROUP)
+            _xs_block_scaled(w, g, b, block, acc, 0)
         store_group(out, t, g, acc)
+
+
+@njit(forceinline=True)
+def _iq4_xs_tiles(w, xq, xd, xs, out, g):
+    """Group g of matmul_iq4_xs_tiles: _iq4_xs_group for TOKEN_TILE tokens at a time. Each quad
+    of nibbles is looked up once for all of them, and each block's scales decoded once (the
+    lanes in runs of 8, as quant._q4_0_tile)."""
+    n_groups, n_blocks, group_bytes = w.shape
+    cols = xq.shape[1]
+    sums = stack_array(np.int32, TOKEN_TILE, DOT4_LANES)
+    scales = stack_array(np.float32, SUB_BLOCKS, ROW_GROUP)
+    block = stack_array(np.float32, TOKEN_TILE, ROW_GROUP)
+    acc = stack_array(np.float32, TOKEN_TILE, ROW_GROUP)
+    for t0 in range(0, xq.shape[0] - TOKEN_TILE + 1, TOKEN_TILE):
+        acc[:] = 0.0
+        for b in range(n_blocks):
+            _xs_scales(w, g, b, scales)
+            block[:] = 0.0
+            quads = (g * n_blocks + b) * group_bytes + 8 * ROW_GROUP
+            for i in range(QK_K // QK):
+                prefetch_ahead(w, g, b, i, QK_K // QK)
+                sub_block = quads + i * (QK // 2) * ROW_GROUP
+                for lanes in range(0, ROW_GROUP, DOT4_LANES):
+                    sums[:] = 0
+                    for j in range(QK // 2 // QUADS):
+                        at = sub_block + QUADS * (j * ROW_GROUP + lanes)
+                        for k in range(TOKEN_TILE):
+                            x0 = (t0 + k) * cols + b * QK_K + i * QK
+                            dot4_codebook(sums, k * DOT4_LANES, w, at, 0, xq, x0 + QUADS * j)
+                            dot4_codebook(sums, k * DOT4_LANES, w, at, 4, xq, x0 + QK // 2 + QUADS * j)
+                    for k in range(TOKEN_TILE):
+                        _xs_scaled(block, k * ROW_GROUP, sums, k * DOT4_LANES, scales, i,
+                                   xd[t0 + k, b * (QK_K // QK) + i], lanes, DOT4_LANES)
+            for k in range(TOKEN_TILE):
+                _xs_block_scaled(w, g, b, block, acc, k * ROW_GROUP)
+        store_tile(out, t0, g, acc)
 
 
 @njit(parallel=True, cache=True)
@@ -115,3 +174,10 @@ def matmul_iq4_xs(w, xq, xd, xs, out):
     activations: per sub-block of 32, x's scale * (ls - 32) * the integer sum; per block, d."""
     for g in prange(w.shape[0]):
         _iq4_xs_group(w, xq, xd, xs, out, np.int64(g))
+
+
+@njit(parallel=True, cache=True)
+def matmul_iq4_xs_tiles(w, xq, xd, xs, out):
+    """matmul_iq4_xs for a multiple of TOKEN_TILE tokens, a tile at a time (_iq4_xs_tiles)."""
+    for g in prange(w.shape[0]):
+        _iq4_xs_tiles(w, xq, xd, xs, out, np.int64(g))
