@@ -24,7 +24,7 @@ from numba import config, get_thread_id, njit, prange
 from . import compiler  # noqa: F401  (numba's settings before any kernel is defined)
 from .bits import f16_to_f32, f32_to_f16
 from .ops import exp_f32
-from .quant import QK, quantize_activations
+from .quant import QK, quantize_row
 
 
 # A position whose score is more than 60 below the best gets weight 0, not e^-60 (1e-26 of the
@@ -158,17 +158,48 @@ def attention_q8_0(q, k, k_scales, v, v_scales, slots, positions, out, scores, a
                 np.int64(item))
 
 
+# --- storing: one kernel per kind, the same arguments, written in place -----------------------
+# k_cache[slots[t], h, positions[t]] = k[t, h] in the kind's storage, and the same for v; a row
+# at a time, each a loop of its own, which LLVM vectorizes (one loop over both caches' 4-d
+# indices converted a value at a time, 3.5 ns each: 0.9 ms per layer for a 500-token prompt;
+# numpy's conversion, transpose and strided copy took ~14 us per SmolLM2 layer in decode)
+
+@njit(inline="always")
+def _copy_row(source, destination):
+    for i in range(source.shape[0]):
+        destination[i] = source[i]
+
+
+@njit(inline="always")
+def _halves_row(source, destination):
+    for i in range(source.shape[0]):
+        destination[i] = f32_to_f16(source[i])
+
+
 @njit(cache=True)
-def _store_f16(k, v, k_cache, v_cache, slots, positions):
-    """k_cache[slots[t], h, positions[t]] = k[t, h] as halves, and the same for v: written in
-    place, one call for both (numpy's conversion, transpose and strided copy took 4 calls per
-    tensor and ~14 us per SmolLM2 layer in decode)."""
-    n_tokens, kv_heads, head_dim = k.shape
-    for t in range(n_tokens):
-        for h in range(kv_heads):
-            for i in range(head_dim):
-                k_cache[slots[t], h, positions[t], i] = f32_to_f16(k[t, h, i])
-                v_cache[slots[t], h, positions[t], i] = f32_to_f16(v[t, h, i])
+def _store_f32(k, v, k_cache, v_cache, k_scales, v_scales, slots, positions):
+    for t in range(k.shape[0]):
+        for h in range(k.shape[1]):
+            _copy_row(k[t, h], k_cache[slots[t], h, positions[t]])
+            _copy_row(v[t, h], v_cache[slots[t], h, positions[t]])
+
+
+@njit(cache=True)
+def _store_f16(k, v, k_cache, v_cache, k_scales, v_scales, slots, positions):
+    for t in range(k.shape[0]):
+        for h in range(k.shape[1]):
+            _halves_row(k[t, h], k_cache[slots[t], h, positions[t]])
+            _halves_row(v[t, h], v_cache[slots[t], h, positions[t]])
+
+
+@njit(cache=True)
+def _store_q8_0(k, v, k_cache, v_cache, k_scales, v_scales, slots, positions):
+    """Each row in blocks of 32 as the activations are quantized (quant.quantize_row)."""
+    for t in range(k.shape[0]):
+        slot, position = slots[t], positions[t]
+        for h in range(k.shape[1]):
+            quantize_row(k[t], h, k_cache[slot, :, position], k_scales[slot, :, position])
+            quantize_row(v[t], h, v_cache[slot, :, position], v_scales[slot, :, position])
 
 
 @dataclass(frozen=True)
@@ -178,6 +209,7 @@ class KVKind:
     dtype: type              # of the cached values
     scale_block: int | None  # values per float32 scale (None: no scales)
     attention: Callable      # the attention kernel that reads this kind
+    store: Callable          # the kernel that writes it
 
     def bytes_per_position(self, kv_heads: int, head_dim: int) -> int:
         """Bytes of keys and values (and their scales) that one position of one layer takes."""
@@ -186,9 +218,9 @@ class KVKind:
 
 
 KV_KINDS = {kind.name: kind for kind in [
-    KVKind("f16", np.uint16, None, attention_f16),
-    KVKind("q8_0", np.int8, QK, attention_q8_0),
-    KVKind("f32", np.float32, None, attention_f32),
+    KVKind("f16", np.uint16, None, attention_f16, _store_f16),
+    KVKind("q8_0", np.int8, QK, attention_q8_0, _store_q8_0),
+    KVKind("f32", np.float32, None, attention_f32, _store_f32),
 ]}
 
 
@@ -212,6 +244,7 @@ class KVCache:
         scale_shape = (layers, slots, kv_heads, positions, head_dim // storage.scale_block) if storage.scale_block \
             else (layers, slots, 1, 1, 1)
         self.k_scales, self.v_scales = np.zeros(scale_shape, np.float32), np.zeros(scale_shape, np.float32)
+        self.storage = storage
         self.kernel = storage.attention
         # the attention's scratch, one row per thread numba may run (get_thread_id's range), each
         # with SCRATCH_GAP unused items after it: two threads never write to one cache line
@@ -248,19 +281,6 @@ class KVCache:
         if not 0 <= layer < len(self.k):
             raise ValueError(f"layer {layer} is not in the cache {self.k.shape}")
 
-    def _encode(self, x, cache, scales, layer, slots, positions):
-        """Write x (tokens, kv_heads, head_dim) float32 at each token's slot and position of a layer."""
-        n_tokens, kv_heads, head_dim = x.shape
-        if self.kind == "f32":
-            cache[layer][slots, :, positions] = x
-        else:
-            rows = x.reshape(n_tokens * kv_heads, head_dim)
-            xq = np.empty(rows.shape, np.int8)
-            xd = np.empty((rows.shape[0], head_dim // QK), np.float32)
-            quantize_activations(rows, xq, xd)
-            cache[layer][slots, :, positions] = xq.reshape(x.shape)
-            scales[layer][slots, :, positions] = xd.reshape(n_tokens, kv_heads, -1)
-
     def store(self, layer: int, k: np.ndarray, v: np.ndarray, slots: np.ndarray, positions: np.ndarray) -> None:
         """Keys and values (tokens, kv_heads, head_dim) float32, token t at positions[t] of slots[t]."""
         shape = (len(k), self.k.shape[2], self.k.shape[4])
@@ -268,11 +288,8 @@ class KVCache:
             raise ValueError(f"KV cache store of k {k.shape}, v {v.shape} does not fit the cache {self.k.shape}")
         self._check_layer(layer)
         self.check_rows(len(k), slots, positions)
-        if self.kind == "f16":   # the default: one compiled call
-            _store_f16(k, v, self.k[layer], self.v[layer], slots, positions)
-            return
-        self._encode(k, self.k, self.k_scales, layer, slots, positions)
-        self._encode(v, self.v, self.v_scales, layer, slots, positions)
+        self.storage.store(k, v, self.k[layer], self.v[layer], self.k_scales[layer], self.v_scales[layer], slots,
+                           positions)
 
     def attend(self, layer: int, q: np.ndarray, slots: np.ndarray, positions: np.ndarray, out: np.ndarray) -> None:
         """out (tokens, heads, head_dim) = causal attention of q[t] over positions 0..positions[t]

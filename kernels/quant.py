@@ -164,7 +164,8 @@ def decode_q5_1_row(row, dst):
 # --- activations ----------------------------------------------------------------------------
 
 @njit(inline="always")
-def _quantize_row(x, t, xq, xd):
+def quantize_row(x, t, xq, xd):
+    """Row t of x as blocks of 32: xq[t] int8, xd[t] their float32 scales (max |x| / 127)."""
     for b in range(x.shape[1] // QK):
         amax = np.float32(0.0)
         for j in range(QK):
@@ -184,7 +185,7 @@ def quantize_activations(x, xq, xd):
     stored, so there is no reason to lose precision to fp16.
     """
     for t in range(x.shape[0]):   # not parallel: in decode it runs once per matmul on one row
-        _quantize_row(x, t, xq, xd)
+        quantize_row(x, t, xq, xd)
 
 
 @njit(cache=True)
@@ -195,7 +196,7 @@ def quantize_for_matmul(x, xq, xd, xs):
     here, not again in every group of 64 weight rows, and in the same call (every matmul input
     of a decode step passes here)."""
     for t in range(x.shape[0]):
-        _quantize_row(x, t, xq, xd)
+        quantize_row(x, t, xq, xd)
         for s in range(xs.shape[1]):
             total = np.int32(0)
             for j in range(SUM_BLOCK):
