@@ -176,20 +176,22 @@ def _halves_row(source, destination):
         destination[i] = f32_to_f16(source[i])
 
 
-@njit(cache=True)
-def _store_f32(k, v, k_cache, v_cache, k_scales, v_scales, slots, positions):
+@njit(inline="always")
+def _store_rows(write_row, k, v, k_cache, v_cache, slots, positions):
     for t in range(k.shape[0]):
         for h in range(k.shape[1]):
-            _copy_row(k[t, h], k_cache[slots[t], h, positions[t]])
-            _copy_row(v[t, h], v_cache[slots[t], h, positions[t]])
+            write_row(k[t, h], k_cache[slots[t], h, positions[t]])
+            write_row(v[t, h], v_cache[slots[t], h, positions[t]])
+
+
+@njit(cache=True)
+def _store_f32(k, v, k_cache, v_cache, k_scales, v_scales, slots, positions):
+    _store_rows(_copy_row, k, v, k_cache, v_cache, slots, positions)
 
 
 @njit(cache=True)
 def _store_f16(k, v, k_cache, v_cache, k_scales, v_scales, slots, positions):
-    for t in range(k.shape[0]):
-        for h in range(k.shape[1]):
-            _halves_row(k[t, h], k_cache[slots[t], h, positions[t]])
-            _halves_row(v[t, h], v_cache[slots[t], h, positions[t]])
+    _store_rows(_halves_row, k, v, k_cache, v_cache, slots, positions)
 
 
 @njit(cache=True)
