@@ -34,9 +34,9 @@ from .quant import QK, quantize_row
 NEGLIGIBLE_SCORE = np.float32(-60.0)
 
 # Threads that write to the same cache line take it from each other on every write ("false
-# sharing"): the per-thread scratch rows were adjacent, and a decode step's attention took 0.41 ms
-# or 0.86 ms per layer (1.5B, 4,096 positions, 2 threads) depending on where numpy placed them.
-# 32 float32 = 128 bytes: two lines, since cores also fetch a line's neighbour.
+# sharing"): with the per-thread scratch rows side by side, the attention's time varied 2x with
+# where numpy happened to place them (README, kernel notes). 32 float32 = 128 bytes: two lines,
+# since cores also fetch a line's neighbour.
 SCRATCH_GAP = 32
 
 
@@ -159,10 +159,9 @@ def attention_q8_0(q, k, k_scales, v, v_scales, slots, positions, out, scores, a
 
 
 # --- storing: one kernel per kind, the same arguments, written in place -----------------------
-# k_cache[slots[t], h, positions[t]] = k[t, h] in the kind's storage, and the same for v; a row
-# at a time, each a loop of its own, which LLVM vectorizes (one loop over both caches' 4-d
-# indices converted a value at a time, 3.5 ns each: 0.9 ms per layer for a 500-token prompt;
-# numpy's conversion, transpose and strided copy took ~14 us per SmolLM2 layer in decode)
+# k_cache[slots[t], h, positions[t]] = k[t, h] in the kind's storage, and the same for v. A row
+# at a time, each a loop of its own over contiguous values, which LLVM vectorizes: one loop over
+# both caches' 4-d indices was converted a value at a time (README, kernel notes).
 
 @njit(inline="always")
 def _copy_row(source, destination):
