@@ -469,24 +469,32 @@ def test_swiglu_and_attention_softmax_equal_numpy():
 
 @pytest.mark.parametrize("kind", ["f16", "q8_0", "f32"])
 def test_kv_cache_stores_where_asked_and_rejects_what_does_not_fit(kind):
-    """Each kind stores (tokens, kv_heads, head_dim) at (layer, head, position): the f16 store
-    compiled, the others in numpy; reading back equals the input to the kind's precision and
-    nothing else in the cache moved. Shapes or positions outside the cache are refused before any
-    kernel writes (the compiled store has no bounds checks)."""
+    """Each kind stores (tokens, kv_heads, head_dim) at (layer, head, position), each with its
+    compiled store: exactly the input (f32), numpy's rounding to half floats (f16), or the
+    activations' int8 blocks and scales (q8_0, quant.quantize_activations); reading back equals
+    the input to the kind's precision and nothing else in the cache moved. Shapes or positions
+    outside the cache are refused before any kernel writes (the stores have no bounds checks)."""
     from engine.kernels.attention import KVCache
     rng = np.random.default_rng(4)
     cache = KVCache(kind, 3, 2, 16, 64)
     k, v = rng.standard_normal((2, 3, 2, 64)).astype(np.float32)
     cache.store(1, k, v, *KVCache.rows(13, 3))   # positions 13..15, the last ones
     for stored, scales, x in ((cache.k, cache.k_scales, k), (cache.v, cache.v_scales, v)):
+        by_head = x.transpose(1, 0, 2)   # (kv_heads, positions, head_dim), as the cache holds it
         got = stored[1, 0, :, 13:16].astype(np.float32)
         if kind == "f16":
+            assert np.array_equal(stored[1, 0, :, 13:16], by_head.astype(np.float16).view(np.uint16))
             got = stored[1, 0, :, 13:16].view(np.float16).astype(np.float32)
         elif kind == "q8_0":
+            xq, xd = np.empty((6, 64), np.int8), np.empty((6, 2), np.float32)
+            quant.quantize_activations(np.ascontiguousarray(by_head.reshape(6, 64)), xq, xd)
+            assert np.array_equal(stored[1, 0, :, 13:16], xq.reshape(2, 3, 64))
+            assert np.array_equal(scales[1, 0, :, 13:16], xd.reshape(2, 3, 2))
             got = (got.reshape(2, 3, 2, 32) * scales[1, 0, :, 13:16, :, None]).reshape(2, 3, 64)
         tolerance = {"f16": 1e-3, "q8_0": 1.5e-2, "f32": 0}[kind]
-        assert np.allclose(got, x.transpose(1, 0, 2), rtol=tolerance, atol=tolerance * np.abs(x).max())
+        assert np.allclose(got, by_head, rtol=tolerance, atol=tolerance * np.abs(x).max())
         assert not stored[0].any() and not stored[2].any() and not stored[1, :, :, :13].any()
+        assert not scales[0].any() and not scales[2].any()
     for layer, k_bad, start in ((1, k, 14), (1, k[:, :1], 0), (1, k[..., :32], 0), (3, k, 0), (1, k, -1)):
         with pytest.raises(ValueError, match="does not fit the cache|is not in the cache"):
             cache.store(layer, k_bad, v if k_bad is k else k_bad, *KVCache.rows(start, len(k)))
