@@ -18,7 +18,7 @@ from numba import njit, prange
 
 from . import compiler  # noqa: F401  (numba's settings before any kernel is defined)
 from .bits import DOT4_LANES, IQ4_VALUES, dot4_codebook, f16_at_bytes, fma, stack_array
-from .layout import QUADS, ROW_GROUP, TOKEN_TILE, f16_at, prefetch_ahead, store_group, store_tile
+from .layout import QUADS, ROW_GROUP, TOKEN_TILE, add_scaled_block, prefetch_ahead, store_group, store_tile
 from .quant import scaled_blocks_group
 
 QK = 32
@@ -86,7 +86,7 @@ def matmul_iq4_nl(w, xq, xd, xs, out):
 @njit(inline="always")
 def _xs_scales(w, g, b, scales):
     """scales[i * 64 + lane] = the scale of sub-block i of the lane's block, minus 32, as float32."""
-    for i in range(QK_K // QK):
+    for i in range(SUB_BLOCKS):
         for lane in range(ROW_GROUP):
             high_bits = np.int32(w[g, b, ROW_GROUP * 2 + lane]) | (np.int32(w[g, b, ROW_GROUP * 3 + lane]) << 8)
             scales[i * ROW_GROUP + lane] = np.float32(_xs_scale(w[g, b, ROW_GROUP * (4 + i // 2) + lane], high_bits, i))
@@ -98,13 +98,6 @@ def _xs_scaled(block, at, sums, sums_at, scales, i, x_scale, lanes, n):
     for lane in range(n):
         block[at + lanes + lane] = fma(x_scale * scales[i * ROW_GROUP + lanes + lane], np.float32(sums[sums_at + lane]),
                                        block[at + lanes + lane])
-
-
-@njit(inline="always")
-def _xs_block_scaled(w, g, b, block, acc, at):
-    """acc[at + lane] += d * block (d in planes 0-1)."""
-    for lane in range(ROW_GROUP):
-        acc[at + lane] = fma(f16_at(w, g, b, 0, lane), block[at + lane], acc[at + lane])
 
 
 @njit(forceinline=True)
@@ -128,7 +121,7 @@ def _iq4_xs_group(w, xq, xd, xs, out, g):
                 prefetch_ahead(w, g, b, i, QK_K // QK)
                 _codebook_block(sums, w, quads + i * (QK // 2) * ROW_GROUP, xq, t * cols + b * QK_K + i * QK)
                 _xs_scaled(block, 0, sums, 0, scales, i, xd[t, b * (QK_K // QK) + i], 0, ROW_GROUP)
-            _xs_block_scaled(w, g, b, block, acc, 0)
+            add_scaled_block(w, g, b, 0, block, acc, 0)   # d in planes 0-1
         store_group(out, t, g, acc)
 
 
@@ -164,7 +157,7 @@ def _iq4_xs_tiles(w, xq, xd, xs, out, g):
                         _xs_scaled(block, k * ROW_GROUP, sums, k * DOT4_LANES, scales, i,
                                    xd[t0 + k, b * (QK_K // QK) + i], lanes, DOT4_LANES)
             for k in range(TOKEN_TILE):
-                _xs_block_scaled(w, g, b, block, acc, k * ROW_GROUP)
+                add_scaled_block(w, g, b, 0, block, acc, k * ROW_GROUP)
         store_tile(out, t0, g, acc)
 
 

@@ -25,7 +25,7 @@ from numba import njit, prange
 
 from . import compiler  # noqa: F401  (numba's settings before any kernel is defined)
 from .bits import DOT4_LANES, dot4_bits, dot4_bits_partial, dot4_partial, f16_at_bytes, fma, scaled_sums, stack_array
-from .layout import QUADS, ROW_GROUP, TOKEN_TILE, f16_at, prefetch_ahead, store_group, store_tile
+from .layout import QUADS, ROW_GROUP, TOKEN_TILE, add_scaled_block, f16_at, prefetch_ahead, store_group, store_tile
 
 QK_K = 256
 Q2_K_BYTES = 84
@@ -616,15 +616,8 @@ def _q3_k_group(w, xq, xd, xs, out, g):
                 _q3_k_eighth(w, low, high, n, 1, scales, xq, xd, xs, t, x0 + 32, partial, part, block)
                 _q3_k_eighth(w, low, high, n, 2, scales, xq, xd, xs, t, x0 + 64, partial, part, block)
                 _q3_k_eighth(w, low, high, n, 3, scales, xq, xd, xs, t, x0 + 96, partial, part, block)
-            _q3_k_block_scaled(w, g, b, block, acc, 0)
+            add_scaled_block(w, g, b, 12, block, acc, 0)   # d in planes 12-13
         store_group(out, t, g, acc)
-
-
-@njit(inline="always")
-def _q3_k_block_scaled(w, g, b, block, acc, at):
-    """acc[at + lane] += d * block (Q3_K: d in planes 12-13)."""
-    for lane in range(ROW_GROUP):
-        acc[at + lane] = fma(f16_at(w, g, b, 12, lane), block[at + lane], acc[at + lane])
 
 
 @njit(parallel=True, cache=True)
@@ -683,7 +676,7 @@ def _q3_k_tiles(w, xq, xd, xs, out, g):
                 _q3_k_eighth_tiles(w, low, high, n, 2, scales, xq, xd, xs, t0, x0 + 64, partial, part, block)
                 _q3_k_eighth_tiles(w, low, high, n, 3, scales, xq, xd, xs, t0, x0 + 96, partial, part, block)
             for token in range(TOKEN_TILE):
-                _q3_k_block_scaled(w, g, b, block, acc, token * ROW_GROUP)
+                add_scaled_block(w, g, b, 12, block, acc, token * ROW_GROUP)
         store_tile(out, t0, g, acc)
 
 

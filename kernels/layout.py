@@ -53,7 +53,7 @@ import numpy as np
 from numba import njit
 
 from .compiler import SOFTWARE_PREFETCH
-from .bits import f16_to_f32, prefetch
+from .bits import f16_to_f32, fma, prefetch
 
 ROW_GROUP = 64         # rows interleaved: 64 byte lanes = one 512-bit vector
 QUADS = 4              # bytes per lane in the quad layout of the quants
@@ -139,6 +139,14 @@ def f16_at(w, g, b, k, lane):
     """The fp16 value at bytes k, k + 1 of a lane's block, as float32."""
     return f16_to_f32(np.uint16(np.uint16(w[g, b, ROW_GROUP * k + lane])
                                 | (np.uint16(w[g, b, ROW_GROUP * (k + 1) + lane]) << np.uint16(8))))
+
+
+@njit(inline="always")
+def add_scaled_block(w, g, b, plane, block, acc, at):
+    """acc[at + lane] += d * block[at + lane], d the fp16 of each lane's block at planes plane,
+    plane + 1, fused (bits.fma: the same bits in a format's per-token and tile kernels)."""
+    for lane in range(ROW_GROUP):
+        acc[at + lane] = fma(f16_at(w, g, b, plane, lane), block[at + lane], acc[at + lane])
 
 
 @njit(inline="always")
