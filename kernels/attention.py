@@ -246,7 +246,6 @@ class KVCache:
             else (layers, slots, 1, 1, 1)
         self.k_scales, self.v_scales = np.zeros(scale_shape, np.float32), np.zeros(scale_shape, np.float32)
         self.storage = storage
-        self.kernel = storage.attention
         # the attention's scratch, one row per thread numba may run (get_thread_id's range), each
         # with SCRATCH_GAP unused items after it: two threads never write to one cache line
         self.scores = np.zeros((config.NUMBA_NUM_THREADS, positions + SCRATCH_GAP), np.float32)
@@ -300,5 +299,5 @@ class KVCache:
             raise ValueError(f"attention of q {q.shape} into {out.shape} does not fit the cache {self.k.shape}")
         self._check_layer(layer)
         self.check_rows(len(q), slots, positions)
-        self.kernel(q, self.k[layer], self.k_scales[layer], self.v[layer], self.v_scales[layer], slots, positions,
-                    out, self.scores, self.acc)
+        self.storage.attention(q, self.k[layer], self.k_scales[layer], self.v[layer], self.v_scales[layer], slots,
+                               positions, out, self.scores, self.acc)

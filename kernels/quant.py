@@ -317,8 +317,9 @@ def _nibbles_scaled(w, g, b, block, xd, xs, t, acc, k, with_min, fifth_bit):
 def _q4_0_tile(w, xq, xd, xs, out, g, t0):
     """_nibbles_token for Q4_0 and the TOKEN_TILE tokens from t0 at once (matmul_q4_0_tiles; Q4_1
     has no tile kernel, layout.py says why): each quad of weights is loaded and unpacked once
-    and multiplied by the activations of every token of the tile. So the lanes go in runs of 8 (one register of sums per token) through the whole block,
-    instead of the block's quads through the 64 lanes."""
+    and multiplied by the activations of every token of the tile. So the lanes go in runs of 8
+    (one register of sums per token) through the whole block, instead of the block's quads
+    through the 64 lanes."""
     n_groups, n_blocks, group_bytes = w.shape
     cols = xq.shape[1]
     partial = stack_array(np.int32, TOKEN_TILE, DOT4_LANES)
