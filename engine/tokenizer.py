@@ -215,11 +215,14 @@ def tokenizer_from_gguf(metadata: dict) -> Tokenizer:
     pairs = []
     for merge in merges:
         left, _, right = merge.partition(" ")
-        if not right:
+        if not right or " " in right:
             raise EngineError(f"GGUF tokenizer merge {merge!r} is not two tokens separated by a space")
         pairs.append((left, right))
     vocab = {token: i for i, token in enumerate(tokens)}
-    backend = Backend(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre == "llama-bpe"))
+    try:
+        backend = Backend(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre == "llama-bpe"))
+    except Exception as e:   # the tokenizers library raises a bare Exception, e.g. for a merge of unknown tokens
+        raise EngineError(f"GGUF tokenizer: {e}") from None
     backend.pre_tokenizer = _pre_tokenizer(pre)
     backend.decoder = decoders.ByteLevel()
     added = np.flatnonzero(np.isin(types, (TOKEN_CONTROL, TOKEN_USER_DEFINED))).tolist()

@@ -1,6 +1,7 @@
 """GGUF: the reader on real and hostile files, real tensors against the gguf package, the tokenizer
 built from GGUF metadata against the original, and SmolLM2 end to end against llama.cpp."""
 import glob
+import re
 import json
 import site
 import struct
@@ -105,6 +106,19 @@ def test_gguf_tokenizer_equals_the_original(gguf_deepseek_tokenizer, deepseek_to
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>x</think>Yo"},
                 {"role": "user", "content": "Again"}]
     assert gguf_deepseek_tokenizer.encode_chat(messages) == oracle.encode_chat(messages)
+
+
+@pytest.mark.parametrize("merges, bad", [(["a b", "ab", "c d"], "ab"), (["a b c", "ab", "c d"], "a b c"),
+                                         (["a b", "a b c"], "a b c"), (["a b", " ab", "c d"], "Token `` out of vocabulary")])
+def test_gguf_tokenizer_rejects_a_merge_that_is_not_two_tokens(merges, bad):
+    """A merge is two tokens around one space, no more, no fewer; a merge of tokens the vocabulary
+    does not have is an EngineError too (the tokenizers library raises a bare Exception)."""
+    metadata = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "c", "d", "ab", "cd"],
+                "tokenizer.ggml.token_type": np.ones(6, np.int32), "tokenizer.ggml.merges": merges}
+    with pytest.raises(EngineError, match=re.escape(bad)):
+        tokenizer_from_gguf(metadata)
+    metadata["tokenizer.ggml.merges"] = ["a b", "c d"]
+    assert tokenizer_from_gguf(metadata).encode("abcd", add_special_tokens=False) == [4, 5]
 
 
 def test_tokenize_command_on_a_metadata_only_gguf(deepseek_header, deepseek_tokenizer_dir):
