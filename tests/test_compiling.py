@@ -114,3 +114,36 @@ def test_recording_leaves_other_threads_alone():
         worker.join()
     assert not calls
     np.testing.assert_allclose(out, x / np.sqrt((x * x).mean() + 1e-6), rtol=1e-6)
+
+
+def test_recorded_argument_types_are_numbas():
+    """The recorder types arrays by numba's fingerprint (and alignment), once per key: each
+    argument's recorded type is the one numba's dispatcher gives that value, for every kind of
+    array that differs in type only (layout, writability, alignment, dtype, dimensions)."""
+    from numba import njit
+    from engine.kernels.compiler import recorded_calls
+
+    @njit(cache=False)
+    def kernel(a, b, c):   # defined here: a kernel that has never compiled anything
+        return 0
+    base = np.zeros((8, 8), np.float32)
+    read_only = base.copy()
+    read_only.setflags(write=False)
+    unaligned = np.zeros(65, np.uint8)[1:].view(np.float32)   # one byte off
+    values = [base, base.T, base[:, ::2], read_only, unaligned, base.astype(np.float16), base[0], base[:, :, None],
+              3, 2.5, np.int32(4), True]
+    import engine.kernels.compiler as compiler
+    kernels = compiler._kernels
+    compiler._kernels = lambda: [kernel]
+    try:
+        with recorded_calls() as calls:
+            for a in values:
+                for b in values[:3]:
+                    kernel(a, b, base)
+    finally:
+        compiler._kernels = kernels
+    recorded = [signature for _, signature in calls]
+    expected = list(dict.fromkeys(tuple(kernel.typeof_pyval(x) for x in (a, b, base))
+                                  for a in values for b in values[:3]))
+    assert recorded == expected
+    assert not unaligned.flags.aligned and len(recorded) >= 3 * (len(values) - 1)
