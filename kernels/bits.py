@@ -298,6 +298,24 @@ def _low_bits(context, builder, vector, shift, shift_type, bits, bits_type):
     return builder.and_(_shifted_right(context, builder, vector, shift, shift_type), mask)
 
 
+def _bits_moved(context, builder, vector, shift, shift_type, bits, bits_type, to, to_type):
+    """<32 x i8>: ((vector >> shift) & (2^bits - 1)) << to in every byte, in one shift and one
+    mask: the bytes are shifted as 16-bit words by shift - to, right or left (LLVM folds the
+    choice: both are constants of each call), and a field moved within its byte never crosses
+    into the neighbour's bits that the mask keeps (shift + bits <= 8, to + bits <= 8)."""
+    words = ir.VectorType(ir.IntType(16), 16)
+    distance = builder.sub(context.cast(builder, shift, shift_type, types.int64),
+                           context.cast(builder, to, to_type, types.int64))
+    as_words = builder.bitcast(vector, words)
+    right = builder.lshr(as_words, _splat(context, builder, words, distance, types.int64))
+    left = builder.shl(as_words, _splat(context, builder, words, builder.neg(distance), types.int64))
+    moved = builder.select(builder.icmp_signed(">=", distance, ir.Constant(ir.IntType(64), 0)), right, left)
+    one = ir.Constant(vector.type, [1] * 32)
+    field = builder.sub(builder.shl(one, _splat(context, builder, vector.type, bits, bits_type)), one)
+    return builder.and_(builder.bitcast(moved, vector.type),
+                        builder.shl(field, _splat(context, builder, vector.type, to, to_type)))
+
+
 @intrinsic
 def dot4_partial(typingctx, acc, acc_index, w, w_index, x, x_index, shift, bits):
     """As dot4_int8 for weights of `bits` bits (4: Q4_0, Q4_K's nibbles; 2: Q2_K's), packed in
@@ -377,9 +395,9 @@ def _dot4_bits_intrinsic(partial: bool):
             acc_a, acc_i, w_a, low_i, low_shift, low_bits, high_i, high_shift, high_bits, x_a, x_i = args
             low = _low_bits(context, builder, _load(context, builder, w_t, w_a, low_i_t, low_i, 32), low_shift,
                             low_shift_t, low_bits, low_bits_t)
-            high = _low_bits(context, builder, _load(context, builder, w_t, w_a, high_i_t, high_i, 32), high_shift,
-                             high_shift_t, high_bits, high_bits_t)
-            q = builder.or_(low, builder.shl(high, _splat(context, builder, low.type, low_bits, low_bits_t)))
+            high = _bits_moved(context, builder, _load(context, builder, w_t, w_a, high_i_t, high_i, 32), high_shift,
+                               high_shift_t, high_bits, high_bits_t, low_bits, low_bits_t)
+            q = builder.or_(low, high)
             xq = _load(context, builder, x_t, x_a, x_i_t, x_i, 4)
             if partial and _host_has_avx2():
                 _accumulate(context, builder, acc_t, acc_a, acc_i_t, acc_i, _byte_pair_sums(builder, q, xq))
