@@ -343,6 +343,45 @@ def dot4_partial(typingctx, acc, acc_index, w, w_index, x, x_index, shift, bits)
     return types.void(acc, acc_index, w, w_index, x, x_index, shift, bits), codegen
 
 
+def _scaled_sums_types_ok(out, acc, scales) -> bool:
+    return (isinstance(out, types.Array) and out.dtype == types.int32 and isinstance(acc, types.Array)
+            and acc.dtype == types.int32
+            and (isinstance(scales, types.NoneType)
+                 or isinstance(scales, types.Array) and scales.dtype in (types.uint8, types.int8)))
+
+
+def _scaled_sums_codegen(context, builder, signature, args):
+    """scaled_sums, and scaled_offset_sums when there is a seventh argument (the offset)."""
+    out_t, out_i_t, acc_t, acc_i_t, scales_t, scales_i_t = signature.args[:6]
+    out_a, out_i, acc_a, acc_i, scales_a, scales_i = args[:6]
+    offset = _splat(context, builder, ir.VectorType(ir.IntType(32), 8), args[6], signature.args[6]) \
+        if len(args) > 6 else None
+    i16, i32 = ir.IntType(16), ir.IntType(32)
+    ints8, words16 = ir.VectorType(i32, 8), ir.VectorType(i16, 16)
+    if isinstance(scales_t, types.NoneType):
+        scale = ir.Constant(ints8, [1] * 8)
+    else:
+        extend = builder.sext if scales_t.dtype == types.int8 else builder.zext
+        scale = extend(_load(context, builder, scales_t, scales_a, scales_i_t, scales_i, DOT4_LANES), ints8)
+    if _host_has_avx2():
+        madd = _declare(builder, "llvm.x86.avx2.pmadd.wd", ints8, words16, words16)
+        pairs = builder.load(_vector_pointer(context, builder, acc_t, acc_a, acc_i_t, acc_i, i16, 16), align=4)
+        if offset is not None:   # from the first of each lane's two int16 halves
+            first = builder.and_(offset, ir.Constant(ints8, [0xFFFF] * 8))
+            pairs = builder.sub(pairs, builder.bitcast(first, words16))
+        low_half = builder.and_(scale, ir.Constant(ints8, [0xFFFF] * 8))   # a negative scale's high bits cleared
+        high_half = builder.shl(scale, ir.Constant(ints8, [16] * 8))
+        scale_pairs = builder.bitcast(builder.or_(low_half, high_half), words16)
+        result = builder.call(madd, [pairs, scale_pairs])
+    else:
+        sums = builder.load(_vector_pointer(context, builder, acc_t, acc_a, acc_i_t, acc_i, i32, 8), align=4)
+        if offset is not None:
+            sums = builder.sub(sums, offset)
+        result = builder.mul(sums, scale)
+    builder.store(result, _vector_pointer(context, builder, out_t, out_a, out_i_t, out_i, i32, 8), align=4)
+    return context.get_dummy_value()
+
+
 @intrinsic
 def scaled_sums(typingctx, out, out_index, acc, acc_index, scales, scales_index):
     """out.flat[out_index + l] = scale of lane l * (its partial sum at acc_index, made by
@@ -350,35 +389,22 @@ def scaled_sums(typingctx, out, out_index, acc, acc_index, scales, scales_index)
     scales.flat[scales_index + l]: uint8 below 64 (Q4_K's 6-bit scales), int8 (Q3_K's, -32..31),
     or 1 where scales is None (Q4_0). With AVX2's int16 pair sums this is one pmaddwd by the
     scales (each lane's two int16 halves hold its scale)."""
-    if not (isinstance(out, types.Array) and out.dtype == types.int32 and isinstance(acc, types.Array)
-            and acc.dtype == types.int32
-            and (isinstance(scales, types.NoneType)
-                 or isinstance(scales, types.Array) and scales.dtype in (types.uint8, types.int8))):
+    if not _scaled_sums_types_ok(out, acc, scales):
         return None
+    return types.void(out, out_index, acc, acc_index, scales, scales_index), _scaled_sums_codegen
 
-    def codegen(context, builder, signature, args):
-        out_t, out_i_t, acc_t, acc_i_t, scales_t, scales_i_t = signature.args
-        out_a, out_i, acc_a, acc_i, scales_a, scales_i = args
-        i16, i32 = ir.IntType(16), ir.IntType(32)
-        ints8, words16 = ir.VectorType(i32, 8), ir.VectorType(i16, 16)
-        if isinstance(scales_t, types.NoneType):
-            scale = ir.Constant(ints8, [1] * 8)
-        else:
-            extend = builder.sext if scales_t.dtype == types.int8 else builder.zext
-            scale = extend(_load(context, builder, scales_t, scales_a, scales_i_t, scales_i, DOT4_LANES), ints8)
-        if _host_has_avx2():
-            madd = _declare(builder, "llvm.x86.avx2.pmadd.wd", ints8, words16, words16)
-            pairs = builder.load(_vector_pointer(context, builder, acc_t, acc_a, acc_i_t, acc_i, i16, 16), align=4)
-            low_half = builder.and_(scale, ir.Constant(ints8, [0xFFFF] * 8))   # a negative scale's high bits cleared
-            high_half = builder.shl(scale, ir.Constant(ints8, [16] * 8))
-            scale_pairs = builder.bitcast(builder.or_(low_half, high_half), words16)
-            result = builder.call(madd, [pairs, scale_pairs])
-        else:
-            result = builder.mul(builder.load(_vector_pointer(context, builder, acc_t, acc_a, acc_i_t, acc_i, i32, 8),
-                                              align=4), scale)
-        builder.store(result, _vector_pointer(context, builder, out_t, out_a, out_i_t, out_i, i32, 8), align=4)
-        return context.get_dummy_value()
-    return types.void(out, out_index, acc, acc_index, scales, scales_index), codegen
+
+@intrinsic
+def scaled_offset_sums(typingctx, out, out_index, acc, acc_index, scales, scales_index, offset):
+    """As scaled_sums, of each partial sum less `offset` (the same for the 8 lanes): a format's
+    zero point times the sum of the activations, taken off before the scales multiply (Q3_K's
+    4), so that it needs no multiply of its own. With AVX2 it comes off the first int16 half of
+    each lane's pair, which must stay in range: |half - offset| < 2^15."""
+    if not (_scaled_sums_types_ok(out, acc, scales) and isinstance(offset, types.Integer)):
+        return None
+    return types.void(out, out_index, acc, acc_index, scales, scales_index, offset), _scaled_sums_codegen
+
+
 
 
 def _dot4_bits_intrinsic(partial: bool):

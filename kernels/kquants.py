@@ -24,7 +24,8 @@ import numpy as np
 from numba import njit, prange
 
 from . import compiler  # noqa: F401  (numba's settings before any kernel is defined)
-from .bits import DOT4_LANES, dot4_bits, dot4_bits_partial, dot4_partial, f16_at_bytes, fma, scaled_sums, stack_array
+from .bits import (DOT4_LANES, dot4_bits, dot4_bits_partial, dot4_partial, f16_at_bytes, fma, scaled_offset_sums,
+                   scaled_sums, stack_array)
 from .layout import QUADS, ROW_GROUP, TOKEN_TILE, add_scaled_block, f16_at, prefetch_ahead, store_group, store_tile
 
 QK_K = 256
@@ -574,21 +575,26 @@ def _q3_k_eighth(w, low, high, n, j, scales, xq, xd, xs, t, x0, partial, part, b
                               high + QUAD_BYTES * quad + QUADS * lanes, 4 * n + j, 1, xq, t * cols + x0 + QUADS * quad)
     k = 8 * n + 2 * j
     for lanes in range(0, 2 * ROW_GROUP, DOT4_LANES):   # scales k and k + 1
-        scaled_sums(part, lanes, partial, lanes, scales, k * ROW_GROUP + lanes)
-    _q3_k_scaled(block, 0, part, 0, scales, k, xd, xs, t, x0)
+        scaled_offset_sums(part, lanes, partial, lanes, scales, k * ROW_GROUP + lanes,
+                           _q3_k_offset(xs, t, x0 // 16 + lanes // ROW_GROUP))
+    _q3_k_scaled(block, 0, part, 0, xd, t, x0)
 
 
 @njit(inline="always")
-def _q3_k_scaled(block, at, part, part_at, scales, k, xd, xs, t, x0):
-    """block[at + lane] += x's scale * (the sums of scales k and k + 1, from part[part_at + lane]
-    and part[part_at + 64 + lane], minus 4 * scale * sum x for the quants' offset of 4)."""
-    offset_0 = np.int32(4 * xs[t, x0 // 16])
-    offset_1 = np.int32(4 * xs[t, x0 // 16 + 1])
+def _q3_k_offset(xs, t, sixteen):
+    """The quants' offset of 4 times the sum of token t's 16 activations `sixteen`: what
+    scaled_offset_sums takes off each partial sum (at most 4 * 16 * 127, and a partial sum's
+    first int16 half at most 4 * 2 * 7 * 127: their difference fits in int16)."""
+    return np.int32(4 * xs[t, sixteen])
+
+
+@njit(inline="always")
+def _q3_k_scaled(block, at, part, part_at, xd, t, x0):
+    """block[at + lane] += x's scale * (the sums of scales k and k + 1, in part[part_at + lane]
+    and part[part_at + 64 + lane], each already less its offset)."""
     x_scale = xd[t, x0 // 32]
     for lane in range(ROW_GROUP):
-        offsets = np.int32(np.int32(np.int32(scales[k * ROW_GROUP + lane]) * offset_0)
-                           + np.int32(np.int32(scales[(k + 1) * ROW_GROUP + lane]) * offset_1))
-        sums = np.int32(part[part_at + lane] + part[part_at + ROW_GROUP + lane] - offsets)
+        sums = np.int32(part[part_at + lane] + part[part_at + ROW_GROUP + lane])
         block[at + lane] = fma(x_scale, np.float32(sums), block[at + lane])
 
 
@@ -648,9 +654,10 @@ def _q3_k_eighth_tiles(w, low, high, n, j, scales, xq, xd, xs, t0, x0, partial, 
                 dot4_bits_partial(partial, (2 * token + s) * DOT4_LANES, w, at, 2 * j, 2, bits_at, 4 * n + j, 1, xq,
                                   (t0 + token) * cols + x0 + QUADS * quad)
         for h in range(TILE_SUB_BLOCKS):   # token h // 2, scale k + h % 2
-            scaled_sums(part, h * ROW_GROUP + lanes, partial, h * DOT4_LANES, scales, (k + h % 2) * ROW_GROUP + lanes)
+            scaled_offset_sums(part, h * ROW_GROUP + lanes, partial, h * DOT4_LANES, scales,
+                               (k + h % 2) * ROW_GROUP + lanes, _q3_k_offset(xs, t0 + h // 2, x0 // 16 + h % 2))
     for token in range(TOKEN_TILE):
-        _q3_k_scaled(block, token * ROW_GROUP, part, 2 * token * ROW_GROUP, scales, k, xd, xs, t0 + token, x0)
+        _q3_k_scaled(block, token * ROW_GROUP, part, 2 * token * ROW_GROUP, xd, t0 + token, x0)
 
 
 @njit(forceinline=True)

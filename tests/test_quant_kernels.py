@@ -359,20 +359,22 @@ def test_dot4_intrinsics_equal_integer_sums(avx2, monkeypatch):
 def test_partial_sums_scaled_equal_integer_sums(avx2, monkeypatch):
     """bits.dot4_partial and dot4_bits_partial over the most quads they allow (8 of nibbles:
     Q4_K's sub-block of 32; 4 of 2-bit fields: Q2_K's 16 weights per scale; 4 of 5-bit values:
-    Q5_K's halves of a sub-block) and bits.scaled_sums, with unsigned scales, signed ones (Q3_K's,
-    down to -32) and without (Q4_0's scales of 1), against numpy at the extremes (15 * 127 in all
-    32 products of a lane, times the largest 6-bit scale), in both code paths (int16 pair sums;
-    int32 sums)."""
+    Q5_K's halves of a sub-block; 4 of 3-bit values, Q3_K's) and bits.scaled_sums, with unsigned
+    scales, signed ones (Q3_K's, down to -32) and without (Q4_0's scales of 1), and
+    scaled_offset_sums (Q3_K's offset of 4 times the sum of the 16 activations), against numpy at
+    the extremes (15 * 127 in all 32 products of a lane, times the largest 6-bit scale), in both
+    code paths (int16 pair sums; int32 sums)."""
     import numba
     from engine.kernels import bits
     if avx2 and not bits._host_has_avx2():
         pytest.skip("this CPU has no AVX2")
     monkeypatch.setattr(bits, "_host_has_avx2", lambda: avx2)
 
-    def run(out, unscaled, crumbs, fives, w, x, scales):   # 16 lanes; quad j of the 16 lanes at 64 j
+    def run(out, unscaled, crumbs, fives, threes, w, x, scales, offset):   # 16 lanes; quad j of the 16 lanes at 64 j
         partial = np.zeros(32, np.int32)    # nibbles at bit 0, then 4
         two_bits = np.zeros(16, np.int32)   # Q2_K's: bits 6-7, 4 quads (16 weights, one scale)
         five_bits = np.zeros(16, np.int32)  # Q5_K's: the high nibble, and bit 7 of quad j + 4
+        three_bits = np.zeros(16, np.int32)  # Q3_K's: bits 0-1, and bit 3 of quad j + 4
         for j in range(8):
             for lanes in range(0, 16, bits.DOT4_LANES):
                 bits.dot4_partial(partial, lanes, w, 64 * j + 4 * lanes, x, 4 * j, 0, 4)
@@ -381,12 +383,15 @@ def test_partial_sums_scaled_equal_integer_sums(avx2, monkeypatch):
                     bits.dot4_partial(two_bits, lanes, w, 64 * j + 4 * lanes, x, 4 * j, 6, 2)
                     bits.dot4_bits_partial(five_bits, lanes, w, 64 * j + 4 * lanes, 4, 4, 64 * (j + 4) + 4 * lanes, 7,
                                            1, x, 4 * j)
+                    bits.dot4_bits_partial(three_bits, lanes, w, 64 * j + 4 * lanes, 0, 2, 64 * (j + 4) + 4 * lanes, 3,
+                                           1, x, 4 * j)
         for lanes in range(0, 32, bits.DOT4_LANES):
             bits.scaled_sums(out, lanes, partial, lanes, scales, lanes)
             bits.scaled_sums(unscaled, lanes, partial, lanes, None, 0)
         for lanes in range(0, 16, bits.DOT4_LANES):
             bits.scaled_sums(crumbs, lanes, two_bits, lanes, scales, lanes)
             bits.scaled_sums(fives, lanes, five_bits, lanes, (scales - 32).astype(np.int8), 16 + lanes)
+            bits.scaled_offset_sums(threes, lanes, three_bits, lanes, (scales - 32).astype(np.int8), lanes, offset)
     run = numba.njit(run)
     rng = np.random.default_rng(12)
     x_type, top = np.int8, 127
@@ -396,8 +401,9 @@ def test_partial_sums_scaled_equal_integer_sums(avx2, monkeypatch):
                          (np.full(512, 0xFF, np.uint8), np.full(64, -top, x_type), np.full(32, 63, np.uint8)),
                          (np.full(512, 0xFF, np.uint8), np.full(64, top, x_type), np.zeros(32, np.uint8))]:   # -32
         out, unscaled = np.full(32, 12345, np.int32), np.full(32, 12345, np.int32)   # stored, not added
-        crumbs, fives = np.full(16, 12345, np.int32), np.full(16, 12345, np.int32)
-        run(out, unscaled, crumbs, fives, w, x, scales)
+        crumbs, fives, threes = (np.full(16, 12345, np.int32) for _ in range(3))
+        offset = 4 * int(x[:16].astype(np.int64).sum())   # Q3_K's quants are 0..7 for -4..3
+        run(out, unscaled, crumbs, fives, threes, w, x, scales, offset)
         quads = w.reshape(8, 16, 4).transpose(1, 0, 2).reshape(16, 32).astype(np.int64)   # lane, weight
         x = x.astype(np.int64)
         sums = np.r_[((quads & 15) * x[:32]).sum(1), ((quads >> 4) * x[32:]).sum(1)]
@@ -405,6 +411,8 @@ def test_partial_sums_scaled_equal_integer_sums(avx2, monkeypatch):
         assert np.array_equal(crumbs, scales[:16] * ((quads[:, :16] >> 6) * x[:16]).sum(1))
         five = (quads[:, :16] >> 4) | (quads[:, 16:] >> 7) << 4
         assert np.array_equal(fives, (scales[16:].astype(np.int64) - 32) * (five * x[:16]).sum(1))
+        three = (quads[:, :16] & 3) | ((quads[:, 16:] >> 3) & 1) << 2
+        assert np.array_equal(threes, (scales[:16].astype(np.int64) - 32) * ((three - 4) * x[:16]).sum(1))
 
 
 # --- the exponential of SwiGLU and softmax ------------------------------------------------------
