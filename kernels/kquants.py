@@ -650,12 +650,12 @@ def _q3_k_eighth_tiles(w, low, high, n, j, scales, xq, xd, xs, t0, x0, partial, 
     k = 8 * n + 2 * j
     for lanes in range(0, ROW_GROUP, DOT4_LANES):
         partial[:] = 0
-        for quad in range(32 // QUADS):   # 16 weights per scale: partial[(2 token + s) * 8 + lane]
-            s = quad // 4
-            at, bits_at = low + QUAD_BYTES * quad + QUADS * lanes, high + QUAD_BYTES * quad + QUADS * lanes
-            for token in range(TOKEN_TILE):
-                dot4_bits_partial(partial, (2 * token + s) * DOT4_LANES, w, at, 2 * j, 2, bits_at, 4 * n + j, 1, xq,
-                                  (t0 + token) * cols + x0 + QUADS * quad)
+        for s in range(2):   # 16 weights per scale: partial[(2 token + s) * 8 + lane]
+            for quad in range(4 * s, 4 * s + 4):
+                at, bits_at = low + QUAD_BYTES * quad + QUADS * lanes, high + QUAD_BYTES * quad + QUADS * lanes
+                for token in range(TOKEN_TILE):
+                    dot4_bits_partial(partial, (2 * token + s) * DOT4_LANES, w, at, 2 * j, 2, bits_at, 4 * n + j, 1,
+                                      xq, (t0 + token) * cols + x0 + QUADS * quad)
         for h in range(TILE_SUB_BLOCKS):   # token h // 2, scale k + h % 2
             scaled_offset_sums(part, h * ROW_GROUP + lanes, partial, h * DOT4_LANES, scales,
                                (k + h % 2) * ROW_GROUP + lanes, _q3_k_offset(xs, t0 + h // 2, x0 // 16 + h % 2))
@@ -721,12 +721,12 @@ def _q2_k_group(w, xq, xd, xs, out, g):
                 for j in range(4):
                     partial[:] = 0
                     x0 = b * QK_K + 128 * n + 32 * j
-                    for quad in range(32 // QUADS):
-                        s = quad // 4
-                        for lanes in range(0, ROW_GROUP, DOT4_LANES):
-                            dot4_partial(partial, s * ROW_GROUP + lanes, w,
-                                         quants + QUAD_BYTES * (8 * n + quad) + QUADS * lanes, xq,
-                                         t * cols + x0 + QUADS * quad, 2 * j, 2)
+                    for s in range(2):   # 16 weights per scale
+                        for quad in range(4 * s, 4 * s + 4):
+                            for lanes in range(0, ROW_GROUP, DOT4_LANES):
+                                dot4_partial(partial, s * ROW_GROUP + lanes, w,
+                                             quants + QUAD_BYTES * (8 * n + quad) + QUADS * lanes, xq,
+                                             t * cols + x0 + QUADS * quad, 2 * j, 2)
                     k = 8 * n + 2 * j
                     for lanes in range(0, 2 * ROW_GROUP, DOT4_LANES):   # scales k and k + 1
                         scaled_sums(part, lanes, partial, lanes, scales, k * ROW_GROUP + lanes)
