@@ -405,76 +405,52 @@ def scaled_offset_sums(typingctx, out, out_index, acc, acc_index, scales, scales
     return types.void(out, out_index, acc, acc_index, scales, scales_index, offset), _scaled_sums_codegen
 
 
-def _split_bits(context, builder, signature, args):
-    """<32 x i8>: the quads' weights of dot4_bits_partial's arguments, `low_bits` bits at bit
-    `low_shift` of the quad at low_index and above them `high_bits` bits at bit `high_shift` of
-    the quad at high_index."""
-    _, _, w_t, low_i_t, low_shift_t, low_bits_t, high_i_t, high_shift_t, high_bits_t = signature.args[:9]
-    _, _, w_a, low_i, low_shift, low_bits, high_i, high_shift, high_bits = args[:9]
-    low = _low_bits(context, builder, _load(context, builder, w_t, w_a, low_i_t, low_i, 32), low_shift, low_shift_t,
-                    low_bits, low_bits_t)
-    high = _bits_moved(context, builder, _load(context, builder, w_t, w_a, high_i_t, high_i, 32), high_shift,
-                       high_shift_t, high_bits, high_bits_t, low_bits, low_bits_t)
-    return builder.or_(low, high)
 
 
-@intrinsic
-def dot4_bits_partial(typingctx, acc, acc_index, w, low_index, low_shift, low_bits, high_index, high_shift, high_bits,
-                      x, x_index):
-    """As dot4_partial for weights split in two bit fields (unsigned, before the format's
-    offset, which the caller applies): `low_bits` bits at bit `low_shift` of the quad at
-    low_index, and above them `high_bits` bits at bit `high_shift` of the quad at high_index.
-    Into partial sums that scaled_sums finishes (int16 pairs with AVX2): for values below 32,
-    at most 4 calls per partial sum (4 * 2 * 31 * 127 < 2^15). Q5_K: 4 + 1 bits; Q3_K: 2 + 1."""
-    if not (_dot4_types_ok(acc, w, x) and all(isinstance(a, types.Integer) for a in
-                                              (low_shift, low_bits, high_shift, high_bits))):
-        return None
+def _dot4_bits_intrinsic(partial: bool):
+    """dot4_bits (int32 sums) or dot4_bits_partial (partial sums for scaled_sums)."""
+    def typer(typingctx, acc, acc_index, w, low_index, low_shift, low_bits, high_index, high_shift, high_bits, x,
+              x_index):
+        if not (_dot4_types_ok(acc, w, x) and all(isinstance(a, types.Integer) for a in
+                                                  (low_shift, low_bits, high_shift, high_bits))):
+            return None
 
-    def codegen(context, builder, signature, args):
-        acc_t, acc_i_t, x_t, x_i_t = (signature.args[i] for i in (0, 1, 9, 10))
-        acc_a, acc_i, x_a, x_i = (args[i] for i in (0, 1, 9, 10))
-        q = _split_bits(context, builder, signature, args)
-        xq = _load(context, builder, x_t, x_a, x_i_t, x_i, 4)
-        if _host_has_avx2():
-            _accumulate(context, builder, acc_t, acc_a, acc_i_t, acc_i, _byte_pair_sums(builder, q, xq))
-        else:
-            _dot4_into(context, builder, acc_t, acc_a, acc_i_t, acc_i, q, xq, signed=False)
-        return context.get_dummy_value()
-    return (types.void(acc, acc_index, w, low_index, low_shift, low_bits, high_index, high_shift, high_bits, x,
-                       x_index), codegen)
+        def codegen(context, builder, signature, args):
+            acc_t, acc_i_t, w_t, low_i_t, low_shift_t, low_bits_t, high_i_t, high_shift_t, high_bits_t, x_t, x_i_t = \
+                signature.args
+            acc_a, acc_i, w_a, low_i, low_shift, low_bits, high_i, high_shift, high_bits, x_a, x_i = args
+            low = _low_bits(context, builder, _load(context, builder, w_t, w_a, low_i_t, low_i, 32), low_shift,
+                            low_shift_t, low_bits, low_bits_t)
+            high = _bits_moved(context, builder, _load(context, builder, w_t, w_a, high_i_t, high_i, 32), high_shift,
+                               high_shift_t, high_bits, high_bits_t, low_bits, low_bits_t)
+            q = builder.or_(low, high)
+            xq = _load(context, builder, x_t, x_a, x_i_t, x_i, 4)
+            if partial and _host_has_avx2():
+                _accumulate(context, builder, acc_t, acc_a, acc_i_t, acc_i, _byte_pair_sums(builder, q, xq))
+            else:
+                _dot4_into(context, builder, acc_t, acc_a, acc_i_t, acc_i, q, xq, signed=False)
+            return context.get_dummy_value()
+        return (types.void(acc, acc_index, w, low_index, low_shift, low_bits, high_index, high_shift, high_bits, x,
+                           x_index), codegen)
+    typer.__name__ = typer.__qualname__ = "dot4_bits_partial" if partial else "dot4_bits"   # numba names it so
+    return typer
 
 
-@intrinsic
-def dot4_centred_bits_partial(typingctx, acc, acc_index, w, low_index, low_shift, low_bits, high_index, high_shift,
-                              high_bits, x, x_index, zero):
-    """As dot4_bits_partial for weights (field - zero), zero a constant of each call (Q6_K's 32):
-    with AVX2, pmaddubsw of the unsigned fields by x less pmaddubsw of `zero` by x (the same for
-    every lane: LLVM computes it once per quad of activations), so the int16 pair sums hold the
-    centred products. For 6-bit fields and zero 32, 4 calls per partial sum at most:
-    4 * 2 * 32 * 127 < 2^15. Otherwise plain int32 sums of the signed bytes (field - zero)."""
-    if not (_dot4_types_ok(acc, w, x) and all(isinstance(a, types.Integer) for a in
-                                              (low_shift, low_bits, high_shift, high_bits, zero))):
-        return None
-
-    def codegen(context, builder, signature, args):
-        acc_t, acc_i_t, x_t, x_i_t, zero_t = (signature.args[i] for i in (0, 1, 9, 10, 11))
-        acc_a, acc_i, x_a, x_i, zero = (args[i] for i in (0, 1, 9, 10, 11))
-        q = _split_bits(context, builder, signature, args)
-        zeros = _splat(context, builder, q.type, zero, zero_t)
-        xq = _load(context, builder, x_t, x_a, x_i_t, x_i, 4)
-        if _host_has_avx2():
-            sums = builder.sub(_byte_pair_sums(builder, q, xq), _byte_pair_sums(builder, zeros, xq))
-            _accumulate(context, builder, acc_t, acc_a, acc_i_t, acc_i, sums)
-        else:
-            _dot4_into(context, builder, acc_t, acc_a, acc_i_t, acc_i, builder.sub(q, zeros), xq, signed=True)
-        return context.get_dummy_value()
-    return (types.void(acc, acc_index, w, low_index, low_shift, low_bits, high_index, high_shift, high_bits, x,
-                       x_index, zero), codegen)
+dot4_bits = intrinsic(_dot4_bits_intrinsic(partial=False))
+dot4_bits.__doc__ = """dot4_bits(acc, acc_index, w, low_index, low_shift, low_bits, high_index, high_shift, high_bits,
+x, x_index): as dot4_int8 for weights split in two bit fields (unsigned, before the format's
+offset, which the caller applies to the sum): `low_bits` bits at bit `low_shift` of the quad at
+low_index, and above them `high_bits` bits at bit `high_shift` of the quad at high_index.
+Q6_K: 4 + 2 bits. Summed into int32."""
+dot4_bits_partial = intrinsic(_dot4_bits_intrinsic(partial=True))
+dot4_bits_partial.__doc__ = """As dot4_bits, into partial sums that scaled_sums finishes (as dot4_partial's: int16 pairs
+with AVX2): for values below 32, at most 4 calls per partial sum
+(4 * 2 * 31 * 127 < 2^15). Q5_K: 4 + 1 bits; Q3_K: 2 + 1."""
 
 
 @intrinsic
 def dot4_nibbles_fifth_bit(typingctx, acc, acc_index, w, low_index, low_shift, high_index, bit, x, x_index):
-    """As dot4_int8 for Q5_0 / Q5_1: the nibble at bit `low_shift` of the quad at low_index,
+    """As dot4_bits for Q5_0 / Q5_1: the nibble at bit `low_shift` of the quad at low_index,
     plus 16 times bit `bit + c` of the lane's 32-bit word at high_index for its byte c (the
     block's qh, one bit per weight: 4 weights' bits are 4 consecutive bits of the word, spread
     to their bytes by one multiply, t * 0x00204081 placing bit c of t at bit 8 c). 0..31,

@@ -24,8 +24,8 @@ import numpy as np
 from numba import njit, prange
 
 from . import compiler  # noqa: F401  (numba's settings before any kernel is defined)
-from .bits import (DOT4_LANES, dot4_bits_partial, dot4_centred_bits_partial, dot4_partial, f16_at_bytes, fma,
-                   scaled_offset_sums, scaled_sums, stack_array)
+from .bits import (DOT4_LANES, dot4_bits, dot4_bits_partial, dot4_partial, f16_at_bytes, fma, scaled_offset_sums,
+                   scaled_sums, stack_array)
 from .layout import QUADS, ROW_GROUP, TOKEN_TILE, add_scaled_block, f16_at, prefetch_ahead, store_group, store_tile
 
 QK_K = 256
@@ -328,42 +328,41 @@ Q6_K_HALF_BYTES = 96 * ROW_GROUP
 
 
 @njit(inline="always")
-def _q6_quarter(w, signed, g, b, half_start, half, i, low_shift, high_shift, xq, xd, t, x0, partial, part, block):
+def _q6_quarter(w, g, b, half_start, half, i, low_shift, high_shift, xq, xd, xs, t, x0, part, block):
     """block += the products of quarter i (weights 32 i .. 32 i + 31) of a half-block of Q6_K, for
     the 64 lanes, before the block's d; the shifts are constants of each call (see matmul_q6_k).
 
-    w, g, b: the packed weights, the group of 64 rows and the block; signed: w's bytes as int8
-    (the scales); half_start: the flat offset of the half-block's quads; half, i: which half and
-    quarter; low_shift, high_shift: where the quarter's 4 low bits sit in ql and its 2 high bits
-    in qh; xq, xd: the integer activations and their scales per 32; t, x0: the token and the
-    quarter's first column; partial: the int16 pair sums of (q - 32) x per 16 weights; part:
-    those times their scales; block: the block's running sums, one per lane."""
-    n_groups, n_blocks, group_bytes = w.shape
+    w, g, b: the packed weights, the group of 64 rows and the block; half_start: the flat offset
+    of the half-block's quads; half, i: which half and quarter; low_shift, high_shift: where the
+    quarter's 4 low bits sit in ql and its 2 high bits in qh; xq, xd, xs: the integer activations,
+    their scales per 32 and sums per 16; t, x0: the token and the quarter's first column; part:
+    scratch sums per 16 weights; block: the block's running sums, one per lane."""
     cols = xq.shape[1]
-    partial[:] = 0
-    for s in range(2):   # 16 weights share a scale: partial[64 s + lane]
+    for s in range(2):   # 16 weights share a scale: part[64 s + lane]
+        part[s * ROW_GROUP:(s + 1) * ROW_GROUP] = 0
         for j in range(4 * s, 4 * s + 4):
             pair = half_start + 2 * QUAD_BYTES * j   # Q6_K_RUNS: quad j of ql[0:32], then of qh
             low = pair if i % 2 == 0 else half_start + 16 * QUAD_BYTES + QUAD_BYTES * j   # or of ql[32:64]
             high = pair + QUAD_BYTES
             for lanes in range(0, ROW_GROUP, DOT4_LANES):
-                dot4_centred_bits_partial(partial, s * ROW_GROUP + lanes, w, low + QUADS * lanes, low_shift, 4,
-                                          high + QUADS * lanes, high_shift, 2, xq, t * cols + x0 + QUADS * j, 32)
-    # the int8 scales of the two sixteens are planes 8 half + 2 i and the next
-    scales_at = (g * n_blocks + b) * group_bytes + ROW_GROUP * (8 * half + 2 * i)
-    for lanes in range(0, 2 * ROW_GROUP, DOT4_LANES):
-        scaled_sums(part, lanes, partial, lanes, signed, scales_at + lanes)
+                dot4_bits(part, s * ROW_GROUP + lanes, w, low + QUADS * lanes, low_shift, 4, high + QUADS * lanes,
+                          high_shift, 2, xq, t * cols + x0 + QUADS * j)
+    sc = 8 * half + 2 * i   # the int8 scales of the two halves are planes sc and sc + 1
+    offset_0 = np.int32(32 * xs[t, x0 // 16])       # 32 * the sums of the 16 activations
+    offset_1 = np.int32(32 * xs[t, x0 // 16 + 1])
     x_scale = xd[t, x0 // 32]
     for lane in range(ROW_GROUP):
-        block[lane] += x_scale * (np.float32(part[lane]) + np.float32(part[ROW_GROUP + lane]))
+        # sc * sum (q - 32) x in int32: exact (at most 128 * 16 * 32 * 127, below 2^23)
+        first = np.int32(np.int32(np.int8(w[g, b, ROW_GROUP * sc + lane])) * np.int32(part[lane] - offset_0))
+        second = np.int32(np.int32(np.int8(w[g, b, ROW_GROUP * (sc + 1) + lane]))
+                          * np.int32(part[ROW_GROUP + lane] - offset_1))
+        block[lane] += x_scale * (np.float32(first) + np.float32(second))
 
 
 @njit(fastmath=True, forceinline=True)
 def _q6_k_group(w, xq, xd, xs, out, g):
     """Group g of matmul_q6_k (layout.py: one group per work item)."""
     n_groups, n_blocks, group_bytes = w.shape
-    signed = w.view(np.int8)
-    partial = stack_array(np.int32, 2, ROW_GROUP)
     part = stack_array(np.int32, 2, ROW_GROUP)
     block = stack_array(np.float32, 1, ROW_GROUP)
     acc = stack_array(np.float32, 1, ROW_GROUP)
@@ -375,13 +374,13 @@ def _q6_k_group(w, xq, xd, xs, out, g):
                 at = (g * n_blocks + b) * group_bytes + Q6_K_HALF + half * Q6_K_HALF_BYTES
                 x0 = b * QK_K + half * 128
                 prefetch_ahead(w, g, b + 1, 4 * half, 8, always=True)
-                _q6_quarter(w, signed, g, b, at, half, 0, 0, 0, xq, xd, t, x0, partial, part, block)
+                _q6_quarter(w, g, b, at, half, 0, 0, 0, xq, xd, xs, t, x0, part, block)
                 prefetch_ahead(w, g, b + 1, 4 * half + 1, 8, always=True)
-                _q6_quarter(w, signed, g, b, at, half, 1, 0, 2, xq, xd, t, x0 + 32, partial, part, block)
+                _q6_quarter(w, g, b, at, half, 1, 0, 2, xq, xd, xs, t, x0 + 32, part, block)
                 prefetch_ahead(w, g, b + 1, 4 * half + 2, 8, always=True)
-                _q6_quarter(w, signed, g, b, at, half, 2, 4, 4, xq, xd, t, x0 + 64, partial, part, block)
+                _q6_quarter(w, g, b, at, half, 2, 4, 4, xq, xd, xs, t, x0 + 64, part, block)
                 prefetch_ahead(w, g, b + 1, 4 * half + 3, 8, always=True)
-                _q6_quarter(w, signed, g, b, at, half, 3, 4, 6, xq, xd, t, x0 + 96, partial, part, block)
+                _q6_quarter(w, g, b, at, half, 3, 4, 6, xq, xd, xs, t, x0 + 96, part, block)
             for lane in range(ROW_GROUP):   # the int8 scales are planes 0-15, d is in 16-17
                 acc[lane] += f16_at(w, g, b, 16, lane) * block[lane]
         store_group(out, t, g, acc)
@@ -389,15 +388,13 @@ def _q6_k_group(w, xq, xd, xs, out, g):
 
 @njit(parallel=True, cache=True)
 def matmul_q6_k(w, xq, xd, xs, out):
-    """Q6_K with integer activations (xs, their sums per 16, unused), packed as Q6_K_RUNS.
+    """Q6_K with integer activations (xs: their sums per 16), packed as Q6_K_RUNS.
     In each half of 128 weights, weight 32 i + l (l < 32) is the nibble at bit 4 (i // 2) of
     ql[32 (i % 2) + l] with the 2 bits at bit 2 i of qh[l] above it, minus 32; its scale is
     sc[8 half + 2 i + l // 16]. So quad j of ql and of qh gives 4 consecutive weights of each
-    quarter i, less 32 (bits.dot4_centred_bits_partial: int16 pair sums per 16 weights for all
-    64 lanes), and one pmaddwd by the int8 scales widens each 16 (bits.scaled_sums; integer
-    scales: float ones per 16 weights cost a tenth of the kernel's time; widening every quad
-    and multiplying by the scales after, in int32, cost 3-7 % more than this on Zen 2's one
-    vector-multiply port). Each quarter is its own call, so that its shifts are constants.
+    quarter i (bits.dot4_bits), summed for all 64 lanes per 16 weights; the -32 is applied
+    then, as -32 * sum x, and the int8 scale as an integer (float scales per 16 weights cost a
+    tenth of the kernel's time). Each quarter is its own call, so that its shifts are constants.
     Before each quarter it prefetches an eighth of the next block (layout.prefetch_ahead, on every
     CPU): the quarters read their bytes in bursts and then compute on them from L1, and in those
     gaps nothing asks memory for more; with the hints the next block streams in meanwhile. The

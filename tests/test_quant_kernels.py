@@ -307,10 +307,9 @@ FIFTH_BITS = [(0, 0), (4, 16), (0, 12), (4, 28)]   # (nibble's shift, first bit 
 
 @pytest.mark.parametrize("avx2", [True, False])
 def test_dot4_intrinsics_equal_integer_sums(avx2, monkeypatch):
-    """bits.dot4_int8, dot4_centred_bits_partial (widened by scaled_sums), dot4_nibbles_fifth_bit
-    and dot4_codebook against numpy, on the extremes of their ranges (int8 activations within
-    +-127, as quantized), in both code paths: x86's pmaddubsw / pmaddwd / pshufb (where the host
-    has AVX2) and the plain vector IR of other CPUs."""
+    """bits.dot4_int8, dot4_bits, dot4_nibbles_fifth_bit and dot4_codebook against numpy, on the
+    extremes of their ranges (int8 activations within +-127, as quantized), in both code paths: x86's
+    pmaddubsw / pmaddwd / pshufb (where the host has AVX2) and the plain vector IR of other CPUs."""
     import numba
     from engine.kernels import bits
     if avx2 and not bits._host_has_avx2():
@@ -319,17 +318,14 @@ def test_dot4_intrinsics_equal_integer_sums(avx2, monkeypatch):
     split_bits, fifth_bits = np.array(SPLIT_BITS), np.array(FIFTH_BITS)
 
     def run(acc, w, x, split_bits, fifth_bits):   # compiled afresh below, so the chosen code path is the one generated
-        partial = np.zeros(16, np.int32)
         for lanes in range(0, 16, bits.DOT4_LANES):
             bits.dot4_int8(acc[0], lanes, w, 4 * lanes, x, 0)
             bits.dot4_codebook(acc[1], lanes, w, 4 * lanes, 0, x, 4)
             bits.dot4_codebook(acc[2], lanes, w, 4 * lanes, 4, x, 8)
             for k in range(len(split_bits)):
                 low_shift, low_bits, high_shift, high_bits = split_bits[k]
-                partial[:] = 0
-                bits.dot4_centred_bits_partial(partial, lanes, w, 4 * lanes, low_shift, low_bits, 64 + 4 * lanes,
-                                               high_shift, high_bits, x, 12, 1 << (low_bits + high_bits - 1))
-                bits.scaled_sums(acc[3 + k], lanes, partial, lanes, None, 0)
+                bits.dot4_bits(acc[3 + k], lanes, w, 4 * lanes, low_shift, low_bits, 64 + 4 * lanes, high_shift,
+                               high_bits, x, 12)
             for k in range(len(fifth_bits)):
                 bits.dot4_nibbles_fifth_bit(acc[11 + k], lanes, w, 4 * lanes, fifth_bits[k, 0], 64 + 4 * lanes,
                                             fifth_bits[k, 1], x, 8)
@@ -352,7 +348,7 @@ def test_dot4_intrinsics_equal_integer_sums(avx2, monkeypatch):
         assert np.array_equal(acc[2], (values[q >> 4] * x[8:12]).sum(1))
         for k, (low_shift, low_bits, high_shift, high_bits) in enumerate(SPLIT_BITS):
             split = (q >> low_shift) & (2 ** low_bits - 1) | ((high >> high_shift) & (2 ** high_bits - 1)) << low_bits
-            assert np.array_equal(acc[3 + k], ((split - 2 ** (low_bits + high_bits - 1)) * x[12:16]).sum(1))
+            assert np.array_equal(acc[3 + k], (split * x[12:16]).sum(1))
         word = high[:, 0] | high[:, 1] << 8 | high[:, 2] << 16 | high[:, 3] << 24   # each lane's qh
         for k, (shift, first) in enumerate(FIFTH_BITS):
             five = (q >> shift) & 15 | ((word[:, None] >> (first + np.arange(4))) & 1) << 4
@@ -363,8 +359,7 @@ def test_dot4_intrinsics_equal_integer_sums(avx2, monkeypatch):
 def test_partial_sums_scaled_equal_integer_sums(avx2, monkeypatch):
     """bits.dot4_partial and dot4_bits_partial over the most quads they allow (8 of nibbles:
     Q4_K's sub-block of 32; 4 of 2-bit fields: Q2_K's 16 weights per scale; 4 of 5-bit values:
-    Q5_K's halves of a sub-block; 4 of 3-bit values, Q3_K's; 4 of 6-bit values less 32, Q6_K's,
-    dot4_centred_bits_partial) and bits.scaled_sums, with unsigned
+    Q5_K's halves of a sub-block; 4 of 3-bit values, Q3_K's) and bits.scaled_sums, with unsigned
     scales, signed ones (Q3_K's, down to -32) and without (Q4_0's scales of 1), and
     scaled_offset_sums (Q3_K's offset of 4 times the sum of the 16 activations), against numpy at
     the extremes (15 * 127 in all 32 products of a lane, times the largest 6-bit scale), in both
@@ -375,12 +370,11 @@ def test_partial_sums_scaled_equal_integer_sums(avx2, monkeypatch):
         pytest.skip("this CPU has no AVX2")
     monkeypatch.setattr(bits, "_host_has_avx2", lambda: avx2)
 
-    def run(out, unscaled, crumbs, fives, threes, sixes, w, x, scales, offset):   # 16 lanes; quad j of the 16 lanes at 64 j
+    def run(out, unscaled, crumbs, fives, threes, w, x, scales, offset):   # 16 lanes; quad j of the 16 lanes at 64 j
         partial = np.zeros(32, np.int32)    # nibbles at bit 0, then 4
         two_bits = np.zeros(16, np.int32)   # Q2_K's: bits 6-7, 4 quads (16 weights, one scale)
         five_bits = np.zeros(16, np.int32)  # Q5_K's: the high nibble, and bit 7 of quad j + 4
         three_bits = np.zeros(16, np.int32)  # Q3_K's: bits 0-1, and bit 3 of quad j + 4
-        six_bits = np.zeros(16, np.int32)    # Q6_K's: the low nibble, and bits 2-3 of quad j + 4, less 32
         for j in range(8):
             for lanes in range(0, 16, bits.DOT4_LANES):
                 bits.dot4_partial(partial, lanes, w, 64 * j + 4 * lanes, x, 4 * j, 0, 4)
@@ -391,8 +385,6 @@ def test_partial_sums_scaled_equal_integer_sums(avx2, monkeypatch):
                                            1, x, 4 * j)
                     bits.dot4_bits_partial(three_bits, lanes, w, 64 * j + 4 * lanes, 0, 2, 64 * (j + 4) + 4 * lanes, 3,
                                            1, x, 4 * j)
-                    bits.dot4_centred_bits_partial(six_bits, lanes, w, 64 * j + 4 * lanes, 0, 4,
-                                                   64 * (j + 4) + 4 * lanes, 2, 2, x, 4 * j, 32)
         for lanes in range(0, 32, bits.DOT4_LANES):
             bits.scaled_sums(out, lanes, partial, lanes, scales, lanes)
             bits.scaled_sums(unscaled, lanes, partial, lanes, None, 0)
@@ -400,7 +392,6 @@ def test_partial_sums_scaled_equal_integer_sums(avx2, monkeypatch):
             bits.scaled_sums(crumbs, lanes, two_bits, lanes, scales, lanes)
             bits.scaled_sums(fives, lanes, five_bits, lanes, (scales - 32).astype(np.int8), 16 + lanes)
             bits.scaled_offset_sums(threes, lanes, three_bits, lanes, (scales - 32).astype(np.int8), lanes, offset)
-            bits.scaled_sums(sixes, lanes, six_bits, lanes, (scales - 32).astype(np.int8), lanes)
     run = numba.njit(run)
     rng = np.random.default_rng(12)
     x_type, top = np.int8, 127
@@ -408,12 +399,11 @@ def test_partial_sums_scaled_equal_integer_sums(avx2, monkeypatch):
                           rng.integers(0, 64, 32, dtype=np.uint8)),
                          (np.full(512, 0xFF, np.uint8), np.full(64, top, x_type), np.full(32, 63, np.uint8)),
                          (np.full(512, 0xFF, np.uint8), np.full(64, -top, x_type), np.full(32, 63, np.uint8)),
-                         (np.full(512, 0xFF, np.uint8), np.full(64, top, x_type), np.zeros(32, np.uint8)),   # -32
-                         (np.zeros(512, np.uint8), np.full(64, -top, x_type), np.zeros(32, np.uint8))]:   # Q6_K's -32s
+                         (np.full(512, 0xFF, np.uint8), np.full(64, top, x_type), np.zeros(32, np.uint8))]:   # -32
         out, unscaled = np.full(32, 12345, np.int32), np.full(32, 12345, np.int32)   # stored, not added
-        crumbs, fives, threes, sixes = (np.full(16, 12345, np.int32) for _ in range(4))
+        crumbs, fives, threes = (np.full(16, 12345, np.int32) for _ in range(3))
         offset = 4 * int(x[:16].astype(np.int64).sum())   # Q3_K's quants are 0..7 for -4..3
-        run(out, unscaled, crumbs, fives, threes, sixes, w, x, scales, offset)
+        run(out, unscaled, crumbs, fives, threes, w, x, scales, offset)
         quads = w.reshape(8, 16, 4).transpose(1, 0, 2).reshape(16, 32).astype(np.int64)   # lane, weight
         x = x.astype(np.int64)
         sums = np.r_[((quads & 15) * x[:32]).sum(1), ((quads >> 4) * x[32:]).sum(1)]
@@ -423,8 +413,6 @@ def test_partial_sums_scaled_equal_integer_sums(avx2, monkeypatch):
         assert np.array_equal(fives, (scales[16:].astype(np.int64) - 32) * (five * x[:16]).sum(1))
         three = (quads[:, :16] & 3) | ((quads[:, 16:] >> 3) & 1) << 2
         assert np.array_equal(threes, (scales[:16].astype(np.int64) - 32) * ((three - 4) * x[:16]).sum(1))
-        six = (quads[:, :16] & 15) | ((quads[:, 16:] >> 2) & 3) << 4
-        assert np.array_equal(sixes, (scales[:16].astype(np.int64) - 32) * ((six - 32) * x[:16]).sum(1))
 
 
 # --- the exponential of SwiGLU and softmax ------------------------------------------------------
