@@ -598,6 +598,24 @@ def _q3_k_scaled(block, at, part, part_at, xd, t, x0):
         block[at + lane] = fma(x_scale, np.float32(sums), block[at + lane])
 
 
+@njit(inline="always")
+def _q3_k_block(eighth, w, g, b, scales, xq, xd, xs, t, partial, part, block):
+    """block = the products of Q3_K block b of group g before its d, by the eighths of weights:
+    for token t (eighth = _q3_k_eighth) or the tile of tokens from t (_q3_k_eighth_tiles). Each
+    eighth is its own call, so that its shifts are constants."""
+    n_groups, n_blocks, group_bytes = w.shape
+    _q3_k_scale_bytes(w, g, b, scales)
+    block[:] = 0.0
+    high = (g * n_blocks + b) * group_bytes + 14 * ROW_GROUP
+    for n in range(2):
+        prefetch_ahead(w, g, b, n, 2)
+        low, x0 = high + QUAD_BYTES * (8 + 8 * n), b * QK_K + 128 * n
+        eighth(w, low, high, n, 0, scales, xq, xd, xs, t, x0, partial, part, block)
+        eighth(w, low, high, n, 1, scales, xq, xd, xs, t, x0 + 32, partial, part, block)
+        eighth(w, low, high, n, 2, scales, xq, xd, xs, t, x0 + 64, partial, part, block)
+        eighth(w, low, high, n, 3, scales, xq, xd, xs, t, x0 + 96, partial, part, block)
+
+
 @njit(forceinline=True)
 def _q3_k_group(w, xq, xd, xs, out, g):
     """Group g of matmul_q3_k (layout.py: one group per work item). No fast-math: its float
@@ -612,16 +630,7 @@ def _q3_k_group(w, xq, xd, xs, out, g):
     for t in range(xq.shape[0]):
         acc[:] = 0.0
         for b in range(n_blocks):
-            _q3_k_scale_bytes(w, g, b, scales)
-            block[:] = 0.0
-            high = (g * n_blocks + b) * group_bytes + 14 * ROW_GROUP
-            for n in range(2):
-                prefetch_ahead(w, g, b, n, 2)
-                low, x0 = high + QUAD_BYTES * (8 + 8 * n), b * QK_K + 128 * n
-                _q3_k_eighth(w, low, high, n, 0, scales, xq, xd, xs, t, x0, partial, part, block)
-                _q3_k_eighth(w, low, high, n, 1, scales, xq, xd, xs, t, x0 + 32, partial, part, block)
-                _q3_k_eighth(w, low, high, n, 2, scales, xq, xd, xs, t, x0 + 64, partial, part, block)
-                _q3_k_eighth(w, low, high, n, 3, scales, xq, xd, xs, t, x0 + 96, partial, part, block)
+            _q3_k_block(_q3_k_eighth, w, g, b, scales, xq, xd, xs, t, partial, part, block)
             add_scaled_block(w, g, b, 12, block, acc, 0)   # d in planes 12-13
         store_group(out, t, g, acc)
 
@@ -632,9 +641,9 @@ def matmul_q3_k(w, xq, xd, xs, out):
     (8 quads), then the 2-bit quants (16). For half n and shift j, quad l of the quants (of
     half n) and quad l of hmask give weights 128 n + 32 j + 4 l.. (2 bits at 2 j, the third at
     bit 4 n + j), 0..7: partial sums per 16 weights (bits.dot4_bits_partial), multiplied by
-    their signed scales (-32..31) as they are widened (bits.scaled_sums); the -4 is applied as
-    -4 * scale * sum x, in int32 (at most 32 * 16 * 7 * 127, below 2^19). Each j is its own call, so that
-    its shifts are constants (in cache, 8960 x 1536: 0.41 -> 0.35 ms, AMD Zen 2)."""
+    their signed scales (-32..31) as they are widened, less the -4 times the sum of the 16
+    activations first (bits.scaled_offset_sums: no multiply for it). Each j is its own call, so
+    that its shifts are constants (in cache, 8960 x 1536: 0.41 -> 0.35 ms, AMD Zen 2)."""
     for g in prange(w.shape[0]):
         _q3_k_group(w, xq, xd, xs, out, np.int64(g))
 
@@ -672,16 +681,7 @@ def _q3_k_tiles(w, xq, xd, xs, out, g):
     for t0 in range(0, xq.shape[0] - TOKEN_TILE + 1, TOKEN_TILE):
         acc[:] = 0.0
         for b in range(n_blocks):
-            _q3_k_scale_bytes(w, g, b, scales)
-            block[:] = 0.0
-            high = (g * n_blocks + b) * group_bytes + 14 * ROW_GROUP
-            for n in range(2):
-                prefetch_ahead(w, g, b, n, 2)
-                low, x0 = high + QUAD_BYTES * (8 + 8 * n), b * QK_K + 128 * n
-                _q3_k_eighth_tiles(w, low, high, n, 0, scales, xq, xd, xs, t0, x0, partial, part, block)
-                _q3_k_eighth_tiles(w, low, high, n, 1, scales, xq, xd, xs, t0, x0 + 32, partial, part, block)
-                _q3_k_eighth_tiles(w, low, high, n, 2, scales, xq, xd, xs, t0, x0 + 64, partial, part, block)
-                _q3_k_eighth_tiles(w, low, high, n, 3, scales, xq, xd, xs, t0, x0 + 96, partial, part, block)
+            _q3_k_block(_q3_k_eighth_tiles, w, g, b, scales, xq, xd, xs, t0, partial, part, block)
             for token in range(TOKEN_TILE):
                 add_scaled_block(w, g, b, 12, block, acc, token * ROW_GROUP)
         store_tile(out, t0, g, acc)
