@@ -45,7 +45,7 @@ tiles (1.2x) and Q6_K's (1.2x) are left out for the first run's sake: every tile
 more kernel to compile on a machine's first run (2.5-3.5 s), and those two would have taken
 SmolLM2's first run past 5 s and the 1.5B Q4_K_M file's past 12 (README, "First run"). The more
 a format's quads cost to unpack, the more its tiles save: Q5_K (a fifth bit to put in place)
-1.8x, Q4_K 1.35x, Q3_K and IQ4_XS (a codebook lookup) about 1.3x.
+1.8x, Q3_K (a third bit) 1.5x, Q4_K 1.35x, IQ4_XS (a codebook lookup) 1.3x.
 """
 import functools
 
