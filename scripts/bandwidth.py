@@ -25,8 +25,8 @@ CHUNKS = 256
 PREFETCH_WORDS = 256   # 2 KiB ahead
 
 
-@njit(parallel=True, cache=True)
-def read_all(words, prefetch_words):
+@njit(parallel=True)   # not cached: numba's cache names the module, and this one is run both as
+def read_all(words, prefetch_words):   # a script and imported as scripts.bandwidth (by bench_*.py)
     """Sum of all 64-bit words, read once, in parallel chunks; prefetch_words ahead (0: no hints)."""
     step = words.shape[0] // CHUNKS
     partial = np.zeros(CHUNKS, np.uint64)

@@ -182,3 +182,17 @@ def test_verbose_lists_each_setting_and_its_source(model_dirs):
     assert settings["temperature"] == ["0.6", "generation_config.json"]
     assert settings["top_k"] == ["7", "this request"]
     assert settings["repeat_penalty"] == ["1.1", "Ollama's default"]
+
+
+def test_bandwidth_script_runs_after_a_benchmark_imported_it(tmp_path):
+    """bench_kernels.py and bench_generate.py import scripts.bandwidth; running the script itself
+    afterwards must not find a numba cache entry that names the other module (it raised
+    ModuleNotFoundError: 'scripts')."""
+    env = {"NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    imported = python("from scripts.bandwidth import measure_read_bandwidth; "
+                      "print(measure_read_bandwidth(1, gib=0.01, repeats=1) > 0)", cwd=ROOT, **env)
+    assert imported.stdout.strip() == "True", imported.stderr[-2000:]
+    script = subprocess.run([sys.executable, "scripts/bandwidth.py", "--gib", "0.01", "--threads", "1"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    assert script.returncode == 0, script.stderr[-2000:]
+    assert "numba, 4 accumulators" in script.stdout
