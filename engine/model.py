@@ -241,8 +241,9 @@ class Transformer:
         x, h, tmp = self.x[:n], self.h[:n], self.tmp[:n]
         q, k, v, att = self.q[:n], self.k[:n], self.v[:n], self.att[:n]
         gate, up, act = self.gate[:n], self.up[:n], self.act[:n]
-        heads = (n, c.num_heads, c.head_dim)
-        kv_heads = (n, c.num_kv_heads, c.head_dim)
+        # the same buffers seen per head (views: rope, the cache and the attention read them so)
+        q_heads, att_heads = q.reshape(n, c.num_heads, c.head_dim), att.reshape(n, c.num_heads, c.head_dim)
+        k_heads, v_heads = k.reshape(n, c.num_kv_heads, c.head_dim), v.reshape(n, c.num_kv_heads, c.head_dim)
 
         for token, slot, position in zip(ids.tolist(), slots.tolist(), positions.tolist()):
             cached = self.slot_ids[slot]
@@ -266,10 +267,10 @@ class Transformer:
                 q += layer.q_bias
                 k += layer.k_bias
                 v += layer.v_bias
-            rope(q.reshape(heads), self.cos, self.sin, positions, c.rope_interleaved)
-            rope(k.reshape(kv_heads), self.cos, self.sin, positions, c.rope_interleaved)
-            run.store(i, k.reshape(kv_heads), v.reshape(kv_heads), slots, positions)
-            run.attend(i, q.reshape(heads), slots, positions, att.reshape(heads))
+            rope(q_heads, self.cos, self.sin, positions, c.rope_interleaved)
+            rope(k_heads, self.cos, self.sin, positions, c.rope_interleaved)
+            run.store(i, k_heads, v_heads, slots, positions)
+            run.attend(i, q_heads, slots, positions, att_heads)
             matmul(layer.o, Activations(att, self.scratch), tmp)
             if c.o_bias:
                 tmp += layer.o_bias

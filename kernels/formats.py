@@ -345,8 +345,11 @@ def matmul(weight: Weight, x, out: np.ndarray) -> None:
         return
     xq, xd, xs = acts.integer()
     tiled = len(out) - len(out) % layout.TOKEN_TILE if f.tile_matmul is not None else 0
-    if tiled:   # the first tokens in tiles, the rest one by one (layout.py: the same values)
-        f.tile_matmul(weight.data, xq[:tiled], xd[:tiled], xs[:tiled], out[:tiled])
+    if not tiled:   # (a decode step: no slices to make)
+        f.int_matmul(weight.data, xq, xd, xs, out)
+        return
+    # the first tokens in tiles, the rest one by one (layout.py: the same values)
+    f.tile_matmul(weight.data, xq[:tiled], xd[:tiled], xs[:tiled], out[:tiled])
     if tiled < len(out):
         f.int_matmul(weight.data, xq[tiled:], xd[tiled:], xs[tiled:], out[tiled:])
 
