@@ -7,8 +7,9 @@ first load of a model file also writes the packed bytes here, and later loads ma
 (copy-on-write: numba sees ordinary writable arrays, and no page is copied): about 0.1 s, and
 the pages are shared with the page cache rather than duplicated.
 
-An entry is named by a hash of the model files' paths, sizes and modification times and of the
-layout version, so a changed file or a changed layout makes a new entry. It is a data file (each
+An entry is named by a hash of the model files' paths, sizes and modification times, of the
+entry format's version and of where each block format's packing puts every byte, so a changed
+file or a changed layout makes a new entry. It is a data file (each
 tensor at a 4 KiB-aligned offset) and an index, each written under a temporary name and renamed
 into place, index last: a reader sees a whole entry or none. The index holds an xxh3 checksum of
 every tensor, verified each time the entry is mapped, in parallel at memory speed (the pages it
@@ -38,9 +39,11 @@ import numpy as np
 import xxhash
 
 from .kernels.compiler import available_threads
+from .kernels.formats import packed_layout_digest
 from .kernels.layout import ROW_GROUP
 
-LAYOUT_VERSION = 6   # bump when the packed layout or the entry's index changes: old entries are then never read
+LAYOUT_VERSION = 6   # bump when the entry's index changes (a change of any format's packing changes the
+                     # entries' names by itself: formats.packed_layout_digest); old entries are then never read
 ALIGN = 4096
 CACHE_ENV = "ENGINE_WEIGHT_CACHE"
 
@@ -76,7 +79,7 @@ class WeightCache:
     """The cache entry of one model, identified by its files."""
 
     def __init__(self, root: Path, files: list[Path]):
-        identity = [f"layout {LAYOUT_VERSION} x {ROW_GROUP}"]
+        identity = [f"layout {LAYOUT_VERSION} {packed_layout_digest()} x {ROW_GROUP}"]
         self.source = [str(path) for path in sorted(Path(f).resolve() for f in files)]
         for path in self.source:
             stat = os.stat(path)

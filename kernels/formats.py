@@ -14,6 +14,7 @@ float32. Everything else (GGUF's type names, tests, benchmarks, synthetic files)
 here. The forward pass only calls `matmul` and `embedding_rows`; adding a format is adding a
 row here (and, for a block format, its kernels for the layout).
 """
+import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -207,6 +208,19 @@ FORMATS = {f.name: f for f in [
            decode_row=iquants.decode_iq4_xs_row, int_matmul=iquants.matmul_iq4_xs,
            tile_matmul=iquants.matmul_iq4_xs_tiles),
 ]}
+
+
+def packed_layout_digest() -> str:
+    """A digest of where every block format's packed copy puts each byte (layout.byte_positions,
+    from which packing and unpacking both derive). The weight cache names its entries with it, so
+    bytes packed by another layout are never read as this one's, even if nobody remembered to
+    change its version number. Under a millisecond (byte_positions keeps its answers)."""
+    digest = hashlib.sha256(f"{layout.ROW_GROUP} {layout.QUADS}".encode())
+    for f in FORMATS.values():
+        if f.packed:
+            position, step = layout.byte_positions(f.runs, f.block_bytes)
+            digest.update(f"{f.name} {f.block_bytes}".encode() + position.tobytes() + step.tobytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)

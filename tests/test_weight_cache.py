@@ -1,6 +1,7 @@
 """The on-disk cache of repacked weights (engine/weight_cache.py): a second load maps the same
 bytes and computes the same logits; damaged, stale or disabled caches never change a result.
 Also: an untied embedding stays in the file's row layout (only its rows are ever read)."""
+import dataclasses
 import json
 import os
 import shutil
@@ -183,6 +184,20 @@ def test_entries_of_older_layouts_are_removed_and_other_files_kept(quantized_dir
     load(quantized_dir)
     assert not old.with_suffix(".bin").exists() and not old.with_suffix(".json").exists()
     assert mine.exists() and len(entries(cache_dir)) == 3
+
+
+def test_a_changed_packing_names_new_entries(quantized_dir, cache_dir, monkeypatch):
+    """Bytes packed by another layout are never read as this one's: an entry's name follows where
+    each format's packing puts every byte, not only a version number that someone must bump."""
+    from engine.kernels import formats
+    from engine.weight_cache import WeightCache
+    files = sorted(quantized_dir.glob("*.safetensors"))
+    before = WeightCache(cache_dir, files).data_path
+    assert WeightCache(cache_dir, files).data_path == before
+    q4_0 = formats.FORMATS["q4_0"]
+    every_byte_in_planes = ((0, q4_0.block_bytes, False),)
+    monkeypatch.setitem(formats.FORMATS, "q4_0", dataclasses.replace(q4_0, runs=every_byte_in_planes))
+    assert WeightCache(cache_dir, files).data_path != before
 
 
 def test_cache_off_reads_and_writes_nothing(quantized_dir, cache_dir, monkeypatch):
