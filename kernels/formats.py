@@ -150,7 +150,7 @@ class Format:
 def scales_then_quads(scale_bytes: int, block_bytes: int) -> tuple:
     """The packing of a block whose fp16 scales come first: the scales in planes, the quants in
     quads (layout.py)."""
-    return ((0, scale_bytes, False), (scale_bytes, block_bytes, True))
+    return ((0, scale_bytes, layout.PLANES), (scale_bytes, block_bytes, layout.QUADS_IN_ROWS))
 
 
 FORMATS = {f.name: f for f in [
@@ -185,11 +185,11 @@ FORMATS = {f.name: f for f in [
            decode_row=iquants.decode_iq4_nl_row, int_matmul=iquants.matmul_iq4_nl),
     Format(name="q2_k", ggml_type=10, storage_dtype=np.uint8, block_size=kquants.QK_K,
            block_bytes=kquants.Q2_K_BYTES, f16_fields=(80, 82),
-           runs=((0, 16, False), (80, 84, False), (16, 80, True)),   # scales, d and dmin in planes; quants
+           runs=((0, 16, layout.PLANES), (80, 84, layout.PLANES), (16, 80, layout.QUADS_IN_ROWS)),   # scales, d and dmin in planes; quants
            decode_row=kquants.decode_q2_k_row, int_matmul=kquants.matmul_q2_k),
     Format(name="q3_k", ggml_type=11, storage_dtype=np.uint8, block_size=kquants.QK_K,
            block_bytes=kquants.Q3_K_BYTES, f16_fields=(108,),
-           runs=((96, 110, False), (0, 96, True)),   # scales and d in planes; hmask, then the quants
+           runs=((96, 110, layout.PLANES), (0, 96, layout.QUADS_IN_ROWS)),   # scales and d in planes; hmask, then the quants
            decode_row=kquants.decode_q3_k_row, int_matmul=kquants.matmul_q3_k,
            tile_matmul=kquants.matmul_q3_k_tiles),
     Format(name="q4_k", ggml_type=12, storage_dtype=np.uint8, block_size=kquants.QK_K,
@@ -197,7 +197,8 @@ FORMATS = {f.name: f for f in [
            decode_row=kquants.decode_q4_k_row, int_matmul=kquants.matmul_q4_k,
            tile_matmul=kquants.matmul_q4_k_tiles),
     Format(name="q5_k", ggml_type=13, storage_dtype=np.uint8, block_size=kquants.QK_K,
-           block_bytes=kquants.Q5_K_BYTES, f16_fields=(0, 2), runs=scales_then_quads(16, kquants.Q5_K_BYTES),
+           block_bytes=kquants.Q5_K_BYTES, f16_fields=(0, 2),
+           runs=((0, 16, layout.PLANES), (16, kquants.Q5_K_BYTES, layout.QUADS_IN_RUNS)),
            decode_row=kquants.decode_q5_k_row, int_matmul=kquants.matmul_q5_k,
            tile_matmul=kquants.matmul_q5_k_tiles),
     Format(name="q6_k", ggml_type=14, storage_dtype=np.uint8, block_size=kquants.QK_K,
@@ -218,8 +219,7 @@ def packed_layout_digest() -> str:
     digest = hashlib.sha256(f"{layout.ROW_GROUP} {layout.QUADS}".encode())
     for f in FORMATS.values():
         if f.packed:
-            position, step = layout.byte_positions(f.runs, f.block_bytes)
-            digest.update(f"{f.name} {f.block_bytes}".encode() + position.tobytes() + step.tobytes())
+            digest.update(f"{f.name} {f.block_bytes}".encode() + layout.byte_positions(f.runs, f.block_bytes).tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -287,9 +287,7 @@ class Weight:
         count = 0
         for offset in f.f16_fields:
             if self.packed:
-                position, step = layout.byte_positions(f.runs, f.block_bytes)
-                start, stride = position[offset + 1], step[offset + 1]
-                high = self.data[:, :, start:start + stride * layout.ROW_GROUP:stride]
+                high = self.data[:, :, layout.byte_positions(f.runs, f.block_bytes)[offset + 1]]
             else:
                 high = self.data.reshape(-1, f.block_bytes)[:, offset + 1]
             count += int(np.count_nonzero((high & 0x7C) == 0x7C))

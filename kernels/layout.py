@@ -13,8 +13,10 @@ Quads: a format may lay out some bytes of each block (its quants) 4 bytes per la
 4 bytes k..k+3 of a block in quads, 256 packed bytes hold those 4 bytes of lane 0, then of lane
 1, ... Four consecutive weights of a row are then one 32-bit word, which is what x86's pairwise
 byte products (pmaddubsw, bits.dot4_*) consume. A format's `runs` say where each byte goes: runs
-of block bytes (start, end, in_quads), placed one after the other in the packed block, so that
-a kernel reads its block front to back: a stream the hardware prefetchers follow.
+of block bytes (start, end, kind), placed one after the other in the packed block, so that
+a kernel reads its block front to back: a stream the hardware prefetchers follow. A format
+whose per-token kernel goes through the lanes in runs of 8 lays its quads out in that order
+instead (QUADS_IN_RUNS, byte_positions: Q5_K).
 
 A group of 64 rows is also one parallel work item; its bytes are contiguous, so each thread
 streams through memory. Rows missing from the last group are zero bytes (zero scales): they
@@ -65,35 +67,50 @@ def packed_shape(rows: int, blocks_per_row: int, block_bytes: int) -> tuple:
     return (-(-rows // ROW_GROUP), blocks_per_row, block_bytes * ROW_GROUP)
 
 
+PLANES, QUADS_IN_ROWS, QUADS_IN_RUNS = "planes", "quads", "quads by runs of 8 lanes"   # the kinds of run
+RUN_LANES, RUN_QUADS = 8, 8   # QUADS_IN_RUNS: 8 quads (32 bytes) of each of 8 lanes together
+
+
 @functools.cache
-def byte_positions(runs: tuple, block_bytes: int) -> tuple[np.ndarray, np.ndarray]:
-    """(position, step) per byte k of a block: lane l's copy of byte k is at packed offset
-    position[k] + step[k] * l within its packed block (step 1 in planes, QUADS in quads)."""
-    position, step = np.full(block_bytes, -1, np.int64), np.zeros(block_bytes, np.int64)
+def byte_positions(runs: tuple, block_bytes: int) -> np.ndarray:
+    """positions[k, l]: where lane l's copy of byte k of a block is in its packed block. A run
+    (start, end, kind) of block bytes is placed as
+    - PLANES: byte k of the 64 lanes side by side (a plane of 64 bytes);
+    - QUADS_IN_ROWS: quad j (bytes 4j..4j+3 of the run) of lane 0, then of lane 1, ... (256 bytes a quad);
+    - QUADS_IN_RUNS: the run in spans of RUN_QUADS quads; in each span, lanes 0-7's quads (quad
+      0 of lanes 0-7, then quad 1 of lanes 0-7, ...: 32 bytes each), then lanes 8-15's, ...: a
+      kernel that goes through the lanes in runs of 8, each run through the span's quads, reads
+      the span front to back."""
+    positions = np.full((block_bytes, ROW_GROUP), -1, np.int64)
+    lane = np.arange(ROW_GROUP)[None, :]
     at = 0
-    for start, end, in_quads in runs:
-        k = np.arange(start, end)
-        if in_quads:
+    for start, end, kind in runs:
+        k = np.arange(start, end)[:, None] - start
+        if kind == QUADS_IN_ROWS:
             assert (end - start) % QUADS == 0, "a run of quads holds whole quads"
-            position[k] = at + (k - start) // QUADS * QUADS * ROW_GROUP + (k - start) % QUADS
-            step[k] = QUADS
+            positions[start:end] = at + k // QUADS * QUADS * ROW_GROUP + QUADS * lane + k % QUADS
+        elif kind == QUADS_IN_RUNS:
+            span = RUN_QUADS * QUADS
+            assert (end - start) % span == 0, "a run of quads by runs of lanes holds whole spans"
+            positions[start:end] = (at + k // span * span * ROW_GROUP + lane // RUN_LANES * RUN_LANES * span
+                                    + k % span // QUADS * RUN_LANES * QUADS + lane % RUN_LANES * QUADS + k % QUADS)
         else:
-            position[k] = at + (k - start) * ROW_GROUP
-            step[k] = 1
+            assert kind == PLANES, f"unknown kind of run {kind!r}"
+            positions[start:end] = at + k * ROW_GROUP + lane
         at += (end - start) * ROW_GROUP
-    assert at == block_bytes * ROW_GROUP and (position >= 0).all(), "runs must cover each byte once"
-    position.flags.writeable = step.flags.writeable = False
-    return position, step
+    assert at == block_bytes * ROW_GROUP and (positions >= 0).all(), "runs must cover each byte once"
+    positions.flags.writeable = False
+    return positions
 
 
 @functools.cache
 def _packed_order(runs: tuple, block_bytes: int) -> np.ndarray:
     """For each byte of a packed block, which byte of its group's 64 block rows (laid side by
     side: lane * block_bytes + k) it is: byte_positions inverted."""
-    position, step = byte_positions(runs, block_bytes)
+    positions = byte_positions(runs, block_bytes)
     k, lane = np.arange(block_bytes)[:, None], np.arange(ROW_GROUP)[None, :]
     order = np.empty(block_bytes * ROW_GROUP, np.int64)
-    order[(position[:, None] + step[:, None] * lane).ravel()] = (lane * block_bytes + k).ravel()
+    order[positions.ravel()] = (lane * block_bytes + k).ravel()
     order.flags.writeable = False
     return order
 
@@ -125,9 +142,8 @@ def pack(rows: np.ndarray, block_bytes: int, runs: tuple) -> np.ndarray:
 def unpack(packed: np.ndarray, block_bytes: int, rows: np.ndarray, runs: tuple) -> np.ndarray:
     """The rows with indices `rows` of a packed matrix, as GGML rows."""
     n_groups, n_blocks, _ = packed.shape
-    position, step = byte_positions(runs, block_bytes)
     rows = np.asarray(rows)
-    columns = position[None, :] + step[None, :] * (rows % ROW_GROUP)[:, None]   # (rows, block_bytes)
+    columns = byte_positions(runs, block_bytes)[:, rows % ROW_GROUP].T   # (rows, block_bytes)
     blocks = packed[(rows // ROW_GROUP)[:, None, None], np.arange(n_blocks)[None, :, None], columns[:, None, :]]
     return blocks.reshape(len(rows), n_blocks * block_bytes)
 

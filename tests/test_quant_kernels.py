@@ -94,13 +94,11 @@ def test_packing_keeps_every_byte(fmt, rows, cols):
     assert w.data.shape == (-(-rows // 64), cols // f.block_size, quant.ROW_GROUP * f.block_bytes)
     assert np.array_equal(w.file_rows(), blocks)
     assert np.array_equal(w.file_rows(np.array([99, 0, 64])), blocks[[99, 0, 64]])
-    position, step = layout.byte_positions(f.runs, f.block_bytes)
+    positions = layout.byte_positions(f.runs, f.block_bytes)
     second_block = w.data[0, 1]   # 64 rows' second block: the file's bytes block_bytes + k
-    for k in range(f.block_bytes):   # lane l's byte k at position[k] + step[k] * l: planes or quads
-        at = position[k]
-        assert np.array_equal(second_block[at:at + step[k] * 64:step[k]], blocks[:64, f.block_bytes + k])
-    every = np.sort((position[:, None] + step[:, None] * np.arange(64)).ravel())
-    assert np.array_equal(every, np.arange(64 * f.block_bytes))   # each packed byte used once
+    for k in range(f.block_bytes):   # lane l's byte k at positions[k, l]: planes or quads
+        assert np.array_equal(second_block[positions[k]], blocks[:64, f.block_bytes + k])
+    assert np.array_equal(np.sort(positions.ravel()), np.arange(64 * f.block_bytes))   # each packed byte used once
     lookup = Weight(f, (rows, cols), blocks, rows_only=True)   # not packed
     assert lookup.data is blocks and np.array_equal(lookup.file_rows(np.array([5])), blocks[[5]])
 

@@ -195,7 +195,7 @@ def test_a_changed_packing_names_new_entries(quantized_dir, cache_dir, monkeypat
     before = WeightCache(cache_dir, files).data_path
     assert WeightCache(cache_dir, files).data_path == before
     q4_0 = formats.FORMATS["q4_0"]
-    every_byte_in_planes = ((0, q4_0.block_bytes, False),)
+    every_byte_in_planes = ((0, q4_0.block_bytes, formats.layout.PLANES),)
     monkeypatch.setitem(formats.FORMATS, "q4_0", dataclasses.replace(q4_0, runs=every_byte_in_planes))
     assert WeightCache(cache_dir, files).data_path != before
 
