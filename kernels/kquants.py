@@ -408,10 +408,10 @@ def matmul_q6_k(w, xq, xd, xs, out):
 @njit(inline="always")
 def _q5_k_quad(lanes, j):
     """Where quad j of lanes lanes..lanes + 7 is in a span of quads (layout.QUADS_IN_RUNS)."""
-    return (lanes // RUN_LANES * RUN_QUADS + j) * RUN_LANES * QUADS
+    return QUADS * RUN_LANES * (lanes + j)   # lanes: a multiple of RUN_LANES, and RUN_QUADS == RUN_LANES
 
 
-@njit(inline="always")
+@njit(forceinline=True)
 def _q5_k_chunk(w, g, b, high, chunk, scales, mins, xq, xd, xs, t, partial, part, block, block_min):
     """block and block_min += the products of chunk `chunk` (64 weights, sub-blocks 2 chunk and
     2 chunk + 1) of a Q5_K block, for the 64 lanes; high: the flat offset of the block's qh
