@@ -408,7 +408,7 @@ def matmul_q6_k(w, xq, xd, xs, out):
 @njit(inline="always")
 def _q5_k_quad(lanes, j):
     """Where quad j of lanes lanes..lanes + 7 is in a span of quads (layout.QUADS_IN_RUNS)."""
-    return QUADS * RUN_LANES * (lanes + j)   # lanes: a multiple of RUN_LANES, and RUN_QUADS == RUN_LANES
+    return QUADS * (lanes * RUN_QUADS + j * RUN_LANES)   # (lanes: a multiple of RUN_LANES)
 
 
 @njit(forceinline=True)
@@ -489,7 +489,7 @@ def matmul_q5_k(w, xq, xd, xs, out):
     quads, as the tiles do: a run's four partial sums stay in registers (with the 64 lanes
     through each quad in turn, the 32 sums went through the stack), and the quads are packed in
     that order (layout.QUADS_IN_RUNS), so the block is still read front to back (in the other
-    layout this order ran 1.18x in cache but 0.86-0.91x from memory; now 1.10x and 1.06x)."""
+    layout this order ran 1.18x in cache but 0.86-0.91x from memory; now 1.08-1.10x and 1.01-1.07x)."""
     for g in prange(w.shape[0]):
         _q5_k_group(w, xq, xd, xs, out, np.int64(g))
 
