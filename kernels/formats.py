@@ -185,11 +185,13 @@ FORMATS = {f.name: f for f in [
            decode_row=iquants.decode_iq4_nl_row, int_matmul=iquants.matmul_iq4_nl),
     Format(name="q2_k", ggml_type=10, storage_dtype=np.uint8, block_size=kquants.QK_K,
            block_bytes=kquants.Q2_K_BYTES, f16_fields=(80, 82),
-           runs=((0, 16, layout.PLANES), (80, 84, layout.PLANES), (16, 80, layout.QUADS_IN_ROWS)),   # scales, d and dmin in planes; quants
+           # scales, d and dmin in planes; the quants in quads
+           runs=((0, 16, layout.PLANES), (80, 84, layout.PLANES), (16, 80, layout.QUADS_IN_ROWS)),
            decode_row=kquants.decode_q2_k_row, int_matmul=kquants.matmul_q2_k),
     Format(name="q3_k", ggml_type=11, storage_dtype=np.uint8, block_size=kquants.QK_K,
            block_bytes=kquants.Q3_K_BYTES, f16_fields=(108,),
-           runs=((96, 110, layout.PLANES), (0, 96, layout.QUADS_IN_ROWS)),   # scales and d in planes; hmask, then the quants
+           # scales and d in planes; hmask, then the quants, in quads
+           runs=((96, 110, layout.PLANES), (0, 96, layout.QUADS_IN_ROWS)),
            decode_row=kquants.decode_q3_k_row, int_matmul=kquants.matmul_q3_k,
            tile_matmul=kquants.matmul_q3_k_tiles),
     Format(name="q4_k", ggml_type=12, storage_dtype=np.uint8, block_size=kquants.QK_K,

@@ -26,8 +26,8 @@ from numba import njit, prange
 from . import compiler  # noqa: F401  (numba's settings before any kernel is defined)
 from .bits import (DOT4_LANES, dot4_bits, dot4_bits_partial, dot4_partial, f16_at_bytes, fma, scaled_offset_sums,
                    scaled_sums, stack_array)
-from .layout import (PLANES, QUADS, QUADS_IN_ROWS, ROW_GROUP, RUN_LANES, RUN_QUADS, TOKEN_TILE, add_scaled_block, f16_at,
-                     prefetch_ahead, store_group, store_tile)
+from .layout import (PLANES, QUADS, QUADS_IN_ROWS, ROW_GROUP, TOKEN_TILE, add_scaled_block, f16_at, prefetch_ahead,
+                     quad_in_runs, store_group, store_tile)
 
 QK_K = 256
 Q2_K_BYTES = 84
@@ -405,12 +405,6 @@ def matmul_q6_k(w, xq, xd, xs, out):
         _q6_k_group(w, xq, xd, xs, out, np.int64(g))
 
 
-@njit(inline="always")
-def _q5_k_quad(lanes, j):
-    """Where quad j of lanes lanes..lanes + 7 is in a span of quads (layout.QUADS_IN_RUNS)."""
-    return QUADS * (lanes * RUN_QUADS + j * RUN_LANES)   # (lanes: a multiple of RUN_LANES)
-
-
 @njit(forceinline=True)
 def _q5_k_chunk(w, g, b, high, chunk, scales, mins, xq, xd, xs, t, partial, part, block, block_min):
     """block and block_min += the products of chunk `chunk` (64 weights, sub-blocks 2 chunk and
@@ -424,7 +418,7 @@ def _q5_k_chunk(w, g, b, high, chunk, scales, mins, xq, xd, xs, t, partial, part
     for lanes in range(0, ROW_GROUP, DOT4_LANES):   # in the order of the packed quads (matmul_q5_k)
         for half in range(2):
             for j in range(4 * half, 4 * half + 4):
-                at, bits_at = low + _q5_k_quad(lanes, j), high + _q5_k_quad(lanes, j)
+                at, bits_at = low + quad_in_runs(lanes, j), high + quad_in_runs(lanes, j)
                 dot4_bits_partial(partial, half * ROW_GROUP + lanes, w, at, 0, 4, bits_at, 2 * chunk, 1, xq,
                                   t * cols + x0 + QUADS * j)
                 dot4_bits_partial(partial, (2 + half) * ROW_GROUP + lanes, w, at, 4, 4, bits_at, 2 * chunk + 1, 1,
@@ -525,7 +519,7 @@ def _q5_k_tiles(w, xq, xd, xs, out, g):
                     for half in range(2):
                         partial[:] = 0
                         for quad in range(4 * half, 4 * half + 4):
-                            at, bits_at = low + _q5_k_quad(lanes, quad), high + _q5_k_quad(lanes, quad)
+                            at, bits_at = low + quad_in_runs(lanes, quad), high + quad_in_runs(lanes, quad)
                             for k in range(TOKEN_TILE):
                                 x = (t0 + k) * cols + x0 + QUADS * quad
                                 dot4_bits_partial(partial, 2 * k * DOT4_LANES, w, at, 0, 4, bits_at, j, 1, xq, x)

@@ -37,9 +37,10 @@ that takes them TOKEN_TILE at a time: each quad of weights is loaded and unpacke
 block's scales decoded once) and multiplied by the activations of the tile's 4 tokens, the
 lanes going in runs of 8 (one register of sums per token) through the block, instead of the
 block's quads through the 64 lanes. The n % 4 tokens
-left go through the per-token kernel, as a decode step's single token does (it streams memory
-faster in its order). Both do the same integer sums and the same float operations in the same
-order (fused multiply-adds spelled out, bits.fma, and no fast-math), so a token's row is bit for
+left go through the per-token kernel, as a decode step's single token does (most formats'
+stream memory faster in their own order; Q5_K's reads in the tiles' order, its quads packed
+so). Both do the same integer sums and the same float operations in the same order (fused
+multiply-adds spelled out, bits.fma, and no fast-math), so a token's row is bit for
 bit the same in any company (tests/test_quant_kernels.py). Formats whose products widen to
 int32 at every quad with AVX2 (Q8_0, Q5_0, Q5_1: a pmaddubsw and a pmaddwd each time, on the one
 port that multiplies) have nothing to share but the loads: their tiles ran at 0.75-1.0x. Q4_1's
@@ -55,7 +56,7 @@ import numpy as np
 from numba import njit
 
 from .compiler import SOFTWARE_PREFETCH
-from .bits import f16_to_f32, fma, prefetch
+from .bits import DOT4_LANES, f16_to_f32, fma, prefetch
 
 ROW_GROUP = 64         # rows interleaved: 64 byte lanes = one 512-bit vector
 QUADS = 4              # bytes per lane in the quad layout of the quants
@@ -67,8 +68,9 @@ def packed_shape(rows: int, blocks_per_row: int, block_bytes: int) -> tuple:
     return (-(-rows // ROW_GROUP), blocks_per_row, block_bytes * ROW_GROUP)
 
 
-PLANES, QUADS_IN_ROWS, QUADS_IN_RUNS = "planes", "quads", "quads by runs of 8 lanes"   # the kinds of run
-RUN_LANES, RUN_QUADS = 8, 8   # QUADS_IN_RUNS: 8 quads (32 bytes) of each of 8 lanes together
+PLANES, QUADS_IN_ROWS, QUADS_IN_RUNS = "planes", "quads", "quads by runs of lanes"   # the kinds of run
+RUN_LANES = DOT4_LANES   # QUADS_IN_RUNS: the lanes of one dot4 call...
+RUN_QUADS = 8            # ...with 8 of their quads together (a span)
 
 
 @functools.cache
@@ -78,7 +80,8 @@ def byte_positions(runs: tuple, block_bytes: int) -> np.ndarray:
     - PLANES: byte k of the 64 lanes side by side (a plane of 64 bytes);
     - QUADS_IN_ROWS: quad j (bytes 4j..4j+3 of the run) of lane 0, then of lane 1, ... (256 bytes a quad);
     - QUADS_IN_RUNS: the run in spans of RUN_QUADS quads; in each span, lanes 0-7's quads (quad
-      0 of lanes 0-7, then quad 1 of lanes 0-7, ...: 32 bytes each), then lanes 8-15's, ...: a
+      0 of lanes 0-7, then quad 1 of lanes 0-7, ...: 32 bytes each), then lanes 8-15's, ... (where
+      quad j of a run of lanes starts: quad_in_runs): a
       kernel that goes through the lanes in runs of 8, each run through the span's quads, reads
       the span front to back."""
     positions = np.full((block_bytes, ROW_GROUP), -1, np.int64)
@@ -101,6 +104,13 @@ def byte_positions(runs: tuple, block_bytes: int) -> np.ndarray:
     assert at == block_bytes * ROW_GROUP and (positions >= 0).all(), "runs must cover each byte once"
     positions.flags.writeable = False
     return positions
+
+
+@njit(inline="always")
+def quad_in_runs(lanes, j):
+    """Where quad j of lanes lanes..lanes + RUN_LANES - 1 (lanes: a multiple of RUN_LANES) starts
+    in a span of a QUADS_IN_RUNS run: byte_positions' placement, as a kernel indexes it."""
+    return QUADS * (lanes * RUN_QUADS + j * RUN_LANES)
 
 
 @functools.cache

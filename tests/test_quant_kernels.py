@@ -103,6 +103,22 @@ def test_packing_keeps_every_byte(fmt, rows, cols):
     assert lookup.data is blocks and np.array_equal(lookup.file_rows(np.array([5])), blocks[[5]])
 
 
+def test_quad_in_runs_is_where_the_packing_puts_each_quad():
+    """The kernels index a QUADS_IN_RUNS span with layout.quad_in_runs (Q5_K); the packing places
+    it by byte_positions: the two agree for every run of lanes and quad of a span."""
+    runs = ((0, 2, layout.PLANES), (2, 2 + 2 * 4 * layout.RUN_QUADS, layout.QUADS_IN_RUNS))   # two spans
+    positions = layout.byte_positions(runs, 2 + 2 * 4 * layout.RUN_QUADS)
+    span_start = 2 * 64
+    for span in range(2):
+        for j in range(layout.RUN_QUADS):
+            k = 2 + 4 * (span * layout.RUN_QUADS + j)   # the quad's first byte in the block
+            for lanes in range(0, 64, layout.RUN_LANES):
+                at = span_start + span * 4 * layout.RUN_QUADS * 64 + layout.quad_in_runs(lanes, j)
+                run = np.arange(lanes, lanes + layout.RUN_LANES)
+                assert np.array_equal(positions[k, run], at + 4 * (run - lanes))   # 4 bytes a lane, side by side
+                assert np.array_equal(positions[k + 3, run], at + 4 * (run - lanes) + 3)
+
+
 def test_activation_quantization():
     x = np.random.default_rng(5).standard_normal((3, 96)).astype(np.float32)
     x[1, :32] = 0
